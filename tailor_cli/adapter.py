@@ -1,0 +1,270 @@
+"""Adapters: a task's own tensors beside one shared frozen backbone (HF PEFT's layout, in spirit).
+
+    EXPORT_DIR/
+      backbone.safetensors      frozen parameters of stem + every block, timm names, no classifier
+      backbone.json             timm name, pretrained tag, sha256 of those tensors
+      <task>/adapter.safetensors   proxies, attention logits, classifier, the task's BN statistics
+      <task>/adapter_config.json   base model (name, tag, sha256), classes, input transform,
+                                   surviving structure, metrics
+
+Loading checks the backbone's sha256 against the adapter's record and refuses a
+mismatch, a newer format, or a config with missing/wrong-typed fields. Every task
+loaded from one directory references the *same* backbone tensors in memory.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from . import __version__
+from .backbone import tensors_sha256
+from .checkpoint import read_json, read_safetensors, write_json, write_safetensors
+from .counting import network_params, student_macs, student_params, model_macs
+from .errors import ExportError, RunError
+from .runs import latest_student_stage, read_run, read_summary, require_stage, stage_done
+from .student import Structure, Student
+
+FORMAT_VERSION = 1
+BACKBONE_FILE = "backbone.safetensors"
+BACKBONE_CONFIG = "backbone.json"
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+# field -> type(s) the adapter config must have
+_CONFIG_FIELDS = {
+    "format_version": int, "task": str, "base_model": dict, "classes": list, "input": dict,
+    "structure": list, "max_skip": int, "num_classes": int, "metrics": dict,
+}
+_BASE_FIELDS = {"name": str, "architecture": str, "sha256": str}
+_INPUT_FIELDS = {"img_size": int, "mean": list, "std": list, "interpolation": str, "crop_pct": (int, float)}
+
+
+def _shared_from_student(student: Student) -> dict[str, torch.Tensor]:
+    """timm-named frozen parameters of a student (stem + its blocks)."""
+    params = dict(student.named_parameters())
+    return {student.timm_name(k): v.detach() for k, v in params.items() if student.timm_name(k) is not None}
+
+
+def _adapter_tensors(student: Student) -> dict[str, torch.Tensor]:
+    """Everything in the student's state dict that is not a shared backbone parameter."""
+    params = dict(student.named_parameters())
+    return {k: v for k, v in student.state_dict().items()
+            if not (k in params and student.timm_name(k) is not None)}
+
+
+def export_task(run: Path, out: Path, *, task_name: str | None = None, overwrite: bool = False) -> dict:
+    """Write ``run``'s latest student as an adapter in ``out`` (creating or reusing the backbone)."""
+    from .pipeline import load_student
+
+    run, out = Path(run), Path(out)
+    run_meta = read_run(run)
+    stage = latest_student_stage(run)
+    task = task_name or run_meta.get("task_name") or run.name
+    if not TASK_NAME.match(task):
+        raise ExportError(f"task name '{task}' is not valid; use letters, digits, '_', '-', '.' (pass --task-name)")
+    student, _ = load_student(run / stage, torch.device("cpu"))
+    full, _ = load_student(require_stage(run, "tailor", "export"), torch.device("cpu"))
+    shared = _shared_from_student(full)
+    sha = tensors_sha256(shared)
+    ident = run_meta["backbone"]
+    if sha != ident["sha256"]:
+        raise ExportError(f"the backbone tensors of '{run}' do not match its recorded sha256; the run is corrupt")
+
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out '{out}' is a file; pass a directory")
+    from .runs import check_writable
+
+    check_writable(out)
+    bb_config_path = out / BACKBONE_CONFIG
+    if bb_config_path.exists():
+        existing = _validate(read_json(bb_config_path, what="backbone config"), {"sha256": str, "architecture": str},
+                             bb_config_path)
+        if existing["sha256"] != sha:
+            raise ExportError(
+                f"'{out}' holds another backbone ({existing.get('name', existing['architecture'])}, sha256 "
+                f"{existing['sha256'][:12]}); this task was tailored on {ident['name']} (sha256 {sha[:12]}). "
+                "Export it to another directory"
+            )
+        if not (out / BACKBONE_FILE).is_file():
+            raise ExportError(f"'{out}' has {BACKBONE_CONFIG} but no {BACKBONE_FILE}; remove the directory and export again")
+        reused = True
+    else:
+        write_safetensors(out / BACKBONE_FILE, shared, {"sha256": sha, "architecture": ident["architecture"]})
+        write_json(bb_config_path, {"format_version": FORMAT_VERSION, "name": ident["name"],
+                                    "architecture": ident["architecture"], "pretrained_tag": ident.get("pretrained_tag"),
+                                    "weights_source": ident.get("weights_source"), "sha256": sha,
+                                    "num_tensors": len(shared), "num_params": sum(t.numel() for t in shared.values())})
+        reused = False
+
+    task_dir = out / task
+    if (task_dir / ADAPTER_CONFIG).exists() and not overwrite:
+        raise ExportError(f"task '{task}' already exists in '{out}'; pass --overwrite or --task-name NAME")
+    data = run_meta["data"]
+    summary = read_summary(run, stage)
+    teacher_acc = _teacher_acc(run, run_meta)
+    img_size = int(data["img_size"])
+    full_model = timm.create_model(ident["architecture"], pretrained=False, num_classes=len(run_meta["classes"]))
+    config = {
+        "format_version": FORMAT_VERSION,
+        "task": task,
+        "nettailor": __version__,
+        "base_model": {k: ident.get(k) for k in ("name", "architecture", "pretrained_tag", "weights_source", "sha256")},
+        "classes": list(run_meta["classes"]),
+        "num_classes": len(run_meta["classes"]),
+        "input": {"img_size": img_size, "mean": data["mean"], "std": data["std"],
+                  "interpolation": data["interpolation"], "crop_pct": data["crop_pct"]},
+        "max_skip": student.max_skip,
+        "structure": student.structure.to_json(),
+        "stage": stage,
+        "metrics": {
+            "val_acc": summary.get("val_acc"), "teacher_val_acc": teacher_acc,
+            "params": student_params(student), "macs": student_macs(student, img_size).total,
+            "full_params": network_params(full_model), "full_macs": model_macs(full_model, img_size),
+        },
+    }
+    if task_dir.exists() and overwrite:
+        shutil.rmtree(task_dir)
+    adapter = _adapter_tensors(student)
+    write_safetensors(task_dir / ADAPTER_FILE, adapter, {"task": task, "format_version": FORMAT_VERSION})
+    write_json(task_dir / ADAPTER_CONFIG, config)
+    return {"export_dir": str(out), "task": task, "stage": stage, "backbone_reused": reused,
+            "adapter_bytes": (task_dir / ADAPTER_FILE).stat().st_size,
+            "backbone_bytes": (out / BACKBONE_FILE).stat().st_size, "sha256": sha}
+
+
+def _teacher_acc(run: Path, run_meta: dict) -> float | None:
+    teacher = Path(run_meta.get("teacher") or run / "teacher")
+    try:
+        return read_json(teacher / "summary.json", what="teacher summary").get("val_acc")
+    except RunError:
+        return None
+
+
+def _validate(obj: dict, fields: dict, where: Path | str) -> dict:
+    for key, typ in fields.items():
+        if key not in obj:
+            raise ExportError(f"'{where}' lacks the field '{key}'; re-export the task")
+        if not isinstance(obj[key], typ) or (typ is int and isinstance(obj[key], bool)):
+            raise ExportError(f"'{where}': field '{key}' has the wrong type ({type(obj[key]).__name__}); re-export the task")
+    return obj
+
+
+def read_adapter_config(task_dir: Path) -> dict:
+    path = Path(task_dir) / ADAPTER_CONFIG
+    try:
+        config = read_json(path, what="adapter config")
+    except RunError as err:
+        raise ExportError(str(err)) from err
+    _validate(config, _CONFIG_FIELDS, path)
+    if config["format_version"] > FORMAT_VERSION:
+        raise ExportError(
+            f"'{path}' was written by a newer nettailor (format {config['format_version']} > {FORMAT_VERSION}); upgrade nettailor"
+        )
+    _validate(config["base_model"], _BASE_FIELDS, f"{path} (base_model)")
+    _validate(config["input"], _INPUT_FIELDS, f"{path} (input)")
+    if len(config["classes"]) != config["num_classes"]:
+        raise ExportError(f"'{path}': {len(config['classes'])} class names for num_classes={config['num_classes']}")
+    return config
+
+
+def list_tasks(export_dir: Path) -> list[str]:
+    export_dir = Path(export_dir)
+    return sorted(p.name for p in export_dir.iterdir() if (p / ADAPTER_CONFIG).is_file()) if export_dir.is_dir() else []
+
+
+class SharedBackbone:
+    """The shared frozen tensors of an export directory, loaded and verified once."""
+
+    def __init__(self, export_dir: Path, device: torch.device | str = "cpu"):
+        export_dir = Path(export_dir)
+        if not (export_dir / BACKBONE_FILE).is_file():
+            raise ExportError(f"'{export_dir}' holds no {BACKBONE_FILE}; is it an export directory?")
+        try:
+            config = read_json(export_dir / BACKBONE_CONFIG, what="backbone config")
+            tensors, _ = read_safetensors(export_dir / BACKBONE_FILE, what="shared backbone")
+        except RunError as err:
+            raise ExportError(str(err)) from err
+        _validate(config, {"sha256": str, "architecture": str}, export_dir / BACKBONE_CONFIG)
+        sha = tensors_sha256(tensors)
+        if sha != config["sha256"]:
+            raise ExportError(
+                f"shared backbone '{export_dir / BACKBONE_FILE}' has sha256 {sha[:12]} but backbone.json records "
+                f"{config['sha256'][:12]}; the file was modified or damaged, re-export"
+            )
+        self.config, self.sha256 = config, sha
+        self.device = torch.device(device)
+        self.params = {k: nn.Parameter(v.to(self.device), requires_grad=False) for k, v in tensors.items()}
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params.values())
+
+
+def load_task(export_dir: Path, task: str, *, backbone: SharedBackbone | None = None,
+              device: torch.device | str = "cpu") -> tuple[Student, dict]:
+    """Build one task's tailored network on the shared backbone (eval mode).
+
+    The student's frozen parameters *are* the backbone's tensors (no copy).
+    """
+    export_dir = Path(export_dir)
+    task_dir = export_dir / task
+    if not (task_dir / ADAPTER_CONFIG).is_file():
+        raise ExportError(f"no task '{task}' in '{export_dir}' (tasks: {', '.join(list_tasks(export_dir)) or 'none'})")
+    config = read_adapter_config(task_dir)
+    backbone = backbone or SharedBackbone(export_dir, device)
+    recorded = config["base_model"]["sha256"]
+    if recorded != backbone.sha256:
+        raise ExportError(
+            f"adapter '{task}' was tailored on backbone sha256 {recorded[:12]} "
+            f"but '{export_dir / BACKBONE_FILE}' has sha256 {backbone.sha256[:12]}; use the matching backbone"
+        )
+    try:
+        tensors, _ = read_safetensors(task_dir / ADAPTER_FILE, what="adapter")
+    except RunError as err:
+        raise ExportError(str(err)) from err
+    skeleton = timm.create_model(config["base_model"]["architecture"], pretrained=False, num_classes=0)
+    student = Student(skeleton, config["num_classes"], max_skip=config["max_skip"],
+                      structure=Structure.from_json(config["structure"]))
+    del skeleton
+    # Task-specific tensors first (strict on the keys the adapter must provide) ...
+    shared_keys = {k for k, _ in student.named_parameters() if student.timm_name(k) is not None}
+    expected = set(student.state_dict()) - shared_keys
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ExportError(
+            f"adapter '{task}' does not match its structure ({len(missing)} missing, {len(extra)} unexpected tensors"
+            f"{', e.g. ' + (missing or extra)[0] if missing or extra else ''}); re-export"
+        )
+    student.load_state_dict(tensors, strict=False)
+    student.to(backbone.device).eval()
+    # ... then the shared parameters, by reference.
+    for key in shared_keys:
+        name = student.timm_name(key)
+        if name not in backbone.params:
+            raise ExportError(f"shared backbone lacks '{name}' needed by task '{task}'")
+        module_path, attr = key.rsplit(".", 1)
+        module = student.get_submodule(module_path)
+        if module._parameters[attr].shape != backbone.params[name].shape:
+            raise ExportError(f"shared backbone tensor '{name}' has the wrong shape for task '{task}'")
+        module._parameters[attr] = backbone.params[name]
+    return student, config
+
+
+def load_export(export_dir: Path, tasks: list[str] | None = None, *, device: torch.device | str = "cpu"
+                ) -> tuple[SharedBackbone, dict[str, tuple[Student, dict]]]:
+    """Load the shared backbone once and every (or the named) task on it.
+
+    >>> backbone, tasks = load_export("exports/")
+    >>> model, config = tasks["gtsrb"]; logits = model(images)
+    """
+    backbone = SharedBackbone(export_dir, device)
+    names = tasks or list_tasks(export_dir)
+    if not names:
+        raise ExportError(f"'{export_dir}' holds no exported task")
+    return backbone, {name: load_task(export_dir, name, backbone=backbone) for name in names}

@@ -1,0 +1,264 @@
+"""Pretrained timm backbones seen as a chain: stem -> universal blocks -> head.
+
+NetTailor needs three things from a backbone: the stem (node 0 of the student
+graph), the ordered list of residual blocks (nodes 1..L), and the pooled feature
+width the classifier reads. :func:`describe_chain` extracts them from a timm
+ResNet; everything else in the package works on the resulting :class:`Chain`.
+
+Weights come from timm's own pretrained mechanism (online, cached by the HF hub)
+or from a local file: safetensors, or a timm ``.pth`` read with
+``torch.load(weights_only=True)``. Nothing a user hands us is unpickled.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+SUPPORTED_FAMILIES = (
+    "timm ResNets built from BasicBlock or Bottleneck blocks: resnet18/26/34/50/101/152, "
+    "their 'd'/'t'/'s' variants, resnetaa*/resnetblur*, seresnet*, resnext*, test_resnet"
+)
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One universal block, as the student graph sees it.
+
+    ``name`` is the timm module path (``"layer2.1"``); ``stage`` is 1-based and
+    ``index`` 0-based within the stage, so the report can print ``2.1``.
+    ``reduction`` is the total stride of the block's output w.r.t. the input image.
+    """
+
+    name: str
+    stage: int
+    index: int
+    kind: str  # "basic" | "bottleneck"
+    in_chs: int
+    out_chs: int
+    reduction: int
+
+
+@dataclass
+class Chain:
+    """A backbone as a chain. Modules are *references* into the timm model."""
+
+    stem: nn.Sequential  # image (B,3,H,W) -> node 0 (B,C0,H/r0,W/r0)
+    blocks: list[nn.Module]  # node l-1 -> node l, l = 1..L
+    infos: list[BlockInfo]
+    stem_chs: int
+    stem_reduction: int
+    num_features: int  # channels the classifier reads (after global pooling)
+    final_act_names: list[str]  # per block, the attribute holding its final activation
+
+
+def check_backbone_name(name: str) -> None:
+    """Fail early, with close suggestions, on a name timm does not know."""
+    arch = name.split(".", 1)[0]
+    if arch in timm.list_models():
+        return
+    close = difflib.get_close_matches(arch, timm.list_models(), n=4, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else " See `timm.list_models('resnet*')`."
+    raise ModelError(f"unknown backbone '{name}'.{hint}")
+
+
+def create_backbone(
+    name: str,
+    *,
+    num_classes: int,
+    pretrained: bool = False,
+    weights: Path | None = None,
+) -> nn.Module:
+    """Create a timm model with a fresh ``num_classes`` classifier.
+
+    ``weights`` (safetensors or timm ``.pth``) wins over ``pretrained``. The
+    classifier of a weights file is ignored (the task has its own classes).
+    """
+    check_backbone_name(name)
+    use_hub = pretrained and weights is None
+    try:
+        model = timm.create_model(name, pretrained=use_hub, num_classes=num_classes)
+    except Exception as err:  # timm raises many kinds when offline or the tag is wrong
+        if use_hub:
+            raise ModelError(
+                f"could not get pretrained weights for '{name}' ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:160]}); if offline, pass --weights FILE or --no-pretrained"
+            ) from err
+        raise ModelError(f"timm could not build '{name}': {err}") from err
+    describe_chain(model)  # raises ModelError if the family is not supported
+    if weights is not None:
+        load_backbone_weights(model, read_weights_file(weights), source=str(weights))
+    return model
+
+
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors, or a ``.pth``/``.pt``/``.bin`` without unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from .checkpoint import read_safetensors
+
+        state, _ = read_safetensors(path, what="weights file")
+        return state
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelError(
+            f"cannot read weights '{path}' safely ({type(err).__name__}); "
+            "pass a .safetensors file or a plain timm state-dict .pth"
+        ) from err
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"weights '{path}' are not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load everything but the classifier; refuse weights that do not fit the model."""
+    classifier = model.pretrained_cfg.get("classifier", "fc")
+    own = model.state_dict()
+    body = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
+    missing = [k for k in own if not k.startswith(classifier + ".") and k not in body]
+    unexpected = [k for k in body if k not in own]
+    wrong = [k for k in body if k in own and own[k].shape != body[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(body[k].shape)} vs model {tuple(own[k].shape)})")
+        if missing:
+            parts.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+        raise ModelError(
+            f"weights '{source}' do not fit backbone '{model.pretrained_cfg.get('architecture')}': "
+            + "; ".join(parts) + ". Check --backbone matches the file."
+        )
+    model.load_state_dict(body, strict=False)
+
+
+def describe_chain(model: nn.Module) -> Chain:
+    """View a timm ResNet as stem + ordered residual blocks + head.
+
+    Raises :class:`ModelError` for anything that is not a supported chain.
+    """
+    from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    if not isinstance(model, ResNet):
+        arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+        raise ModelError(f"backbone '{arch}' is not supported; supported: {SUPPORTED_FAMILIES}")
+    stem = nn.Sequential(
+        OrderedDict(conv1=model.conv1, bn1=model.bn1, act1=model.act1, maxpool=model.maxpool)
+    )
+    blocks, kinds, act_names, names = [], [], [], []
+    for stage in range(1, 5):
+        for index, block in enumerate(getattr(model, f"layer{stage}")):
+            if isinstance(block, BasicBlock):
+                kinds.append("basic")
+                act_names.append("act2")
+            elif isinstance(block, Bottleneck):
+                kinds.append("bottleneck")
+                act_names.append("act3")
+            else:
+                raise ModelError(
+                    f"block layer{stage}.{index} ({type(block).__name__}) is not supported; "
+                    f"supported: {SUPPORTED_FAMILIES}"
+                )
+            blocks.append(block)
+            names.append((stage, index))
+    # Shapes and total strides from a tiny dry run (robust to anti-aliased and deep stems).
+    shapes = _dry_run_shapes(model, stem, blocks, size=64)
+    (stem_chs, stem_h), block_shapes = shapes[0], shapes[1:]
+    infos = []
+    in_chs = stem_chs
+    for (stage, index), kind, (out_chs, h) in zip(names, kinds, block_shapes):
+        infos.append(BlockInfo(f"layer{stage}.{index}", stage, index, kind, in_chs, out_chs, 64 // h))
+        in_chs = out_chs
+    stem_reduction = 64 // stem_h
+    return Chain(stem, blocks, infos, stem_chs, stem_reduction, model.num_features, act_names)
+
+
+@torch.no_grad()
+def _dry_run_shapes(model: nn.Module, stem: nn.Module, blocks: list[nn.Module], size: int) -> list[tuple[int, int]]:
+    """(channels, height) of node 0..L for a ``size`` x ``size`` input, without touching BN stats."""
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        x = stem(torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype))
+        shapes = [(x.shape[1], x.shape[2])]
+        for block in blocks:
+            x = block(x)
+            shapes.append((x.shape[1], x.shape[2]))
+    finally:
+        model.train(was_training)
+    return shapes
+
+
+def universal_block(block: nn.Module, act_name: str) -> tuple[nn.Module, nn.Module]:
+    """Copy of ``block`` with its final activation removed, plus that activation.
+
+    The student applies the activation once, after the attention-weighted sum
+    (METHOD.md). The copy shares nothing with the original.
+    """
+    block = copy.deepcopy(block)
+    act = getattr(block, act_name)
+    setattr(block, act_name, nn.Identity())
+    return block, act
+
+
+def backbone_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The shared, frozen tensors of a backbone: every *parameter* except the classifier.
+
+    BatchNorm running statistics are not shared: each task adapts and stores its own.
+    """
+    classifier = model.pretrained_cfg.get("classifier", "fc")
+    return {
+        k: v.detach()
+        for k, v in model.named_parameters()
+        if not k.startswith(classifier + ".")
+    }
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Canonical hash of named tensors: name, dtype, shape and bytes, in sorted name order.
+
+    Independent of file layout, so a re-saved file with the same tensors keeps its hash.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def backbone_identity(model: nn.Module, *, name: str, weights: Path | None, pretrained: bool) -> dict:
+    """What an adapter records about its base model (PEFT's ``base_model_name_or_path``)."""
+    cfg = model.pretrained_cfg
+    if weights is not None:
+        source = f"file:{Path(weights).name}"
+    elif pretrained:
+        source = f"timm:{cfg.get('architecture')}.{cfg.get('tag')}" if cfg.get("tag") else f"timm:{cfg.get('architecture')}"
+    else:
+        source = "random-init"
+    return {
+        "name": name,
+        "architecture": cfg.get("architecture"),
+        "pretrained_tag": cfg.get("tag") if (pretrained or weights) else None,
+        "weights_source": source,
+        "sha256": tensors_sha256(backbone_tensors(model)),
+    }

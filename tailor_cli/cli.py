@@ -1,0 +1,467 @@
+"""The `nettailor` command line: parse, validate, call the core, render.
+
+stdout carries results only (``--json``: exactly one JSON document); progress and
+logs go to stderr (a rich progress bar on a terminal, plain lines otherwise).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import (EXIT_DATA, EXIT_EXPORT, EXIT_INTERNAL, EXIT_MODEL, EXIT_RUN, EXIT_SIGINT, EXIT_SIGTERM,
+                     EXIT_TOLERANCE, EXIT_TRAINING, EXIT_USAGE, TailorError)
+
+EXIT_CODES_HELP = (
+    f"Exit codes: 0 ok; {EXIT_INTERNAL} internal error (a bug; rerun with --debug); {EXIT_USAGE} bad arguments; "
+    f"{EXIT_DATA} data error; {EXIT_MODEL} backbone/weights error; {EXIT_RUN} run directory error; "
+    f"{EXIT_TRAINING} training failed (NaN, out of memory); {EXIT_TOLERANCE} accuracy tolerance missed; "
+    f"{EXIT_EXPORT} export/adapter error; {EXIT_SIGINT} interrupted (Ctrl-C); {EXIT_SIGTERM} terminated (SIGTERM)."
+)
+
+app = typer.Typer(
+    name="nettailor",
+    help="Tailor pretrained CNNs to new tasks by changing the architecture, not just the weights "
+    "(NetTailor, CVPR 2019).\n\n" + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+err_console = Console(stderr=True)
+
+
+# --------------------------------------------------------------------------- shared options
+Data = Annotated[Optional[str], typer.Option("--data", help="Dataset: a folder (ImageFolder, GTSRB, Decathlon), "
+                                             "'torchvision:NAME', or 'digits' (embedded).")]
+Backbone = Annotated[str, typer.Option("--backbone", help="timm model name, optionally with a tag "
+                                       "(resnet34, resnet50d, resnet34.tv_in1k).")]
+Pretrained = Annotated[bool, typer.Option("--pretrained/--no-pretrained",
+                                          help="Start from timm's pretrained weights (downloaded when online).")]
+Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local backbone weights: .safetensors, or a timm "
+                                                 ".pth (read with weights_only).")]
+Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory [default: runs/<data>-<backbone>].")]
+Task = Annotated[Optional[str], typer.Option("--task", help="Visual Decathlon task name.")]
+ImgSize = Annotated[Optional[int], typer.Option("--img-size", help="Training input size [default: dataset/backbone].")]
+ValFraction = Annotated[Optional[float], typer.Option("--val-fraction", help="Validation fraction for data without a "
+                                                      "validation split [default: 0.1].")]
+Download = Annotated[bool, typer.Option("--download", help="Download torchvision datasets.")]
+Cache = Annotated[bool, typer.Option("--cache", help="Decode and resize once, keep uint8 images in memory.")]
+Hflip = Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Horizontal flips in training "
+                                               "[default: off for digits, characters, traffic signs].")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (and count them) instead of failing.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader workers [default: from CPU count].")]
+Epochs = Annotated[int, typer.Option("--epochs", help="Training epochs.")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Batch size (per process).")]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (SGD, momentum 0.9, step decay x0.1).")]
+LrStep = Annotated[Optional[int], typer.Option("--lr-step", help="Epochs between x0.1 decays [default: 40% of epochs].")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
+Device = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")]
+Amp = Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision [default: on for CUDA].")]
+AmpDtype = Annotated[str, typer.Option("--amp-dtype", help="bfloat16 or float16.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the stage from its last checkpoint.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo the stage (and discard the stages built on it).")]
+Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+def _default_output(data: str | None, backbone: str) -> Path:
+    name = Path(data.rstrip("/")).name if data else "run"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name.replace("torchvision:", "")).strip("-") or "run"
+    return Path("runs") / f"{name}-{backbone.split('.')[0]}"
+
+
+# --------------------------------------------------------------------------- reporting
+class Reporter:
+    """Training callbacks: a rich progress bar on a terminal, plain log lines otherwise (stderr)."""
+
+    def __init__(self, quiet: bool = False):
+        self.tty = sys.stderr.isatty() and not quiet
+        self.progress = None
+        self.task_id = None
+
+    def on_stage_start(self, stage, epochs, steps, start_epoch):
+        self._log(f"{stage}: {epochs} epochs x {steps} steps" + (f", resuming at epoch {start_epoch + 1}" if start_epoch else ""))
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            if self.progress is None:
+                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                         TimeRemainingColumn(), console=err_console, transient=True)
+                self.progress.start()
+            self.task_id = self.progress.add_task(f"{stage} epoch {start_epoch + 1}/{epochs}", total=steps)
+
+    def on_step(self, stage, epoch, step, steps):
+        if self.progress is not None:
+            self.progress.update(self.task_id, completed=step + 1)
+
+    def on_epoch_end(self, stage, row):
+        terms = " ".join(f"{k[6:]} {row[k]:.4f}" for k in row if k.startswith("train_") and k not in ("train_loss", "train_acc"))
+        self._log(f"{stage} epoch {row['epoch']}: loss {row['train_loss']:.4f} ({terms}) train_acc {row['train_acc']:.2f} "
+                  f"val_acc {row['val_acc']:.2f} [{row['epoch_seconds']:.1f}s, {row['images_per_second']:.0f} img/s]")
+        if self.progress is not None:
+            self.progress.reset(self.task_id, description=f"{stage} epoch {row['epoch'] + 1}")
+
+    def on_message(self, message):
+        self._log(message)
+
+    def _log(self, message):
+        if self.progress is not None:
+            self.progress.console.print(message, highlight=False)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _emit(result: dict, as_json: bool, render: Callable[[dict], None] | None = None) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    elif render is not None:
+        render(result)
+
+
+def _execute(debug: bool, fn: Callable[[], None]) -> None:
+    """Run a command body: TailorError -> one line + its exit code; anything else -> exit 1."""
+    try:
+        fn()
+    except TailorError as err:
+        if debug:
+            traceback.print_exc()
+        err_console.print(f"error: {err}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(err.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("error: interrupted", highlight=False, markup=False)
+        raise typer.Exit(EXIT_SIGINT)
+    except Exception as err:  # a bug, or an environment problem we did not anticipate
+        if debug:
+            traceback.print_exc()
+        msg = str(err).splitlines()[0][:200] if str(err) else ""
+        if "out of memory" in msg.lower():
+            err_console.print(f"error: out of memory ({msg}); try a smaller --batch-size", highlight=False, markup=False)
+            raise typer.Exit(EXIT_TRAINING)
+        err_console.print(f"error: internal error: {type(err).__name__}: {msg} (rerun with --debug for the traceback)",
+                          highlight=False, markup=False)
+        raise typer.Exit(EXIT_INTERNAL)
+
+
+def _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume, overwrite, *, lr_default, bs_default):
+    from .pipeline import TrainOptions
+
+    return TrainOptions(epochs=epochs, batch_size=batch_size or bs_default, lr=lr if lr is not None else lr_default,
+                        lr_step=lr_step, seed=seed, device=device, amp=amp, amp_dtype=amp_dtype, resume=resume,
+                        overwrite=overwrite)
+
+
+def _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers):
+    from .pipeline import DataOptions
+
+    return DataOptions(data=data, task=task, img_size=img_size, val_fraction=val_fraction, download=download,
+                       cache=cache, hflip=hflip, skip_bad=skip_bad, workers=workers)
+
+
+def _render_stage(result: dict) -> None:
+    parts = [f"{result['stage']} done"]
+    if result.get("val_acc") is not None:
+        parts.append(f"val_acc {result['val_acc']:.2f}%")
+    if isinstance(result.get("macs"), int):
+        parts.append(f"{result['macs'] / 1e6:.1f} MMACs")
+    if "run" in result:
+        parts.append(f"in {result['run']}")
+    print(", ".join(parts))
+
+
+# --------------------------------------------------------------------------- commands
+@app.command()
+def teacher(
+    data: Data = None, backbone: Backbone = "resnet34", output: Output = None, pretrained: Pretrained = True,
+    weights: Weights = None, task: Task = None, img_size: ImgSize = None, val_fraction: ValFraction = None,
+    download: Download = False, cache: Cache = False, hflip: Hflip = None, skip_bad: SkipBad = False,
+    workers: Workers = None, epochs: Epochs = 20, batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None,
+    seed: Seed = 0, device: Device = "auto", amp: Amp = None, amp_dtype: AmpDtype = "bfloat16",
+    resume: Resume = False, overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False,
+):
+    """Stage 1: fine-tune the whole backbone (new classifier) on the task. Defaults: lr 0.01, batch 64."""
+
+    def body():
+        from .pipeline import BackboneOptions, train_teacher
+
+        if data is None:
+            raise _usage("--data is required (a dataset folder, torchvision:NAME, or 'digits')")
+        run = output or _default_output(data, backbone)
+        rep = Reporter()
+        try:
+            result = train_teacher(run, BackboneOptions(backbone, pretrained, weights),
+                                   _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers),
+                                   _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume,
+                                               overwrite, lr_default=0.01, bs_default=64), rep)
+        finally:
+            rep.close()
+        _emit({"run": str(run), **result}, json_out, _render_stage)
+
+    _execute(debug, body)
+
+
+@app.command()
+def tailor(
+    data: Data = None, backbone: Backbone = "resnet34", output: Output = None,
+    teacher_run: Annotated[Optional[Path], typer.Option("--teacher", help="A finished teacher run; omitted: one "
+                                                        "is trained first in RUN/teacher.")] = None,
+    max_skip: Annotated[int, typer.Option("--max-skip", help="Proxies per layer (skips over 1..K blocks).")] = 3,
+    complexity_weight: Annotated[float, typer.Option("--complexity-weight", help="g1, weight of E[C].")] = 0.3,
+    teacher_weight: Annotated[float, typer.Option("--teacher-weight", help="g2, weight of the teacher term.")] = 10.0,
+    teacher_epochs: Annotated[Optional[int], typer.Option("--teacher-epochs", help="Epochs of the teacher trained "
+                                                          "in this run [default: --epochs].")] = None,
+    teacher_lr: Annotated[float, typer.Option("--teacher-lr")] = 0.01,
+    teacher_batch_size: Annotated[Optional[int], typer.Option("--teacher-batch-size")] = None,
+    pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
+    val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
+    skip_bad: SkipBad = False, workers: Workers = None, epochs: Epochs = 20, batch_size: BatchSize = None,
+    lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto", amp: Amp = None,
+    amp_dtype: AmpDtype = "bfloat16", resume: Resume = False, overwrite: Overwrite = False, json_out: Json = False,
+    debug: Debug = False,
+):
+    """Stage 2: build the student (frozen blocks + proxies + attention) and train it. Defaults: lr 0.1, batch 32."""
+
+    def body():
+        from .pipeline import BackboneOptions, TailorOptions, TrainOptions, tailor as run_tailor
+
+        if data is None:
+            raise _usage("--data is required (a dataset folder, torchvision:NAME, or 'digits')")
+        run = output or _default_output(data, backbone)
+        t_train = TrainOptions(epochs=teacher_epochs or epochs, batch_size=teacher_batch_size or 64, lr=teacher_lr,
+                               seed=seed, device=device, amp=amp, amp_dtype=amp_dtype)
+        rep = Reporter()
+        try:
+            result = run_tailor(
+                run, BackboneOptions(backbone, pretrained, weights),
+                _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers),
+                _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume, overwrite,
+                            lr_default=0.1, bs_default=32),
+                TailorOptions(teacher=teacher_run, max_skip=max_skip, complexity_weight=complexity_weight,
+                              teacher_weight=teacher_weight, teacher_train=t_train), rep)
+        finally:
+            rep.close()
+        _emit({"run": str(run), **result}, json_out, _render_stage)
+
+    _execute(debug, body)
+
+
+@app.command()
+def prune(
+    run: Annotated[Path, typer.Argument(help="A run directory with a finished 'tailor' stage.")],
+    threshold: Annotated[float, typer.Option("--threshold", help="Remove proxies with attention below this.")] = 0.05,
+    drop_blocks: Annotated[int, typer.Option("--drop-blocks", "-k", help="Remove the K universal blocks with the "
+                                             "lowest attention.")] = 0,
+    overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False,
+):
+    """Stage 3: remove low-attention proxies and the K weakest blocks, then everything orphaned."""
+
+    def body():
+        from .pipeline import prune as run_prune
+
+        rep = Reporter()
+        result = run_prune(run, threshold=threshold, drop_blocks=drop_blocks, overwrite=overwrite, callbacks=rep)
+        _emit({"run": str(run), **result}, json_out, _render_stage)
+
+    _execute(debug, body)
+
+
+@app.command()
+def finetune(
+    run: Annotated[Path, typer.Argument(help="A run directory with a finished 'prune' stage.")],
+    teacher_weight: Annotated[float, typer.Option("--teacher-weight", help="g2, weight of the teacher term.")] = 10.0,
+    data: Data = None, task: Task = None, cache: Cache = False, skip_bad: SkipBad = False, workers: Workers = None,
+    epochs: Epochs = 20, batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0,
+    device: Device = "auto", amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", resume: Resume = False,
+    overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False,
+):
+    """Stage 4: retrain the pruned student (complexity weight 0, teacher term on). Defaults: lr 0.01, batch 32."""
+
+    def body():
+        from .pipeline import finetune as run_finetune
+
+        rep = Reporter()
+        try:
+            result = run_finetune(run, _data_opts(data, task, None, None, False, cache, None, skip_bad, workers),
+                                  _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume,
+                                              overwrite, lr_default=0.01, bs_default=32),
+                                  teacher_weight=teacher_weight, callbacks=rep)
+        finally:
+            rep.close()
+        _emit({"run": str(run), **result}, json_out, _render_stage)
+
+    _execute(debug, body)
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A run directory (its latest student stage is exported).")],
+    out: Annotated[Path, typer.Option("--out", help="Export directory (shared backbone + one folder per task).")],
+    task_name: Annotated[Optional[str], typer.Option("--task-name", help="Name of the task in the export "
+                                                     "[default: the dataset's name].")] = None,
+    overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False,
+):
+    """Stage 5: write the task's adapter beside the shared frozen backbone."""
+
+    def body():
+        from .adapter import export_task
+
+        result = export_task(run, out, task_name=task_name, overwrite=overwrite)
+        _emit(result, json_out, lambda r: print(
+            f"exported task '{r['task']}' ({r['stage']}) to {r['export_dir']}: adapter {r['adapter_bytes'] / 1e6:.2f} MB, "
+            f"shared backbone {r['backbone_bytes'] / 1e6:.1f} MB ({'reused' if r['backbone_reused'] else 'written'})"))
+
+    _execute(debug, body)
+
+
+@app.command()
+def report(
+    path: Annotated[Path, typer.Argument(help="A run directory or an export directory.")],
+    json_out: Json = False, debug: Debug = False,
+):
+    """Stage 6: per-task block usage (blocks, proxies, attention), params, MACs, accuracy."""
+
+    def body():
+        from .report import report_path
+
+        _emit(report_path(path), json_out, render_report)
+
+    _execute(debug, body)
+
+
+@app.command()
+def run(
+    data: Data = None, backbone: Backbone = "resnet34", out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Export directory for the adapter [default: RUN/export].")] = None,
+    output: Output = None, pretrained: Pretrained = True, weights: Weights = None, task: Task = None,
+    img_size: ImgSize = None, val_fraction: ValFraction = None, download: Download = False, cache: Cache = False,
+    hflip: Hflip = None, skip_bad: SkipBad = False, workers: Workers = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs of each training stage.")] = 20,
+    threshold: Annotated[float, typer.Option("--threshold")] = 0.05,
+    drop_blocks: Annotated[int, typer.Option("--drop-blocks", "-k")] = 0,
+    max_skip: Annotated[int, typer.Option("--max-skip")] = 3,
+    seed: Seed = 0, device: Device = "auto", amp: Amp = None, resume: Resume = False, json_out: Json = False,
+    debug: Debug = False,
+):
+    """The whole pipeline in one command: teacher, tailor, prune, finetune, export, report."""
+
+    def body():
+        from .adapter import export_task
+        from .pipeline import BackboneOptions, TailorOptions, TrainOptions, finetune as run_finetune
+        from .pipeline import prune as run_prune, tailor as run_tailor
+        from .report import report_run
+
+        if data is None:
+            raise _usage("--data is required (a dataset folder, torchvision:NAME, or 'digits')")
+        run_dir = output or _default_output(data, backbone)
+        export_dir = out or run_dir / "export"
+        d = _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers)
+        mk = lambda lr, bs: TrainOptions(epochs=epochs, batch_size=bs, lr=lr, seed=seed, device=device, amp=amp,
+                                         resume=resume)
+        rep = Reporter()
+        t0 = time.perf_counter()
+        try:
+            run_tailor(run_dir, BackboneOptions(backbone, pretrained, weights), d, mk(0.1, 32),
+                       TailorOptions(max_skip=max_skip, teacher_train=mk(0.01, 64)), rep)
+            from .runs import stage_done
+
+            if not (resume and stage_done(run_dir, "prune")):
+                run_prune(run_dir, threshold=threshold, drop_blocks=drop_blocks, overwrite=True, callbacks=rep)
+            run_finetune(run_dir, d, mk(0.01, 32), callbacks=rep)
+        finally:
+            rep.close()
+        exported = export_task(run_dir, export_dir, overwrite=True)
+        result = report_run(run_dir)
+        result["export"] = exported
+        result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        _emit(result, json_out, render_report)
+
+    _execute(debug, body)
+
+
+def _usage(message: str) -> TailorError:
+    from .errors import UsageError
+
+    return UsageError(message)
+
+
+# --------------------------------------------------------------------------- report rendering
+def _fmt_n(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _fmt_acc(a) -> str:
+    return f"{a:.2f}" if isinstance(a, (int, float)) else "-"
+
+
+def render_report(result: dict) -> None:
+    """Rich tables on a terminal; the same content as plain text when stdout is a pipe or file."""
+    console = Console(file=sys.stdout, force_terminal=None, width=None if sys.stdout.isatty() else 120)
+    for rep in result["tasks"]:
+        t = rep["totals"]
+        table = Table(title=f"task '{rep['task']}' ({rep['stage']}, {rep['backbone']} @ {rep['img_size']}px)",
+                      title_justify="left")
+        for col in ("layer", "block", "universal", "alpha", "proxies (from node: alpha)", "params", "MACs"):
+            table.add_column(col, justify="right" if col in ("layer", "params", "MACs", "alpha") else "left")
+        for l in rep["layers"]:
+            prox = ", ".join(f"{p['from_node']}: {p['alpha']:.2f}" for p in l["proxies"]) or "-"
+            alive = l["block_kept"] or l["proxies"]
+            table.add_row(str(l["layer"]), l["block"], "kept" if l["block_kept"] else ("removed" if alive else "dead"),
+                          f"{l['block_alpha']:.2f}" if l["block_alpha"] is not None else "-", prox,
+                          _fmt_n(l["params"]), _fmt_n(l["macs"]))
+        console.print(table)
+        console.print(
+            f"blocks kept {t['blocks_kept']}/{t['blocks_total']}, proxies {t['proxies_kept']}; "
+            f"params: shared {_fmt_n(t['params_shared'])} + task {_fmt_n(t['params_task'])} = {_fmt_n(t['params_total'])} "
+            f"({100 * t['params_total'] / t['params_full']:.1f}% of the fine-tuned network's {_fmt_n(t['params_full'])}); "
+            f"MACs {_fmt_n(t['macs'])} ({100 * t['macs_fraction']:.1f}% of {_fmt_n(t['macs_full'])}); "
+            f"accuracy {_fmt_acc(rep['accuracy']['student'])} vs teacher {_fmt_acc(rep['accuracy']['teacher'])}"
+            + (f"; adapter {t['adapter_bytes'] / 1e6:.2f} MB" if t.get("adapter_bytes") else ""),
+            highlight=False,
+        )
+    m = result["matrix"]
+    if len(m["tasks"]) > 1:
+        table = Table(title="block usage (B = universal block runs, +n = proxies entering)", title_justify="left")
+        table.add_column("block")
+        for name in m["tasks"]:
+            table.add_column(name, justify="center")
+        for block, row in zip(m["blocks"], m["cells"]):
+            table.add_row(block, *[("B" if c["block"] else ".") + (f"+{c['proxies']}" if c["proxies"] else "") for c in row])
+        console.print(table)
+    if "totals" in result:
+        tt = result["totals"]
+        console.print(
+            f"{tt['tasks']} tasks on one backbone: {tt['disk_bytes'] / 1e6:.1f} MB on disk "
+            f"(backbone {tt['backbone_bytes'] / 1e6:.1f} MB + adapters {tt['adapter_bytes'] / 1e6:.1f} MB) vs "
+            f"{tt['finetune_bytes'] / 1e6:.1f} MB for one fine-tuned network per task; "
+            f"params {_fmt_n(tt['params'])} vs {_fmt_n(tt['finetune_params'])}",
+            highlight=False,
+        )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="nettailor")
+
+
+if __name__ == "__main__":
+    main()

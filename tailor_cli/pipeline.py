@@ -1,0 +1,419 @@
+"""The NetTailor stages: teacher, tailor, prune, finetune (METHOD.md, "Pipeline").
+
+Each function validates everything it can *before* creating a file, runs the
+stage through :func:`tailor_cli.train.fit`, and writes its stage directory
+(see :mod:`tailor_cli.runs`). Nothing here prints; progress goes to callbacks.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from . import __version__
+from .backbone import backbone_identity, create_backbone, describe_chain
+from .checkpoint import read_safetensors, write_json, write_safetensors
+from .counting import network_params, path_costs, student_macs, student_params, model_macs
+from .errors import RunError, UsageError, DataError
+from .losses import ComplexityModel
+from .pruning import plan as plan_pruning
+from .runs import (MODEL, prepare_stage, read_run, read_summary, require_stage, stage_done, write_run,
+                   write_summary, check_writable)
+from .student import Structure, Student, teacher_forward
+from .train import Callbacks, StudentObjective, TeacherObjective, TrainConfig, fit, resolve_device
+
+
+# --------------------------------------------------------------------------- options
+@dataclass
+class DataOptions:
+    data: str | None = None
+    task: str | None = None
+    img_size: int | None = None
+    val_fraction: float | None = None
+    download: bool = False
+    cache: bool = False
+    hflip: bool | None = None
+    skip_bad: bool = False
+    workers: int | None = None
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 0.1
+    lr_step: int | None = None  # default: 40% of the epochs (SVHN demo: 20 epochs, decay every 8)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None  # None: on for CUDA (bf16)
+    amp_dtype: str = "bfloat16"
+    channels_last: bool | None = None  # None: on for CUDA
+    resume: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if self.epochs <= 0:
+            raise UsageError(f"--epochs must be positive, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
+
+    def config(self, device: torch.device) -> TrainConfig:
+        amp = self.amp if self.amp is not None else device.type == "cuda"
+        cl = self.channels_last if self.channels_last is not None else device.type == "cuda"
+        return TrainConfig(
+            epochs=self.epochs, lr=self.lr, lr_step=self.lr_step or max(1, round(0.4 * self.epochs)),
+            seed=self.seed, amp=amp, amp_dtype=self.amp_dtype, channels_last=cl,
+            check_every=1 if device.type == "cpu" else 50,
+        )
+
+
+@dataclass
+class BackboneOptions:
+    name: str = "resnet34"
+    pretrained: bool = True
+    weights: Path | None = None
+
+
+# --------------------------------------------------------------------------- shared helpers
+def _load_data(run_meta: dict | None, opts: DataOptions, data_config: dict, run: Path, seed: int):
+    from .data import load_task_data
+
+    saved = (run_meta or {}).get("data", {})
+    data = opts.data or saved.get("path")
+    if data is None:
+        raise UsageError("--data is required")
+    return load_task_data(
+        data,
+        data_config=data_config,
+        img_size=opts.img_size or saved.get("img_size"),
+        split_file=run / "split.json",
+        task=opts.task or saved.get("task"),
+        val_fraction=opts.val_fraction if opts.val_fraction is not None else saved.get("val_fraction", 0.1),
+        seed=saved.get("seed", seed),
+        download=opts.download,
+        cache=opts.cache,
+        hflip=opts.hflip if opts.hflip is not None else saved.get("hflip"),
+        skip_bad=opts.skip_bad,
+        expected_classes=(run_meta or {}).get("classes"),
+    )
+
+
+def _data_path(data: str) -> str:
+    p = Path(data)
+    return str(p.resolve()) if p.exists() else data
+
+
+def _loaders(task, batch_size: int, device: torch.device, seed: int, workers: int | None):
+    from .data import make_loader
+
+    train = make_loader(task.train, batch_size=batch_size, train=True, device=device, num_workers=workers, seed=seed)
+    val = make_loader(task.val, batch_size=max(batch_size, 64), train=False, device=device, num_workers=workers, seed=seed)
+    if len(train) == 0:
+        raise DataError(
+            f"the training split has {len(task.train)} images, fewer than one batch of {batch_size}; lower --batch-size"
+        )
+    return train, val
+
+
+def _data_record(task, opts: DataOptions, seed: int) -> dict:
+    return {
+        "path": _data_path(opts.data), "given": opts.data, "layout": task.layout, "name": task.name,
+        "task": opts.task, "img_size": task.img_size, "mean": list(task.mean), "std": list(task.std),
+        "interpolation": task.interpolation, "crop_pct": task.crop_pct, "hflip": task.hflip,
+        "val_fraction": opts.val_fraction if opts.val_fraction is not None else 0.1, "seed": seed,
+    }
+
+
+def _data_config(name: str) -> dict:
+    """timm's data config for a backbone name (mean/std/interpolation/crop), without weights."""
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    return timm.data.resolve_data_config({}, model=model)
+
+
+def load_teacher(teacher_dir: Path, device: torch.device) -> nn.Module:
+    tensors, meta = read_safetensors(teacher_dir / MODEL, what="teacher weights")
+    model = timm.create_model(meta["architecture"], pretrained=False, num_classes=int(meta["num_classes"]))
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise RunError(f"teacher weights in '{teacher_dir}' do not fit '{meta['architecture']}': {str(err)[:160]}") from err
+    return model.to(device)
+
+
+def load_student(stage_dir: Path, device: torch.device) -> tuple[Student, dict]:
+    """Rebuild a student of any stage from its ``model.safetensors`` alone (no download needed)."""
+    tensors, meta = read_safetensors(stage_dir / MODEL, what="student weights")
+    for key in ("architecture", "num_classes", "structure", "max_skip"):
+        if key not in meta:
+            raise RunError(f"'{stage_dir / MODEL}' lacks '{key}' in its metadata; it is not a student")
+    backbone = timm.create_model(meta["architecture"], pretrained=False, num_classes=0)
+    student = Student(backbone, int(meta["num_classes"]), max_skip=int(meta["max_skip"]),
+                      structure=Structure.from_json(meta["structure"]))
+    try:
+        student.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise RunError(f"student weights in '{stage_dir}' do not fit their structure: {str(err)[:160]}") from err
+    return student.to(device), meta
+
+
+def _student_meta(student: Student, architecture: str, stage: str) -> dict:
+    return {"stage": stage, "architecture": architecture, "num_classes": student.num_classes,
+            "max_skip": student.max_skip, "structure": student.structure.to_json(), "nettailor": __version__}
+
+
+def _student_groups(student: Student, weight_decay: float) -> list[dict]:
+    """Attention logits get no weight decay (METHOD.md)."""
+    logits = set(id(p) for p in student.attention_parameters())
+    rest = [p for p in student.trainable_parameters() if id(p) not in logits]
+    return [{"params": rest}, {"params": student.attention_parameters(), "weight_decay": 0.0}]
+
+
+def _resolve_teacher_dir(path: Path) -> Path:
+    path = Path(path)
+    if (path / "teacher" / MODEL).is_file():
+        return path / "teacher"
+    if (path / MODEL).is_file() and path.name == "teacher":
+        return path
+    raise RunError(f"'{path}' holds no finished teacher (expected {path}/teacher/{MODEL}); run `nettailor teacher` first")
+
+
+def _check_teacher(teacher_dir: Path, backbone_id: dict, classes: list[str]) -> dict:
+    run_meta = read_run(teacher_dir.parent)
+    tb = run_meta["backbone"]
+    if tb["architecture"] != backbone_id["architecture"]:
+        raise RunError(
+            f"teacher '{teacher_dir}' is a {tb['architecture']}, but the student uses {backbone_id['architecture']}; "
+            "pass a teacher of the same backbone, or omit --teacher to train one"
+        )
+    if tb["sha256"] != backbone_id["sha256"]:
+        raise RunError(
+            f"teacher '{teacher_dir}' was fine-tuned from other {tb['architecture']} weights "
+            f"({tb['weights_source']}, sha256 {tb['sha256'][:12]}) than this run's ({backbone_id['weights_source']}, "
+            f"sha256 {backbone_id['sha256'][:12]}); use the same --weights/--pretrained"
+        )
+    if run_meta["classes"] != classes:
+        raise RunError(
+            f"teacher '{teacher_dir}' was trained on {len(run_meta['classes'])} classes "
+            f"({', '.join(run_meta['classes'][:5])}...), this data has {len(classes)}; use a teacher for this task"
+        )
+    return run_meta
+
+
+# --------------------------------------------------------------------------- teacher
+def train_teacher(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOptions,
+                  callbacks: Callbacks | None = None) -> dict:
+    """Fine-tune the whole backbone with a new classifier (stage 1)."""
+    cb = callbacks or Callbacks()
+    train.validate()
+    device = resolve_device(train.device)
+    check_writable(run)
+    done = prepare_stage(run, "teacher", resume=train.resume, overwrite=train.overwrite)
+    if done:
+        cb.on_message(f"teacher: already complete in {run}")
+        return read_summary(run, "teacher")
+    run_meta = read_run(run) if (run / "run.json").exists() else None
+    task = _load_data(run_meta, data, _data_config(bb.name), run, train.seed)
+    model = create_backbone(bb.name, num_classes=len(task.classes), pretrained=bb.pretrained, weights=bb.weights)
+    identity = backbone_identity(model, name=bb.name, weights=bb.weights, pretrained=bb.pretrained)
+    if run_meta is None:
+        write_run(run, {"backbone": identity, "data": _data_record(task, data, train.seed), "classes": task.classes,
+                        "task_name": task.name})
+    elif run_meta["backbone"]["sha256"] != identity["sha256"]:
+        raise RunError(f"run '{run}' was made with other backbone weights; use another --output or --overwrite")
+    return _fit_teacher(run, model, task, data, train, device, cb)
+
+
+def _fit_teacher(run: Path, model: nn.Module, task, data: DataOptions, train: TrainOptions,
+                 device: torch.device, cb: Callbacks) -> dict:
+    cfg = train.config(device)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    stage_dir = run / "teacher"
+    write_json(stage_dir / "config.json", {"stage": "teacher", "train": asdict(train), "resolved": asdict(cfg),
+                                           "data": asdict(data) | {"data": data.data}, "device": str(device)})
+    train_loader, val_loader = _loaders(task, train.batch_size, device, train.seed, data.workers)
+    row = fit(stage="teacher", stage_dir=stage_dir, model=model, objective=TeacherObjective(model),
+              param_groups=[{"params": list(model.parameters())}], train_loader=train_loader,
+              val_loader=val_loader, device=device, cfg=cfg, resume=train.resume, callbacks=cb)
+    arch = model.pretrained_cfg["architecture"]
+    write_safetensors(stage_dir / MODEL, model.state_dict(),
+                      {"stage": "teacher", "architecture": arch, "num_classes": len(task.classes)})
+    summary = {"stage": "teacher", "val_acc": row["val_acc"], "best_val_acc": row["best_val_acc"],
+               "epochs": row["epoch"], "params": network_params(model), "macs": model_macs(model, task.img_size)}
+    write_summary(run, "teacher", summary)
+    return summary
+
+
+# --------------------------------------------------------------------------- tailor
+@dataclass
+class TailorOptions:
+    teacher: Path | None = None
+    max_skip: int = 3
+    complexity_weight: float = 0.3
+    teacher_weight: float = 10.0
+    teacher_train: TrainOptions = field(default_factory=lambda: TrainOptions(lr=0.01, batch_size=64))
+
+
+def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOptions, opts: TailorOptions,
+           callbacks: Callbacks | None = None) -> dict:
+    """Build the student and train it with CE + g1 E[C] + g2 Omega (stage 2).
+
+    Without ``opts.teacher`` (and no finished teacher in ``run``), trains one first in ``run/teacher``.
+    """
+    cb = callbacks or Callbacks()
+    train.validate()
+    if opts.max_skip < 1:
+        raise UsageError(f"--max-skip must be at least 1, got {opts.max_skip}")
+    if opts.complexity_weight < 0 or opts.teacher_weight < 0:
+        raise UsageError("--complexity-weight and --teacher-weight must be >= 0")
+    device = resolve_device(train.device)
+    check_writable(run)
+    done = prepare_stage(run, "tailor", resume=train.resume, overwrite=train.overwrite)
+    if done:
+        cb.on_message(f"tailor: already complete in {run}")
+        return read_summary(run, "tailor")
+    run_meta = read_run(run) if (run / "run.json").exists() else None
+    teacher_dir = _resolve_teacher_dir(opts.teacher) if opts.teacher else None
+    if teacher_dir is not None and run_meta is None and (teacher_dir.parent / "split.json").exists():
+        run.mkdir(parents=True, exist_ok=True)  # the student must see exactly the teacher's split
+        shutil.copyfile(teacher_dir.parent / "split.json", run / "split.json")
+    try:
+        task = _load_data(run_meta, data, _data_config(bb.name), run, train.seed)
+        backbone = create_backbone(bb.name, num_classes=len(task.classes), pretrained=bb.pretrained, weights=bb.weights)
+        identity = backbone_identity(backbone, name=bb.name, weights=bb.weights, pretrained=bb.pretrained)
+        if teacher_dir is not None:
+            _check_teacher(teacher_dir, identity, task.classes)
+    except Exception:
+        if run_meta is None and (run / "split.json").exists() and not any(p.name != "split.json" for p in run.iterdir()):
+            shutil.rmtree(run, ignore_errors=True)  # leave nothing behind for a run that never started
+        raise
+    if run_meta is None:
+        run_meta = {"backbone": identity, "data": _data_record(task, data, train.seed), "classes": task.classes,
+                    "task_name": task.name}
+        write_run(run, run_meta)
+    elif run_meta["backbone"]["sha256"] != identity["sha256"]:
+        raise RunError(f"run '{run}' was made with other backbone weights; use another --output or --overwrite")
+
+    if teacher_dir is None:
+        teacher_dir = run / "teacher"
+        if not stage_done(run, "teacher"):
+            cb.on_message(f"tailor: no --teacher given; fine-tuning one first in {teacher_dir}")
+            t_opts = opts.teacher_train
+            t_opts.resume = train.resume
+            t_opts.device = train.device
+            _fit_teacher(run, create_backbone(bb.name, num_classes=len(task.classes), pretrained=bb.pretrained,
+                                              weights=bb.weights), task, data, t_opts, device, cb)
+    meta = read_run(run)
+    meta["teacher"] = str(teacher_dir.resolve())
+    write_run(run, {k: v for k, v in meta.items() if k != "format"})
+
+    teacher = load_teacher(teacher_dir, device)
+    teacher.eval().requires_grad_(False)
+    student = Student(backbone, len(task.classes), max_skip=opts.max_skip)
+    costs, backbone_macs = path_costs(student, task.img_size)
+    return _fit_student(run, "tailor", student, teacher, task, data, train, device, cb,
+                        complexity=ComplexityModel(student.structure, costs),
+                        g1=opts.complexity_weight, g2=opts.teacher_weight,
+                        extra={"max_skip": opts.max_skip, "complexity_weight": opts.complexity_weight,
+                               "teacher_weight": opts.teacher_weight, "teacher": str(teacher_dir),
+                               "path_costs": costs, "backbone_macs": backbone_macs})
+
+
+def _fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | None, task, data: DataOptions,
+                 train: TrainOptions, device: torch.device, cb: Callbacks, *, complexity, g1: float, g2: float,
+                 extra: dict) -> dict:
+    cfg = train.config(device)
+    student = student.to(device)
+    if complexity is not None:
+        complexity = complexity.to(device)
+    if cfg.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
+    stage_dir = run / stage
+    write_json(stage_dir / "config.json", {"stage": stage, "train": asdict(train), "resolved": asdict(cfg),
+                                           "data": asdict(data), "device": str(device), **extra})
+    train_loader, val_loader = _loaders(task, train.batch_size, device, train.seed, data.workers)
+    chain = describe_chain(teacher) if teacher is not None else None
+    objective = StudentObjective(student, teacher, chain, complexity, g1, g2)
+    arch = read_run(run)["backbone"]["architecture"]
+    row = fit(stage=stage, stage_dir=stage_dir, model=student, objective=objective,
+              param_groups=_student_groups(student, 5e-4), train_loader=train_loader, val_loader=val_loader,
+              device=device, cfg=cfg, resume=train.resume, callbacks=cb,
+              checkpoint_extra=_student_meta(student, arch, stage))
+    write_safetensors(stage_dir / MODEL, student.state_dict(), _student_meta(student, arch, stage))
+    summary = {"stage": stage, "val_acc": row["val_acc"], "best_val_acc": row["best_val_acc"], "epochs": row["epoch"],
+               "structure": student.structure.counts(), "params": student_params(student),
+               "macs": student_macs(student, task.img_size).total,
+               "attention": [a.tolist() if a is not None else None for a in student.attention()]}
+    write_summary(run, stage, summary)
+    return summary
+
+
+# --------------------------------------------------------------------------- prune
+def prune(run: Path, *, threshold: float = 0.05, drop_blocks: int = 0, overwrite: bool = False,
+          callbacks: Callbacks | None = None) -> dict:
+    """Drop low-attention proxies and the K weakest blocks, then everything orphaned (stage 3)."""
+    cb = callbacks or Callbacks()
+    run_meta = read_run(run)
+    tailor_dir = require_stage(run, "tailor", "prune")
+    student, meta = load_student(tailor_dir, torch.device("cpu"))
+    alphas = [a.tolist() if a is not None else [] for a in student.attention()]
+    result = plan_pruning(student.structure, alphas, threshold=threshold, drop_blocks=drop_blocks)
+    if stage_done(run, "prune") and not overwrite:
+        raise RunError(f"'{run}' is already pruned; pass --overwrite to prune again (this also discards 'finetune')")
+    prepare_stage(run, "prune", resume=False, overwrite=True)
+    img_size = run_meta["data"]["img_size"]
+    before = {"params": student_params(student), "macs": student_macs(student, img_size).total,
+              "structure": student.structure.counts()}
+    student.prune_(result.structure)
+    after = {"params": student_params(student), "macs": student_macs(student, img_size).total,
+             "structure": student.structure.counts()}
+    arch = run_meta["backbone"]["architecture"]
+    write_safetensors(run / "prune" / MODEL, student.state_dict(), _student_meta(student, arch, "prune"))
+    summary = {
+        "stage": "prune", "threshold": threshold, "drop_blocks": drop_blocks,
+        "removed_proxies": [{"layer": l, "source": s} for l, s in result.removed_proxies],
+        "removed_blocks": result.removed_blocks, "orphaned": result.orphaned, "fixpoint_rounds": result.rounds,
+        "before": before, "after": after, "val_acc": read_summary(run, "tailor")["val_acc"],
+        "structure": after["structure"], "params": after["params"], "macs": after["macs"],
+        "attention": [a.tolist() if a is not None else None for a in student.attention()],
+    }
+    write_summary(run, "prune", summary)
+    cb.on_message(
+        f"prune: kept {after['structure']['blocks']}/{before['structure']['blocks']} blocks and "
+        f"{after['structure']['proxies']}/{before['structure']['proxies']} proxies; "
+        f"MACs {before['macs'] / 1e6:.1f}M -> {after['macs'] / 1e6:.1f}M"
+    )
+    return summary
+
+
+# --------------------------------------------------------------------------- finetune
+def finetune(run: Path, data: DataOptions, train: TrainOptions, *, teacher_weight: float = 10.0,
+             callbacks: Callbacks | None = None) -> dict:
+    """Retrain the pruned student with the complexity weight 0, teacher term on (stage 4)."""
+    cb = callbacks or Callbacks()
+    train.validate()
+    device = resolve_device(train.device)
+    run_meta = read_run(run)
+    prune_dir = require_stage(run, "prune", "finetune")
+    done = prepare_stage(run, "finetune", resume=train.resume, overwrite=train.overwrite)
+    if done:
+        cb.on_message(f"finetune: already complete in {run}")
+        return read_summary(run, "finetune")
+    task = _load_data(run_meta, data, _data_config(run_meta["backbone"]["architecture"]), run, train.seed)
+    student, _ = load_student(prune_dir, device)
+    teacher = None
+    if teacher_weight > 0:
+        teacher_dir = Path(run_meta.get("teacher") or run / "teacher")
+        teacher = load_teacher(teacher_dir, device).eval().requires_grad_(False)
+    return _fit_student(run, "finetune", student, teacher, task, data, train, device, cb, complexity=None,
+                        g1=0.0, g2=teacher_weight, extra={"teacher_weight": teacher_weight})

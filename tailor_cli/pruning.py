@@ -1,0 +1,95 @@
+"""Pruning (METHOD.md, "Pruning"): a pure function from attention to a smaller structure.
+
+1. drop every proxy whose alpha < threshold;
+2. drop the ``drop_blocks`` universal blocks with the lowest alpha;
+3. to a fixpoint: a node with no incoming path is dead (paths reading it go), a
+   node other than the last that nobody reads is dead (paths into it go).
+The last node must survive, or the classifier would be disconnected.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UsageError
+from .student import LayerSpec, Structure
+
+
+class PruneError(UsageError):
+    """A pruning request that cannot be honoured (exit code 2)."""
+
+
+@dataclass
+class PruneResult:
+    structure: Structure
+    removed_proxies: list[tuple[int, int]]  # (layer, source) under the threshold
+    removed_blocks: list[int]  # layers whose block was among the K lowest
+    orphaned: list[str]  # paths removed by the fixpoint, e.g. "layer 3 proxy1"
+    rounds: int
+
+
+def validate_args(threshold: float, drop_blocks: int, num_blocks: int) -> None:
+    if not 0.0 <= threshold < 1.0:
+        raise PruneError(f"--threshold must be in [0, 1), got {threshold}")
+    if not 0 <= drop_blocks <= num_blocks:
+        raise PruneError(f"--drop-blocks must be between 0 and {num_blocks} (the student's universal blocks), got {drop_blocks}")
+
+
+def plan(structure: Structure, alphas: list[list[float]], *, threshold: float, drop_blocks: int) -> PruneResult:
+    """Return the pruned structure. ``alphas[l-1]`` lists layer l's attention in path order."""
+    num_blocks = sum(s.block for s in structure.layers)
+    validate_args(threshold, drop_blocks, num_blocks)
+    L = structure.num_layers
+    layers: list[LayerSpec] = []
+    removed_proxies = []
+    block_alpha = []
+    for l, (spec, a) in enumerate(zip(structure.layers, alphas), 1):
+        keys = spec.path_keys()
+        if len(keys) != len(a):
+            raise PruneError(f"layer {l} has {len(keys)} paths but {len(a)} attention values")
+        weights = dict(zip(keys, a))
+        keep = []
+        for s in spec.proxies:
+            if weights[f"proxy{s}"] < threshold:
+                removed_proxies.append((l, s))
+            else:
+                keep.append(s)
+        if spec.block:
+            block_alpha.append((weights["block"], l))
+        layers.append(LayerSpec(spec.block, keep))
+    removed_blocks = sorted(l for _, l in sorted(block_alpha)[:drop_blocks])
+    for l in removed_blocks:
+        layers[l - 1].block = False
+
+    orphaned: list[str] = []
+    rounds = 0
+    while True:
+        rounds += 1
+        changed = False
+        alive = [True] + [spec.alive for spec in layers]
+        # paths reading a dead node go
+        for l, spec in enumerate(layers, 1):
+            if spec.block and not alive[l - 1]:
+                spec.block = False
+                orphaned.append(f"layer {l} block (input node {l - 1} dead)")
+                changed = True
+            dead_src = [s for s in spec.proxies if not alive[s]]
+            for s in dead_src:
+                spec.proxies.remove(s)
+                orphaned.append(f"layer {l} proxy from node {s} (source dead)")
+                changed = True
+        # nodes nobody reads (except the last) go, with every path into them
+        current = Structure(layers)
+        for node in range(1, L):
+            if layers[node - 1].alive and not current.readers(node):
+                spec = layers[node - 1]
+                orphaned += [f"layer {node} {k} (output unused)" for k in spec.path_keys()]
+                spec.block, spec.proxies = False, []
+                changed = True
+        if not changed:
+            break
+    if not layers[-1].alive:
+        raise PruneError(
+            f"this pruning disconnects the classifier (no path reaches layer {L}); "
+            "use a lower --threshold or fewer --drop-blocks"
+        )
+    return PruneResult(Structure(layers), removed_proxies, removed_blocks, orphaned, rounds)

@@ -1,0 +1,130 @@
+"""The block-usage report: what each task kept, and what it costs (data only; the CLI renders it)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+
+from .adapter import ADAPTER_CONFIG, BACKBONE_FILE, list_tasks, load_export
+from .checkpoint import read_json
+from .counting import model_macs, network_params, student_macs, student_params
+from .errors import RunError
+from .runs import latest_student_stage, read_run, read_summary, stage_done
+from .student import Student
+
+
+def _full_network(architecture: str, num_classes: int, img_size: int) -> dict:
+    model = timm.create_model(architecture, pretrained=False, num_classes=num_classes)
+    return {"params": network_params(model), "macs": model_macs(model, img_size),
+            "blocks": len(Student(model, num_classes).layers)}
+
+
+def student_report(student: Student, *, task: str, architecture: str, img_size: int, accuracy: float | None,
+                   teacher_accuracy: float | None, stage: str, adapter_bytes: int | None = None) -> dict:
+    """Per layer: block kept?, its alpha, kept proxies with alphas, params and MACs; plus totals."""
+    cost = student_macs(student, img_size)
+    alphas = student.attention()
+    layers = []
+    for i, (layer, spec, info) in enumerate(zip(student.layers, student.structure.layers, student.infos)):
+        a = alphas[i].tolist() if alphas[i] is not None else []
+        keys = spec.path_keys()
+        layers.append({
+            "layer": i + 1,
+            "block": f"{info.stage}.{info.index}",
+            "timm_module": info.name,
+            "kind": info.kind,
+            "block_kept": spec.block,
+            "block_alpha": a[0] if spec.block else None,
+            "proxies": [{"from_node": s, "skip": i + 1 - s, "alpha": a[keys.index(f"proxy{s}")]} for s in spec.proxies],
+            "params": sum(p.numel() for p in layer.parameters()),
+            "macs": cost.layer(i),
+        })
+    full = _full_network(architecture, student.num_classes, img_size)
+    params = student_params(student)
+    return {
+        "task": task,
+        "stage": stage,
+        "backbone": architecture,
+        "img_size": img_size,
+        "layers": layers,
+        "totals": {
+            "blocks_kept": sum(l["block_kept"] for l in layers), "blocks_total": len(layers),
+            "proxies_kept": sum(len(l["proxies"]) for l in layers),
+            "params_shared": params["shared"], "params_task": params["task_specific"],
+            "params_total": params["total"], "params_full": full["params"],
+            "macs": cost.total, "macs_full": full["macs"], "macs_fraction": cost.total / full["macs"],
+            "adapter_bytes": adapter_bytes,
+        },
+        "accuracy": {"student": accuracy, "teacher": teacher_accuracy},
+    }
+
+
+def report_run(run: Path) -> dict:
+    """Report of a run directory's latest student stage."""
+    from .pipeline import load_student
+
+    run = Path(run)
+    meta = read_run(run)
+    stage = latest_student_stage(run)
+    student, _ = load_student(run / stage, torch.device("cpu"))
+    summary = read_summary(run, stage)
+    teacher = Path(meta.get("teacher") or run / "teacher")
+    teacher_acc = None
+    if (teacher / "summary.json").is_file():
+        teacher_acc = read_json(teacher / "summary.json").get("val_acc")
+    acc = summary.get("val_acc") if stage != "prune" else None
+    report = student_report(student, task=meta.get("task_name", run.name), architecture=meta["backbone"]["architecture"],
+                            img_size=int(meta["data"]["img_size"]), accuracy=acc, teacher_accuracy=teacher_acc,
+                            stage=stage)
+    report["run"] = str(run)
+    return {"kind": "run", "tasks": [report], "matrix": _matrix([report])}
+
+
+def report_export(export_dir: Path) -> dict:
+    """Cross-task report of an export directory: per-task reports, block-usage matrix, totals."""
+    export_dir = Path(export_dir)
+    backbone, tasks = load_export(export_dir)
+    reports = []
+    for name, (student, config) in tasks.items():
+        m = config["metrics"]
+        reports.append(student_report(
+            student, task=name, architecture=config["base_model"]["architecture"],
+            img_size=config["input"]["img_size"], accuracy=m.get("val_acc"), teacher_accuracy=m.get("teacher_val_acc"),
+            stage=config.get("stage", "?"), adapter_bytes=(export_dir / name / "adapter.safetensors").stat().st_size,
+        ))
+    backbone_bytes = (export_dir / BACKBONE_FILE).stat().st_size
+    adapters = sum(r["totals"]["adapter_bytes"] for r in reports)
+    full_bytes = 4 * sum(r["totals"]["params_full"] for r in reports)  # one fp32 network per task
+    totals = {
+        "tasks": len(reports),
+        "backbone_bytes": backbone_bytes, "adapter_bytes": adapters, "disk_bytes": backbone_bytes + adapters,
+        "finetune_bytes": full_bytes,
+        "params": backbone.config.get("num_params", 0) + sum(r["totals"]["params_task"] for r in reports),
+        "finetune_params": sum(r["totals"]["params_full"] for r in reports),
+    }
+    return {"kind": "export", "export_dir": str(export_dir), "backbone": backbone.config, "tasks": reports,
+            "matrix": _matrix(reports), "totals": totals}
+
+
+def _matrix(reports: list[dict]) -> dict:
+    """Rows: universal blocks (stage.block); columns: tasks; cell: block kept and proxies entering."""
+    if not reports:
+        return {"blocks": [], "tasks": [], "cells": []}
+    blocks = [l["block"] for l in reports[0]["layers"]]
+    cells = [[{"block": r["layers"][i]["block_kept"], "proxies": len(r["layers"][i]["proxies"])} for r in reports]
+             for i in range(len(blocks))]
+    return {"blocks": blocks, "tasks": [r["task"] for r in reports], "cells": cells}
+
+
+def report_path(path: Path) -> dict:
+    path = Path(path)
+    if (path / BACKBONE_FILE).is_file() or (path / ADAPTER_CONFIG).is_file():
+        if (path / ADAPTER_CONFIG).is_file():  # a single task directory inside an export
+            path = path.parent
+        return report_export(path)
+    if (path / "run.json").is_file():
+        return report_run(path)
+    if not path.exists():
+        raise RunError(f"'{path}' does not exist")
+    raise RunError(f"'{path}' is neither a run directory (run.json) nor an export directory ({BACKBONE_FILE})")

@@ -1,0 +1,127 @@
+"""Run directories: one per task, one subdirectory per stage.
+
+    RUN/
+      run.json            backbone identity, data settings, classes, teacher location
+      split.json          the validation split when we made it (flat folders, GTSRB, digits)
+      teacher/            (when the teacher was trained in this run)
+      tailor/  prune/  finetune/
+        config.json       the resolved configuration of the stage
+        metrics.jsonl     one line per epoch
+        checkpoint.safetensors   model + optimiser state, written atomically each epoch
+        model.safetensors the stage's final weights (the stage is done when it exists)
+        summary.json      final metrics, params, MACs
+
+Every write is atomic (temporary name + rename), so a killed process never leaves
+half a file.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .checkpoint import read_json, write_json
+from .errors import RunError
+
+RUN_FORMAT = 1
+STAGES = ("teacher", "tailor", "prune", "finetune")
+DOWNSTREAM = {"teacher": ("tailor", "prune", "finetune"), "tailor": ("prune", "finetune"), "prune": ("finetune",), "finetune": ()}
+MODEL = "model.safetensors"
+SUMMARY = "summary.json"
+
+
+def stage_done(run: Path, stage: str) -> bool:
+    return (run / stage / MODEL).is_file() and (run / stage / SUMMARY).is_file()
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any work if ``path`` (or its nearest existing parent) cannot be written."""
+    probe = Path(path)
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise RunError(f"output path '{path}' is inside a file ('{probe}'); choose another --output")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".nettailor-write-test.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise RunError(f"output directory '{path}' is not writable ({err.strerror}); choose another --output") from err
+
+
+def prepare_stage(run: Path, stage: str, *, resume: bool, overwrite: bool) -> bool:
+    """Decide what to do with ``run/stage``. Returns True when the stage is already complete.
+
+    Never overwrites silently: an existing stage needs ``--resume`` or ``--overwrite``.
+    ``--overwrite`` also removes the stages built on this one.
+    """
+    stage_dir = run / stage
+    if overwrite:
+        for name in (stage,) + DOWNSTREAM[stage]:
+            shutil.rmtree(run / name, ignore_errors=True)
+        return False
+    if not stage_dir.exists():
+        return False
+    if stage_done(run, stage):
+        if resume:
+            return True
+        raise RunError(
+            f"stage '{stage}' is already done in '{run}'; pass --overwrite to redo it, or choose another --output"
+        )
+    if resume:
+        return False
+    if any(stage_dir.iterdir()):
+        raise RunError(
+            f"'{stage_dir}' holds an unfinished '{stage}' stage; pass --resume to continue it or --overwrite to restart"
+        )
+    return False
+
+
+def read_run(run: Path) -> dict:
+    run = Path(run)
+    if not run.is_dir():
+        raise RunError(f"run directory '{run}' does not exist")
+    meta = read_json(run / "run.json", what="run config")
+    for key in ("format", "backbone", "data", "classes"):
+        if key not in meta:
+            raise RunError(f"run config '{run / 'run.json'}' lacks '{key}'; it was not written by nettailor")
+    if int(meta["format"]) > RUN_FORMAT:
+        raise RunError(f"run '{run}' was written by a newer nettailor (format {meta['format']}); upgrade")
+    return meta
+
+
+def write_run(run: Path, meta: dict) -> None:
+    write_json(run / "run.json", {"format": RUN_FORMAT, **meta})
+
+
+def require_stage(run: Path, stage: str, command: str) -> Path:
+    """The directory of a finished stage, or a one-line error that says what to run first."""
+    if not stage_done(run, stage):
+        done = [s for s in STAGES if stage_done(run, s)]
+        hint = {"teacher": "nettailor teacher", "tailor": "nettailor tailor", "prune": "nettailor prune"}[stage]
+        raise RunError(
+            f"`nettailor {command}` needs a finished '{stage}' stage in '{run}' "
+            f"(found: {', '.join(done) or 'none'}); run `{hint}` first"
+        )
+    return run / stage
+
+
+def latest_student_stage(run: Path) -> str:
+    for stage in ("finetune", "prune", "tailor"):
+        if stage_done(run, stage):
+            return stage
+    done = [s for s in STAGES if stage_done(run, s)]
+    raise RunError(
+        f"'{run}' holds no tailored student (found: {', '.join(done) or 'none'}); run `nettailor tailor` first"
+    )
+
+
+def read_summary(run: Path, stage: str) -> dict:
+    return read_json(run / stage / SUMMARY, what=f"{stage} summary")
+
+
+def write_summary(run: Path, stage: str, summary: dict) -> None:
+    write_json(run / stage / SUMMARY, summary)

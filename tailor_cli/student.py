@@ -1,0 +1,330 @@
+"""The NetTailor student: frozen universal blocks, cheap proxies, per-layer attention.
+
+Graph (METHOD.md, "Student architecture"): node 0 is the stem output, node l the
+output of layer l (l = 1..L). Layer l computes
+
+    x_l = act( alpha_l,0 * G_l(x_{l-1}) + sum_k alpha_l,k * A_l,k(x_{l-k}) )
+
+with ``G_l`` the pretrained residual block without its final activation,
+``A_l,k`` a proxy reading node ``l-k`` (k = 1..max_skip), and
+``alpha_l = softmax(logits_l)`` over the layer's *surviving* paths.
+
+A :class:`Structure` says which paths exist. Pruning produces a smaller
+structure, and a :class:`Student` built from it holds (and runs) nothing else.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import BlockInfo, describe_chain, universal_block
+from .errors import RunError
+
+BLOCK_LOGIT_INIT = 2.0
+PROXY_LOGIT_INIT = -2.0
+
+
+# --------------------------------------------------------------------------- structure
+@dataclass
+class LayerSpec:
+    """Which paths enter one layer: the universal block, and proxies by source node."""
+
+    block: bool
+    proxies: list[int] = field(default_factory=list)  # source nodes, nearest first
+
+    @property
+    def alive(self) -> bool:
+        return self.block or bool(self.proxies)
+
+    def path_keys(self) -> list[str]:
+        """Names of the paths in attention order: ``"block"`` then ``"proxy<src>"``."""
+        return (["block"] if self.block else []) + [f"proxy{s}" for s in self.proxies]
+
+
+@dataclass
+class Structure:
+    """The surviving graph of a student: one :class:`LayerSpec` per layer 1..L."""
+
+    layers: list[LayerSpec]
+
+    @classmethod
+    def full(cls, num_layers: int, max_skip: int) -> "Structure":
+        """Every block and every proxy from nodes l-1 .. l-max_skip (node 0 the earliest)."""
+        return cls([
+            LayerSpec(True, [l - k for k in range(1, max_skip + 1) if l - k >= 0])
+            for l in range(1, num_layers + 1)
+        ])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def readers(self, node: int) -> list[tuple[int, str]]:
+        """Paths ``(layer, key)`` that read ``node``."""
+        out = []
+        for l, spec in enumerate(self.layers, 1):
+            if spec.block and l - 1 == node:
+                out.append((l, "block"))
+            out += [(l, f"proxy{s}") for s in spec.proxies if s == node]
+        return out
+
+    def to_json(self) -> list[dict]:
+        return [{"block": s.block, "proxies": list(s.proxies)} for s in self.layers]
+
+    @classmethod
+    def from_json(cls, obj) -> "Structure":
+        try:
+            return cls([LayerSpec(bool(d["block"]), [int(s) for s in d["proxies"]]) for d in obj])
+        except (TypeError, KeyError, ValueError) as err:
+            raise RunError(f"invalid student structure in config ({err!r})") from err
+
+    def counts(self) -> dict:
+        return {
+            "blocks": sum(s.block for s in self.layers),
+            "proxies": sum(len(s.proxies) for s in self.layers),
+            "layers_alive": sum(s.alive for s in self.layers),
+        }
+
+
+# --------------------------------------------------------------------------- modules
+def _init_new(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, std=0.01)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class Proxy(nn.Module):
+    """A cheap path into a layer. Input: the source node, already pooled to the target size.
+
+    ``kind="basic"``: 1x1 conv + BN (about 1/18 of a basic block).
+    ``kind="bottleneck"``: 1x1 conv to ``max(C_out/32, 16)`` + BN + ReLU + 1x1 conv + BN.
+    (B, in_chs, H, W) -> (B, out_chs, H, W). No activation at the end: the layer applies it.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, kind: str = "basic"):
+        super().__init__()
+        if kind == "basic":
+            self.body = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, bias=False), nn.BatchNorm2d(out_chs))
+        else:
+            width = max(out_chs // 32, 16)
+            self.body = nn.Sequential(
+                nn.Conv2d(in_chs, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                nn.Conv2d(width, out_chs, 1, bias=False), nn.BatchNorm2d(out_chs),
+            )
+        _init_new(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def make_pool(stride: int) -> nn.Module:
+    """Max-pool by ``stride`` with kernel s+1 and padding s//2: output ceil(H/s), as the blocks' convs."""
+    if stride == 1:
+        return nn.Identity()
+    return nn.MaxPool2d(kernel_size=stride + 1, stride=stride, padding=stride // 2)
+
+
+class TailoredLayer(nn.Module):
+    """One layer of the student: optional universal block, proxies, attention logits, activation."""
+
+    def __init__(self, spec: LayerSpec, block: nn.Module | None, act: nn.Module, proxies: dict[int, Proxy]):
+        super().__init__()
+        self.block = block
+        self.proxies = nn.ModuleDict({str(s): proxies[s] for s in spec.proxies})
+        self.sources = list(spec.proxies)
+        init = [BLOCK_LOGIT_INIT] * int(spec.block) + [PROXY_LOGIT_INIT] * len(spec.proxies)
+        self.logits = nn.Parameter(torch.tensor(init, dtype=torch.float32))
+        self.act = act
+
+    @property
+    def alive(self) -> bool:
+        return self.block is not None or len(self.sources) > 0
+
+
+class Student(nn.Module):
+    """The tailored network for one task.
+
+    Built from a pretrained timm backbone (its stem and blocks are deep-copied,
+    frozen, and their final activation moved after the attention sum) and a
+    :class:`Structure`. Input (B,3,H,W) at any size the backbone accepts;
+    output logits (B, num_classes), and optionally the node tensors x_1..x_L
+    (``None`` for dead layers) that the teacher term compares.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        *,
+        max_skip: int = 3,
+        structure: Structure | None = None,
+    ):
+        super().__init__()
+        chain = describe_chain(backbone)
+        num_layers = len(chain.blocks)
+        self.structure = structure or Structure.full(num_layers, max_skip)
+        if self.structure.num_layers != num_layers:
+            raise RunError(
+                f"structure has {self.structure.num_layers} layers but the backbone has {num_layers}"
+            )
+        self.max_skip = max_skip
+        self.infos: list[BlockInfo] = chain.infos
+        self.node_chs = [chain.stem_chs] + [i.out_chs for i in chain.infos]
+        self.node_reduction = [chain.stem_reduction] + [i.reduction for i in chain.infos]
+
+        self.stem = copy.deepcopy(chain.stem)
+        layers = []
+        for l, spec in enumerate(self.structure.layers, 1):
+            info = chain.infos[l - 1]
+            if spec.block:
+                block, act = universal_block(chain.blocks[l - 1], chain.final_act_names[l - 1])
+            else:
+                block, act = None, copy.deepcopy(getattr(chain.blocks[l - 1], chain.final_act_names[l - 1]))
+            proxies = {s: Proxy(self.node_chs[s], info.out_chs, info.kind) for s in spec.proxies}
+            layers.append(TailoredLayer(spec, block, act, proxies))
+        self.layers = nn.ModuleList(layers)
+        self.pools = nn.ModuleDict({
+            str(s): make_pool(s) for s in sorted({self.stride(src, l) for l, spec in enumerate(self.structure.layers, 1) for src in spec.proxies})
+        })
+        self.fc = nn.Linear(chain.num_features, num_classes)
+        self.num_classes = num_classes
+        for p in self.frozen_parameters():
+            p.requires_grad_(False)
+        # For inference: after which layer each node can be freed.
+        self._last_use = self._compute_last_use()
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def stride(self, source: int, layer: int) -> int:
+        return self.node_reduction[layer] // self.node_reduction[source]
+
+    def frozen_parameters(self):
+        """The shared universal parameters (stem and blocks): never trained."""
+        yield from self.stem.parameters()
+        for layer in self.layers:
+            if layer.block is not None:
+                yield from layer.block.parameters()
+
+    def attention_parameters(self) -> list[nn.Parameter]:
+        return [layer.logits for layer in self.layers if layer.alive]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Proxies, attention logits, classifier."""
+        params = [p for layer in self.layers for p in layer.proxies.parameters()]
+        return params + self.attention_parameters() + list(self.fc.parameters())
+
+    def timm_name(self, key: str) -> str | None:
+        """Map a student state-dict key of a universal tensor to the timm key (``None`` if task-specific)."""
+        if key.startswith("stem."):
+            return key[len("stem."):]
+        if key.startswith("layers.") and ".block." in key:
+            l, rest = key[len("layers."):].split(".block.", 1)
+            return f"{self.infos[int(l)].name}.{rest}"
+        return None
+
+    def _compute_last_use(self) -> list[int]:
+        last = [0] * (len(self.layers) + 1)
+        for l, spec in enumerate(self.structure.layers, 1):
+            if spec.block:
+                last[l - 1] = max(last[l - 1], l)
+            for s in spec.proxies:
+                last[s] = max(last[s], l)
+        last[-1] = len(self.layers) + 1  # the classifier reads the last node
+        return last
+
+    def prune_(self, structure: Structure) -> None:
+        """Physically remove every module ``structure`` drops; survivors keep their weights.
+
+        Attention logits are sliced to the surviving paths, so the softmax runs over them only.
+        """
+        for layer, old, new in zip(self.layers, self.structure.layers, structure.layers):
+            old_keys, new_keys = old.path_keys(), new.path_keys()
+            if not set(new_keys) <= set(old_keys):
+                raise RunError(f"cannot prune to a structure with new paths {set(new_keys) - set(old_keys)}")
+            keep = [old_keys.index(k) for k in new_keys]
+            layer.logits = nn.Parameter(layer.logits.detach()[keep].clone())
+            if not new.block:
+                layer.block = None
+            for s in old.proxies:
+                if s not in new.proxies:
+                    del layer.proxies[str(s)]
+            layer.sources = list(new.proxies)
+        self.structure = Structure.from_json(structure.to_json())
+        strides = {self.stride(src, l) for l, spec in enumerate(self.structure.layers, 1) for src in spec.proxies}
+        for key in list(self.pools.keys()):
+            if int(key) not in strides:
+                del self.pools[key]
+        self._last_use = self._compute_last_use()
+
+    # -- forward ---------------------------------------------------------------------
+    def attention(self) -> list[torch.Tensor | None]:
+        """Per layer, softmax over its surviving paths (``None`` for a dead layer)."""
+        return [F.softmax(layer.logits, dim=0) if layer.alive else None for layer in self.layers]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        alphas: list[torch.Tensor | None] | None = None,
+        return_features: bool = False,
+    ):
+        if alphas is None:
+            alphas = self.attention()
+        nodes: list[torch.Tensor | None] = [None] * (len(self.layers) + 1)
+        nodes[0] = self.stem(x)
+        pooled: dict[tuple[int, int], torch.Tensor] = {}
+        for l, layer in enumerate(self.layers, 1):
+            if not layer.alive:
+                continue
+            a = alphas[l - 1]
+            weighted = a.numel() > 1  # a softmax over one path is exactly 1: skip the multiply
+            out = None
+            k = 0
+            if layer.block is not None:
+                out = layer.block(nodes[l - 1])
+                out = a[0] * out if weighted else out
+                k = 1
+            for src in layer.sources:
+                s = self.stride(src, l)
+                key = (src, s)
+                if key not in pooled:  # proxies reading the same node at the same stride share the pooling
+                    pooled[key] = self.pools[str(s)](nodes[src])
+                y = layer.proxies[str(src)](pooled[key])
+                y = a[k] * y if weighted else y
+                out = y if out is None else out + y
+                k += 1
+            nodes[l] = layer.act(out)
+            if not return_features:  # free what no later layer reads
+                for i in range(l):
+                    if nodes[i] is not None and self._last_use[i] <= l:
+                        nodes[i] = None
+                        for key in [kk for kk in pooled if kk[0] == i]:
+                            del pooled[key]
+        last = nodes[-1]
+        if last is None:
+            raise RunError("the last layer of the student is dead; the structure is disconnected")
+        logits = self.fc(last.mean(dim=(2, 3)))
+        if return_features:
+            return logits, nodes[1:]
+        return logits
+
+
+# --------------------------------------------------------------------------- teacher view
+def teacher_forward(model: nn.Module, chain, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run a fine-tuned timm ResNet block by block.
+
+    ``chain`` is ``describe_chain(model)`` (computed once by the caller).
+    Returns logits (B, classes) and each block's output t_1..t_L (after its activation).
+    """
+    h = chain.stem(x)
+    feats = []
+    for block in chain.blocks:
+        h = block(h)
+        feats.append(h)
+    return model.forward_head(h), feats

@@ -1,0 +1,361 @@
+"""One readable training loop for every stage (teacher, tailor, finetune).
+
+A stage is: an *objective* (images, labels -> loss, logits, named terms), the
+parameters to train, loaders, and a stage directory. Each epoch ends with an
+evaluation, a line in ``metrics.jsonl`` and an atomic checkpoint, so a killed
+run loses at most the epoch in progress and ``resume=True`` continues exactly
+(each epoch re-seeds the RNGs from ``seed + epoch``, so a resumed epoch draws
+the same shuffling and augmentation as an uninterrupted one).
+
+The loop never prints: it reports through :class:`Callbacks`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import append_jsonl, read_jsonl, read_safetensors, write_safetensors
+from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunError, TrainingError
+from .losses import ComplexityModel, teacher_term
+from .student import Student, teacher_forward
+
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    lr: float
+    lr_step: int  # epochs between x0.1 decays
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    amp: bool = False
+    amp_dtype: str = "bfloat16"
+    channels_last: bool = False
+    check_every: int = 1  # steps between finiteness checks (a host sync); 1 on CPU
+
+
+class Callbacks:
+    """Override what you need; the CLI draws progress bars or log lines from these."""
+
+    def on_stage_start(self, stage: str, epochs: int, steps: int, start_epoch: int) -> None: ...
+    def on_step(self, stage: str, epoch: int, step: int, steps: int) -> None: ...
+    def on_epoch_end(self, stage: str, row: dict) -> None: ...
+    def on_message(self, message: str) -> None: ...
+
+
+Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
+
+# --------------------------------------------------------------------------- objectives
+class TeacherObjective:
+    """Plain fine-tuning: cross-entropy of the whole network."""
+
+    terms = ("ce",)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, images, labels):
+        logits = self.model(images)
+        ce = F.cross_entropy(logits, labels)
+        return ce, logits, {"ce": ce}
+
+
+class StudentObjective:
+    """CE + g1 * E[C] + g2 * Omega. The teacher runs once per step without autograd."""
+
+    def __init__(
+        self,
+        student: Student,
+        teacher: nn.Module | None,
+        teacher_chain,
+        complexity: ComplexityModel | None,
+        complexity_weight: float,
+        teacher_weight: float,
+    ):
+        self.student, self.teacher, self.chain = student, teacher, teacher_chain
+        self.complexity = complexity
+        self.g1, self.g2 = complexity_weight, teacher_weight
+        if self.g2 > 0 and teacher is None:
+            raise ValueError("a teacher is required when teacher_weight > 0")
+        if self.g1 > 0 and complexity is None:
+            raise ValueError("a complexity model is required when complexity_weight > 0")
+        self.terms = ("ce",) + (("complexity",) if self.g1 > 0 else ()) + (("teacher",) if self.g2 > 0 else ())
+
+    def __call__(self, images, labels):
+        alphas = self.student.attention()  # once per step, shared by forward and E[C]
+        use_teacher = self.g2 > 0
+        if use_teacher:
+            with torch.inference_mode():
+                t_logits, t_feats = teacher_forward(self.teacher, self.chain, images)
+            logits, feats = self.student(images, alphas=alphas, return_features=True)
+        else:
+            logits = self.student(images, alphas=alphas)
+        ce = F.cross_entropy(logits, labels)
+        loss, terms = ce, {"ce": ce}
+        if self.g1 > 0:
+            ec = self.complexity(alphas)
+            loss = loss + self.g1 * ec
+            terms["complexity"] = ec
+        if use_teacher:
+            omega = teacher_term(logits, feats, t_logits, t_feats)
+            loss = loss + self.g2 * omega
+            terms["teacher"] = omega
+        return loss, logits, terms
+
+
+# --------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    """``auto``: cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise RunError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def make_optimizer(groups: list[dict], cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD with momentum; ``groups`` may set their own weight decay (0 for attention logits)."""
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.lr_step), gamma=0.1)
+    return opt, sched
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, device: torch.device, *, amp_ctx=contextlib.nullcontext, channels_last=False) -> dict:
+    """Top-1 accuracy (%) and mean CE over a whole loader; sums stay on the device until the end."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=device)
+    count = 0
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        with amp_ctx():
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+        count += labels.numel()
+    model.train(was_training)
+    if count == 0:
+        return {"acc": float("nan"), "loss": float("nan"), "n": 0}
+    return {"acc": 100.0 * correct.item() / count, "loss": loss_sum.item() / count, "n": count}
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag checked between steps; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(path: Path, model: nn.Module, opt, sched, *, epoch: int, best: float, extra: dict) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = _optimizer_tensors(opt)
+    tensors.update(opt_tensors)
+    meta = {"epoch": epoch, "best_acc": best, "scheduler": sched.state_dict(), "optimizer": opt_meta, **extra}
+    write_safetensors(path, tensors, meta)
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt, sched, device) -> dict:
+    tensors, meta = read_safetensors(path, what="checkpoint", device=str(device) if device.type != "mps" else "cpu")
+    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(model_state)
+    _load_optimizer(opt, tensors, meta["optimizer"])
+    sched.load_state_dict(meta["scheduler"])
+    return meta
+
+
+# --------------------------------------------------------------------------- the loop
+def fit(
+    *,
+    stage: str,
+    stage_dir: Path,
+    model: nn.Module,
+    objective: Objective,
+    param_groups: list[dict],
+    train_loader,
+    val_loader,
+    device: torch.device,
+    cfg: TrainConfig,
+    resume: bool = False,
+    callbacks: Callbacks | None = None,
+    checkpoint_extra: dict | None = None,
+    train_mode: Callable[[], None] | None = None,
+) -> dict:
+    """Train ``model`` for ``cfg.epochs`` epochs; return the final metrics row.
+
+    ``train_mode`` puts the model(s) into training mode (default ``model.train()``;
+    the tailor stage keeps its teacher in eval mode).
+    """
+    cb = callbacks or Callbacks()
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = stage_dir / CHECKPOINT, stage_dir / METRICS
+    opt, sched = make_optimizer(param_groups, cfg)
+    start_epoch, best = 0, float("-inf")
+    if resume and ckpt_path.exists():
+        meta = load_checkpoint(ckpt_path, model, opt, sched, device)
+        start_epoch, best = int(meta["epoch"]), float(meta["best_acc"])
+        rows = [r for r in read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
+        metrics_path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+        cb.on_message(f"{stage}: resuming after epoch {start_epoch}/{cfg.epochs} from {ckpt_path}")
+    else:
+        metrics_path.unlink(missing_ok=True)
+
+    amp_ctx = contextlib.nullcontext
+    if cfg.amp and device.type in ("cuda", "cpu", "mps"):
+        dtype = getattr(torch, cfg.amp_dtype)
+
+        def amp_ctx():
+            return torch.autocast(device_type=device.type, dtype=dtype)
+
+    steps = len(train_loader)
+    cb.on_stage_start(stage, cfg.epochs, steps, start_epoch)
+    row: dict = {}
+    with StopFlag() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            torch.manual_seed(cfg.seed + epoch)  # augmentation in the main process
+            if getattr(train_loader, "generator", None) is not None:
+                train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffling and worker seeds
+            sampler = getattr(train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            (train_mode or model.train)()
+            sums = torch.zeros(len(objective.terms) + 2, device=device)  # terms..., loss, correct
+            seen = 0
+            t0 = time.perf_counter()
+            for step, (images, labels) in enumerate(train_loader):
+                images = images.to(device, non_blocking=True)
+                if cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                labels = labels.to(device, non_blocking=True)
+                with amp_ctx():
+                    loss, logits, terms = objective(images, labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    values = torch.stack([terms[t].detach().float() for t in objective.terms] + [loss.detach().float()])
+                    sums[:-1] += values * labels.numel()
+                    sums[-1] += (logits.detach().argmax(1) == labels).sum()
+                seen += labels.numel()
+                if (step + 1) % cfg.check_every == 0 or step + 1 == steps:
+                    _check_finite(values, objective.terms, stage, epoch, step)
+                cb.on_step(stage, epoch, step, steps)
+                if stop.signum is not None:
+                    break
+            if stop.signum is not None:
+                code = EXIT_SIGTERM if stop.signum == signal.SIGTERM else EXIT_SIGINT
+                where = f"after epoch {epoch}" if epoch > 0 or ckpt_path.exists() else "before the first checkpoint"
+                raise Interrupted(
+                    f"{stage} interrupted in epoch {epoch + 1}; last checkpoint {where}: {ckpt_path}. "
+                    "Rerun the same command with --resume to continue",
+                    exit_code=code,
+                )
+            sched.step()
+            train_time = time.perf_counter() - t0
+            val = evaluate(model, val_loader, device, amp_ctx=amp_ctx, channels_last=cfg.channels_last)
+            host = (sums / max(seen, 1)).tolist()
+            row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"]}
+            row.update({f"train_{t}": host[i] for i, t in enumerate(objective.terms)})
+            row.update({
+                "train_loss": host[-2], "train_acc": 100.0 * host[-1],
+                "val_acc": val["acc"], "val_loss": val["loss"],
+                "epoch_seconds": round(train_time, 3), "images_per_second": round(seen / max(train_time, 1e-9), 1),
+            })
+            if isinstance(model, Student):
+                row["attention"] = [a.tolist() if a is not None else None for a in model.attention()]
+            best = max(best, val["acc"])
+            append_jsonl(metrics_path, row)
+            save_checkpoint(ckpt_path, model, opt, sched, epoch=epoch + 1, best=best, extra=checkpoint_extra or {})
+            cb.on_epoch_end(stage, row)
+    if not row:  # nothing left to do (resumed a finished stage)
+        rows = read_jsonl(metrics_path)
+        row = rows[-1] if rows else {"epoch": start_epoch}
+    row = dict(row)
+    row["best_val_acc"] = best
+    return row
+
+
+def _check_finite(values: torch.Tensor, names: tuple[str, ...], stage: str, epoch: int, step: int) -> None:
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        which = [n for n, b in zip(list(names) + ["loss"], bad.tolist()) if b]
+        raise TrainingError(
+            f"{stage}: non-finite loss at epoch {epoch + 1}, step {step + 1} (term: {', '.join(which)}); "
+            "the last good checkpoint is kept. Try a lower --lr"
+        )
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
+
+
+def is_finite(x: float) -> bool:
+    return math.isfinite(x)
