@@ -1,0 +1,141 @@
+"""The student graph: equivalence with the backbone, proxy counts, shapes, frozen weights, pruning."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from tailor_cli.backbone import describe_chain
+from tailor_cli.counting import student_macs
+from tailor_cli.student import LayerSpec, Structure, Student, make_pool
+
+
+def _backbone_features(model, x):
+    chain = describe_chain(model)
+    h = chain.stem(x)
+    feats = []
+    for block in chain.blocks:
+        h = block(h)
+        feats.append(h)
+    return feats
+
+
+@pytest.mark.parametrize("name,size", [("test_resnet", (45, 37)), ("resnet18", (64, 64)), ("resnet26d", (50, 70))])
+def test_blocks_only_student_reproduces_backbone_exactly(name, size):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=4).eval()
+    # non-trivial BN statistics, so the check would catch a student that drops or re-inits them
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    n = len(describe_chain(model).blocks)
+    student = Student(model, 4, structure=Structure([LayerSpec(True, []) for _ in range(n)])).eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        expected = _backbone_features(model, x)
+        _, feats = student(x, return_features=True)
+        alphas = student.attention()
+    assert all(a.numel() == 1 and a.item() == 1.0 for a in alphas)
+    for got, want in zip(feats, expected):
+        assert torch.equal(got, want)
+
+
+def test_attention_one_on_blocks_reproduces_backbone_with_proxies_present():
+    """Proxies present but with alpha 0 (logit -inf) also give the backbone exactly."""
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
+    student = Student(model, 3).eval()
+    with torch.no_grad():
+        for layer in student.layers:
+            layer.logits[1:] = float("-inf")
+        x = torch.randn(1, 3, 40, 40)
+        _, feats = student(x, return_features=True)
+        expected = _backbone_features(model, x)
+    for got, want in zip(feats, expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name,layers,proxies", [("resnet34", 16, 45), ("resnet18", 8, 21), ("resnet50", 16, 45)])
+def test_proxy_counts_match_the_paper(name, layers, proxies):
+    student = Student(timm.create_model(name, pretrained=False), 10, max_skip=3)
+    assert len(student.layers) == layers
+    assert sum(len(l.sources) for l in student.layers) == proxies
+    # attention initialised +2 for the block, -2 for each proxy
+    first = student.layers[5].logits.tolist()
+    assert first == [2.0, -2.0, -2.0, -2.0]
+
+
+def test_bottleneck_proxies_are_narrow_and_basic_proxies_are_one_conv():
+    s50 = Student(timm.create_model("resnet50", pretrained=False), 10)
+    proxy = s50.layers[3].proxies["3"]  # layer 4 (layer2.0): node 3 (256 ch) -> 512 ch, width max(512/32, 16) = 16
+    convs = [m for m in proxy.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [tuple(c.weight.shape) for c in convs] == [(16, 256, 1, 1), (512, 16, 1, 1)]
+    wide = [m for m in s50.layers[15].proxies["15"].modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [tuple(c.weight.shape) for c in wide] == [(64, 2048, 1, 1), (2048, 64, 1, 1)]  # 2048/32 = 64
+    s18 = Student(timm.create_model("resnet18", pretrained=False), 10)
+    convs = [m for m in s18.layers[2].proxies["0"].modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [tuple(c.weight.shape) for c in convs] == [(128, 64, 1, 1)]
+
+
+@pytest.mark.parametrize("size", [32, 33, 45, 64, 71])
+def test_pooling_matches_strided_blocks_at_any_size(size):
+    x = torch.randn(1, 2, size, size)
+    for s in (2, 4, 8):
+        h = size
+        for _ in range({2: 1, 4: 2, 8: 3}[s]):
+            h = (h + 1) // 2  # a 3x3 stride-2 conv with padding 1
+        assert make_pool(s)(x).shape[-1] == h
+
+
+def test_frozen_weights_get_no_gradient_and_trainable_ones_do():
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    student = Student(model, 3)
+    loss = student(torch.randn(2, 3, 32, 32)).sum()
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in student.frozen_parameters())
+    assert all(p.grad is not None for p in student.trainable_parameters())
+
+
+def test_pruned_modules_are_gone_and_not_executed():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    student = Student(model, 3)
+    full_keys = set(student.state_dict())
+    full_macs = student_macs(student, 64).total
+    structure = Structure.from_json(student.structure.to_json())
+    structure.layers[2].block = False  # layer 3: drop its universal block
+    structure.layers[5].proxies = []  # layer 6: drop every proxy
+    student.prune_(structure)
+    keys = set(student.state_dict())
+    assert not any(k.startswith("layers.2.block.") for k in keys)
+    assert not any(k.startswith("layers.5.proxies.") for k in keys)
+    assert student.layers[2].block is None
+    assert len(keys) < len(full_keys)
+    assert student.layers[5].logits.shape == (1,)
+    assert student.layers[2].logits.shape == (3,)
+    cost = student_macs(student, 64)
+    assert cost.total < full_macs
+    assert cost.paths[2] == [c for c in cost.paths[2]] and len(cost.paths[2]) == 3
+    # a hook on every module shows that nothing removed runs
+    ran = []
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: ran.append(n)) for n, m in student.named_modules()]
+    student(torch.randn(1, 3, 64, 64))
+    for h in hooks:
+        h.remove()
+    assert not any(n.startswith("layers.2.block") for n in ran)
+    assert "layers.6.proxies.5" in ran  # a kept proxy does run
+
+
+def test_teacher_inference_tensors_can_supervise_student():
+    from tailor_cli.losses import teacher_term
+    from tailor_cli.student import teacher_forward
+
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
+    student = Student(model, 3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        t_logits, t_feats = teacher_forward(model, describe_chain(model), x)
+    logits, feats = student(x, return_features=True)
+    omega = teacher_term(logits, feats, t_logits, t_feats)
+    omega.backward()
+    assert omega.item() > 0
+    assert student.layers[0].logits.grad is not None
