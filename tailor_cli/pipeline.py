@@ -6,6 +6,7 @@ stage through :func:`tailor_cli.train.fit`, and writes its stage directory
 """
 from __future__ import annotations
 
+import copy
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,6 +133,12 @@ def _data_record(task, opts: DataOptions, seed: int) -> dict:
     }
 
 
+def _build_backbone(bb: BackboneOptions, num_classes: int, seed: int) -> nn.Module:
+    """The pretrained backbone; seeded so that a random init (--no-pretrained) is the same in every stage."""
+    torch.manual_seed(seed)
+    return create_backbone(bb.name, num_classes=num_classes, pretrained=bb.pretrained, weights=bb.weights)
+
+
 def _data_config(name: str) -> dict:
     """timm's data config for a backbone name (mean/std/interpolation/crop), without weights."""
     model = timm.create_model(name, pretrained=False, num_classes=0)
@@ -221,7 +228,7 @@ def train_teacher(run: Path, bb: BackboneOptions, data: DataOptions, train: Trai
         return read_summary(run, "teacher")
     run_meta = read_run(run) if (run / "run.json").exists() else None
     task = _load_data(run_meta, data, _data_config(bb.name), run, train.seed)
-    model = create_backbone(bb.name, num_classes=len(task.classes), pretrained=bb.pretrained, weights=bb.weights)
+    model = _build_backbone(bb, len(task.classes), train.seed)
     identity = backbone_identity(model, name=bb.name, weights=bb.weights, pretrained=bb.pretrained)
     if run_meta is None:
         write_run(run, {"backbone": identity, "data": _data_record(task, data, train.seed), "classes": task.classes,
@@ -288,7 +295,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
         shutil.copyfile(teacher_dir.parent / "split.json", run / "split.json")
     try:
         task = _load_data(run_meta, data, _data_config(bb.name), run, train.seed)
-        backbone = create_backbone(bb.name, num_classes=len(task.classes), pretrained=bb.pretrained, weights=bb.weights)
+        backbone = _build_backbone(bb, len(task.classes), train.seed)
         identity = backbone_identity(backbone, name=bb.name, weights=bb.weights, pretrained=bb.pretrained)
         if teacher_dir is not None:
             _check_teacher(teacher_dir, identity, task.classes)
@@ -310,8 +317,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
             t_opts = opts.teacher_train
             t_opts.resume = train.resume
             t_opts.device = train.device
-            _fit_teacher(run, create_backbone(bb.name, num_classes=len(task.classes), pretrained=bb.pretrained,
-                                              weights=bb.weights), task, data, t_opts, device, cb)
+            _fit_teacher(run, copy.deepcopy(backbone), task, data, t_opts, device, cb)
     meta = read_run(run)
     meta["teacher"] = str(teacher_dir.resolve())
     write_run(run, {k: v for k, v in meta.items() if k != "format"})
