@@ -86,7 +86,10 @@ def create_backbone(
     check_backbone_name(name)
     use_hub = pretrained and weights is None
     try:
-        model = timm.create_model(name, pretrained=use_hub, num_classes=num_classes)
+        # Built headless, then given its classifier: the body's random init (--no-pretrained)
+        # then does not depend on the number of classes.
+        model = timm.create_model(name, pretrained=use_hub, num_classes=0)
+        model.reset_classifier(num_classes)
     except Exception as err:  # timm raises many kinds when offline or the tag is wrong
         if use_hub:
             raise ModelError(

@@ -161,7 +161,7 @@ def _execute(debug: bool, fn: Callable[[], None]) -> None:
 def _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume, overwrite, *, lr_default, bs_default):
     from .pipeline import TrainOptions
 
-    return TrainOptions(epochs=epochs, batch_size=batch_size or bs_default, lr=lr if lr is not None else lr_default,
+    return TrainOptions(epochs=epochs, batch_size=batch_size if batch_size is not None else bs_default, lr=lr if lr is not None else lr_default,
                         lr_step=lr_step, seed=seed, device=device, amp=amp, amp_dtype=amp_dtype, resume=resume,
                         overwrite=overwrite)
 
@@ -242,7 +242,8 @@ def tailor(
         if data is None:
             raise _usage("--data is required (a dataset folder, torchvision:NAME, or 'digits')")
         run = output or _default_output(data, backbone)
-        t_train = TrainOptions(epochs=teacher_epochs or epochs, batch_size=teacher_batch_size or 64, lr=teacher_lr,
+        t_train = TrainOptions(epochs=teacher_epochs if teacher_epochs is not None else epochs,
+                               batch_size=teacher_batch_size if teacher_batch_size is not None else 64, lr=teacher_lr,
                                seed=seed, device=device, amp=amp, amp_dtype=amp_dtype)
         rep = Reporter()
         try:

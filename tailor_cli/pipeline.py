@@ -6,6 +6,7 @@ stage through :func:`tailor_cli.train.fit`, and writes its stage directory
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .backbone import backbone_identity, create_backbone, describe_chain
+from .backbone import backbone_identity, check_backbone_name, create_backbone, describe_chain
 from .checkpoint import read_safetensors, write_json, write_safetensors
 from .counting import network_params, path_costs, student_macs, student_params, model_macs
 from .errors import RunError, UsageError, DataError
@@ -84,6 +85,18 @@ class BackboneOptions:
 
 
 # --------------------------------------------------------------------------- shared helpers
+@contextlib.contextmanager
+def _new_run_guard(run: Path):
+    """If ``run`` did not exist and setup fails, remove whatever setup wrote (e.g. split.json)."""
+    existed = run.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+
+
 def _load_data(run_meta: dict | None, opts: DataOptions, data_config: dict, run: Path, seed: int):
     from .data import load_task_data
 
@@ -227,8 +240,10 @@ def train_teacher(run: Path, bb: BackboneOptions, data: DataOptions, train: Trai
         cb.on_message(f"teacher: already complete in {run}")
         return read_summary(run, "teacher")
     run_meta = read_run(run) if (run / "run.json").exists() else None
-    task = _load_data(run_meta, data, _data_config(bb.name), run, train.seed)
-    model = _build_backbone(bb, len(task.classes), train.seed)
+    with _new_run_guard(run):
+        check_backbone_name(bb.name)
+        task = _load_data(run_meta, data, _data_config(bb.name), run, train.seed)
+        model = _build_backbone(bb, len(task.classes), train.seed)
     identity = backbone_identity(model, name=bb.name, weights=bb.weights, pretrained=bb.pretrained)
     if run_meta is None:
         write_run(run, {"backbone": identity, "data": _data_record(task, data, train.seed), "classes": task.classes,
@@ -290,19 +305,16 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
         return read_summary(run, "tailor")
     run_meta = read_run(run) if (run / "run.json").exists() else None
     teacher_dir = _resolve_teacher_dir(opts.teacher) if opts.teacher else None
-    if teacher_dir is not None and run_meta is None and (teacher_dir.parent / "split.json").exists():
-        run.mkdir(parents=True, exist_ok=True)  # the student must see exactly the teacher's split
-        shutil.copyfile(teacher_dir.parent / "split.json", run / "split.json")
-    try:
+    with _new_run_guard(run):
+        check_backbone_name(bb.name)
+        if teacher_dir is not None and run_meta is None and (teacher_dir.parent / "split.json").exists():
+            run.mkdir(parents=True, exist_ok=True)  # the student must see exactly the teacher's split
+            shutil.copyfile(teacher_dir.parent / "split.json", run / "split.json")
         task = _load_data(run_meta, data, _data_config(bb.name), run, train.seed)
         backbone = _build_backbone(bb, len(task.classes), train.seed)
         identity = backbone_identity(backbone, name=bb.name, weights=bb.weights, pretrained=bb.pretrained)
         if teacher_dir is not None:
             _check_teacher(teacher_dir, identity, task.classes)
-    except Exception:
-        if run_meta is None and (run / "split.json").exists() and not any(p.name != "split.json" for p in run.iterdir()):
-            shutil.rmtree(run, ignore_errors=True)  # leave nothing behind for a run that never started
-        raise
     if run_meta is None:
         run_meta = {"backbone": identity, "data": _data_record(task, data, train.seed), "classes": task.classes,
                     "task_name": task.name}
@@ -316,6 +328,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
             cb.on_message(f"tailor: no --teacher given; fine-tuning one first in {teacher_dir}")
             t_opts = opts.teacher_train
             t_opts.resume = train.resume
+            prepare_stage(run, "teacher", resume=train.resume, overwrite=False)
             t_opts.device = train.device
             _fit_teacher(run, copy.deepcopy(backbone), task, data, t_opts, device, cb)
     meta = read_run(run)

@@ -120,8 +120,33 @@ class Proxy(nn.Module):
             )
         _init_new(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``scale`` (a 0-dim attention weight) multiplies the output, folded into the last BN's affine.
+
+        ``scale * BN(z)`` equals BN(z) with weight and bias times ``scale``: folding saves a pass over
+        the output forward, and backward a pass plus a full-size saved tensor (the plain product
+        would keep ``BN(z)`` alive for the gradient of ``scale``).
+        """
+        if scale is None:
+            return self.body(x)
+        *head, bn = self.body
+        for m in head:
+            x = m(x)
+        return _scaled_batch_norm(bn, x, scale)
+
+
+def _scaled_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale * bn(x)`` in one BatchNorm call (same running-statistics bookkeeping as ``bn(x)``)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    weight = bn.weight * scale if bn.weight is not None else scale.expand(x.shape[1])
+    bias = bn.bias * scale if bn.bias is not None else None
+    return F.batch_norm(x, bn.running_mean if track else None, bn.running_var if track else None,
+                        weight, bias, use_batch_stats, momentum, bn.eps)
 
 
 def make_pool(stride: int) -> nn.Module:
@@ -199,6 +224,7 @@ class Student(nn.Module):
             p.requires_grad_(False)
         # For inference: after which layer each node can be freed.
         self._last_use = self._compute_last_use()
+        self._plan = None  # built on first forward
 
     # -- bookkeeping -------------------------------------------------------------------
     def stride(self, source: int, layer: int) -> int:
@@ -261,11 +287,33 @@ class Student(nn.Module):
             if int(key) not in strides:
                 del self.pools[key]
         self._last_use = self._compute_last_use()
+        self._plan = None
 
     # -- forward ---------------------------------------------------------------------
     def attention(self) -> list[torch.Tensor | None]:
         """Per layer, softmax over its surviving paths (``None`` for a dead layer)."""
         return [F.softmax(layer.logits, dim=0) if layer.alive else None for layer in self.layers]
+
+    def _make_plan(self) -> list[tuple]:
+        """What :meth:`forward` does per alive layer, computed once per structure (O(L) per forward).
+
+        Per alive layer: ``(l, layer, proxies, free)`` with ``proxies`` a list of
+        ``(proxy key, (source, stride), pool key)`` and ``free`` the nodes no later layer reads.
+        """
+        last = self._last_use
+        alive = [l for l, layer in enumerate(self.layers, 1) if layer.alive]
+        free_at: dict[int, list[int]] = {l: [] for l in alive}
+        for node in range(len(self.layers)):  # the last node is read by the classifier
+            after = max(last[node], node + 1)  # a node nobody reads goes after the next layer
+            when = next((l for l in alive if l >= after), None)
+            if when is not None:
+                free_at[when].append(node)
+        plan = []
+        for l in alive:
+            layer = self.layers[l - 1]
+            proxies = [(str(src), (src, self.stride(src, l)), str(self.stride(src, l))) for src in layer.sources]
+            plan.append((l, layer, proxies, free_at[l]))
+        return plan
 
     def forward(
         self,
@@ -276,36 +324,33 @@ class Student(nn.Module):
     ):
         if alphas is None:
             alphas = self.attention()
+        plan = self.__dict__.get("_plan")
+        if plan is None:
+            plan = self._plan = self._make_plan()
         nodes: list[torch.Tensor | None] = [None] * (len(self.layers) + 1)
-        nodes[0] = self.stem(x)
+        nodes[0] = _run_stem(self.stem, x)
         pooled: dict[tuple[int, int], torch.Tensor] = {}
-        for l, layer in enumerate(self.layers, 1):
-            if not layer.alive:
-                continue
+        for l, layer, proxies, free in plan:
             a = alphas[l - 1]
-            weighted = a.numel() > 1  # a softmax over one path is exactly 1: skip the multiply
+            weighted = a.numel() > 1  # a softmax over one path is exactly 1: no scaling at all
+            k = 1 if layer.block is not None else 0
             out = None
-            k = 0
+            for j, (name, key, pool) in enumerate(proxies):
+                p = pooled.get(key)
+                if p is None:  # proxies reading the same node at the same stride share the pooling
+                    p = pooled[key] = self.pools[pool](nodes[key[0]])
+                y = layer.proxies[name](p, a[k + j] if weighted else None)  # alpha folded into its BN
+                out = y if out is None else out.add_(y)  # y is fresh and saved by no one: in place
             if layer.block is not None:
-                out = layer.block(nodes[l - 1])
-                out = a[0] * out if weighted else out
-                k = 1
-            for src in layer.sources:
-                s = self.stride(src, l)
-                key = (src, s)
-                if key not in pooled:  # proxies reading the same node at the same stride share the pooling
-                    pooled[key] = self.pools[str(s)](nodes[src])
-                y = layer.proxies[str(src)](pooled[key])
-                y = a[k] * y if weighted else y
-                out = y if out is None else out + y
-                k += 1
+                g = layer.block(nodes[l - 1])
+                # one fused pass for alpha_0 * G + (the proxies' sum)
+                out = g if out is None else torch.addcmul(out, g, a[0])
             nodes[l] = layer.act(out)
             if not return_features:  # free what no later layer reads
-                for i in range(l):
-                    if nodes[i] is not None and self._last_use[i] <= l:
-                        nodes[i] = None
-                        for key in [kk for kk in pooled if kk[0] == i]:
-                            del pooled[key]
+                for i in free:
+                    nodes[i] = None
+                    for s in [kk for kk in pooled if kk[0] == i]:
+                        del pooled[s]
         last = nodes[-1]
         if last is None:
             raise RunError("the last layer of the student is dead; the structure is disconnected")
@@ -313,6 +358,10 @@ class Student(nn.Module):
         if return_features:
             return logits, nodes[1:]
         return logits
+
+
+def _run_stem(stem: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return stem(x)
 
 
 # --------------------------------------------------------------------------- teacher view

@@ -12,13 +12,16 @@ The loop never prints: it reports through :class:`Callbacks`.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import random
 import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -117,6 +120,12 @@ class StudentObjective:
 
 
 # --------------------------------------------------------------------------- helpers
+def seed_everything(seed: int) -> None:
+    """Seed every RNG that augmentation may draw from (timm's transforms use ``random``)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
 def resolve_device(name: str) -> torch.device:
     """``auto``: cuda, then mps, then cpu."""
     if name == "auto":
@@ -263,7 +272,7 @@ def fit(
         meta = load_checkpoint(ckpt_path, model, opt, sched, device)
         start_epoch, best = int(meta["epoch"]), float(meta["best_acc"])
         rows = [r for r in read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
-        metrics_path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         cb.on_message(f"{stage}: resuming after epoch {start_epoch}/{cfg.epochs} from {ckpt_path}")
     else:
         metrics_path.unlink(missing_ok=True)
@@ -280,7 +289,7 @@ def fit(
     row: dict = {}
     with StopFlag() as stop:
         for epoch in range(start_epoch, cfg.epochs):
-            torch.manual_seed(cfg.seed + epoch)  # augmentation in the main process
+            seed_everything(cfg.seed + epoch)  # augmentation in the main process (torch, random, numpy)
             if getattr(train_loader, "generator", None) is not None:
                 train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffling and worker seeds
             sampler = getattr(train_loader, "sampler", None)
@@ -332,8 +341,9 @@ def fit(
             if isinstance(model, Student):
                 row["attention"] = [a.tolist() if a is not None else None for a in model.attention()]
             best = max(best, val["acc"])
-            append_jsonl(metrics_path, row)
+            # checkpoint first: a metrics line never names an epoch whose checkpoint is missing
             save_checkpoint(ckpt_path, model, opt, sched, epoch=epoch + 1, best=best, extra=checkpoint_extra or {})
+            append_jsonl(metrics_path, row)
             cb.on_epoch_end(stage, row)
     if not row:  # nothing left to do (resumed a finished stage)
         rows = read_jsonl(metrics_path)

@@ -1,0 +1,257 @@
+"""Reliability: kill and resume, Ctrl-C, NaN, and one test per row of the bad-input matrix."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from conftest import FAST
+from datagen import make_imagefolder
+from tailor_cli.checkpoint import read_jsonl
+from tailor_cli.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "tailor_cli", *[str(a) for a in args]]
+
+
+@pytest.fixture(scope="module")
+def bigger_data(tmp_path_factory) -> Path:
+    """Enough images that an epoch takes a noticeable time, so a kill lands mid-run."""
+    return make_imagefolder(tmp_path_factory.mktemp("big") / "shapes", n_classes=3, per_class=40, size=(36, 36))
+
+
+def _wait_for(predicate, proc, timeout=240.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, bigger_data):
+    args = ["tailor", "--data", bigger_data, "--epochs", "3", "--teacher-epochs", "2", "--seed", "3", *FAST]
+    ref = tmp_path / "ref"
+    subprocess.run(_cli(*args, "--output", ref), check=True, capture_output=True, timeout=600)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*args, "--output", run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run / "tailor" / "metrics.jsonl"
+    assert _wait_for(lambda: metrics.exists() and len(read_jsonl(metrics)) >= 1, proc), "run ended before the kill"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "tailor" / "model.safetensors").exists()  # it really died mid-stage
+
+    # without --resume the unfinished stage is not overwritten silently
+    res = subprocess.run(_cli(*args, "--output", run), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 5 and "--resume" in res.stderr
+
+    res = subprocess.run(_cli(*args, "--output", run, "--resume"), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "resuming after epoch" in res.stderr
+    a = load_file(ref / "tailor" / "model.safetensors")
+    b = load_file(run / "tailor" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    ra, rb = read_jsonl(ref / "tailor" / "metrics.jsonl"), read_jsonl(run / "tailor" / "metrics.jsonl")
+    assert [r["epoch"] for r in rb] == [1, 2, 3]
+    for x, y in zip(ra, rb):
+        assert x["val_acc"] == y["val_acc"]
+        assert abs(x["train_loss"] - y["train_loss"]) < 1e-6
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_checkpoints_and_says_how_to_resume(tmp_path, bigger_data, sig, code):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cli("teacher", "--data", bigger_data, "--epochs", "50", "--output", run, *FAST),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = run / "teacher" / "checkpoint.safetensors"
+    assert _wait_for(ckpt.exists, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "--resume" in err and "Traceback" not in err
+    assert out == ""
+    assert ckpt.exists() and not list(run.rglob("*.tmp"))
+    load_file(ckpt)  # a complete, readable checkpoint
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path, folder_data):
+    res = invoke("teacher", "--data", folder_data, "--output", tmp_path / "run", "--epochs", "3", "--lr", "1e30",
+                 *FAST)
+    assert res.exit_code == 6, res.output
+    assert "non-finite loss" in res.stderr and "epoch" in res.stderr and "term: " in res.stderr
+    assert "Traceback" not in res.output
+
+
+# --------------------------------------------------------------------------- bad input matrix
+def _assert_clean_failure(res, code: int, *needles: str):
+    assert res.exit_code == code, res.output
+    assert "Traceback" not in res.output
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for needle in needles:
+        assert needle in res.stderr, res.stderr
+    assert res.stdout == ""
+
+
+def test_unknown_backbone_suggests_close_names(tmp_path, folder_data):
+    res = invoke("teacher", "--data", folder_data, "--backbone", "resnet343", "--output", tmp_path / "r")
+    _assert_clean_failure(res, 4, "unknown backbone", "resnet34")
+    assert not (tmp_path / "r").exists()
+
+
+def test_unsupported_backbone_names_the_supported_families(tmp_path, folder_data):
+    res = invoke("teacher", "--data", folder_data, "--backbone", "test_vit", "--no-pretrained", "--output",
+                 tmp_path / "r", "--device", "cpu")
+    _assert_clean_failure(res, 4, "not supported", "ResNet")
+    assert not (tmp_path / "r").exists()
+
+
+def test_weights_that_do_not_fit_the_backbone(tmp_path, folder_data):
+    import timm
+
+    wrong = tmp_path / "resnet18.safetensors"
+    save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(wrong))
+    res = invoke("teacher", "--data", folder_data, "--backbone", "test_resnet", "--weights", wrong,
+                 "--output", tmp_path / "r", "--device", "cpu")
+    _assert_clean_failure(res, 4, "do not fit")
+    assert not (tmp_path / "r").exists()
+
+
+def test_local_weights_files_are_used(tmp_path, folder_data):
+    """Both a safetensors file and a timm .pth (weights_only) load; the identity records the file."""
+    import timm
+
+    model = timm.create_model("test_resnet", pretrained=False)
+    st, pth = tmp_path / "w.safetensors", tmp_path / "w.pth"
+    save_file(model.state_dict(), str(st))
+    torch.save({"state_dict": model.state_dict()}, pth)
+    for i, path in enumerate((st, pth)):
+        res = invoke("teacher", "--data", folder_data, "--weights", path, "--output", tmp_path / f"r{i}",
+                     "--epochs", "1", *FAST)
+        assert res.exit_code == 0, res.output
+        meta = json.loads((tmp_path / f"r{i}" / "run.json").read_text())
+        assert meta["backbone"]["weights_source"] == f"file:{path.name}"
+    shas = {json.loads((tmp_path / f"r{i}" / "run.json").read_text())["backbone"]["sha256"] for i in range(2)}
+    assert len(shas) == 1
+
+
+def test_pickled_object_in_pth_is_refused(tmp_path, folder_data):
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "obj": Path("/")}, evil)  # a non-tensor object
+    res = invoke("teacher", "--data", folder_data, "--backbone", "test_resnet", "--weights", evil,
+                 "--output", tmp_path / "r", "--device", "cpu")
+    assert res.exit_code == 4 and "Traceback" not in res.output
+
+
+def test_teacher_for_other_classes_is_refused(tmp_path, tailored_run):
+    other = make_imagefolder(tmp_path / "five", n_classes=5, per_class=6, size=(36, 36))
+    res = invoke("tailor", "--data", other, "--teacher", tailored_run, "--output", tmp_path / "s", *FAST)
+    _assert_clean_failure(res, 5, "classes")
+    assert not (tmp_path / "s").exists()
+
+
+def test_teacher_for_another_backbone_is_refused(tmp_path, folder_data, tailored_run):
+    res = invoke("tailor", "--data", folder_data, "--teacher", tailored_run, "--output", tmp_path / "s",
+                 *[a if a != "test_resnet" else "resnet18" for a in FAST])
+    _assert_clean_failure(res, 5, "test_resnet", "resnet18")
+    assert not (tmp_path / "s").exists()
+
+
+def test_wrong_stage_for_the_command(tmp_path, folder_data):
+    run = tmp_path / "t"
+    assert invoke("teacher", "--data", folder_data, "--output", run, "--epochs", "1", *FAST).exit_code == 0
+    _assert_clean_failure(invoke("prune", run), 5, "needs a finished 'tailor' stage", "nettailor tailor")
+    _assert_clean_failure(invoke("finetune", run), 5, "'prune' stage")
+    _assert_clean_failure(invoke("export", run, "--out", tmp_path / "e"), 5, "no tailored student")
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("args,needle", [(["--threshold", "1.0"], "threshold"), (["--threshold", "-0.1"], "threshold"),
+                                         (["--drop-blocks", "9"], "between 0 and 4")])
+def test_pruning_arguments_out_of_range(tailored_run, tmp_path, args, needle):
+    run = tmp_path / "run"
+    shutil.copytree(tailored_run, run)
+    _assert_clean_failure(invoke("prune", run, *args), 2, needle)
+    assert not (run / "prune").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--lr", "0"), ("--batch-size", "0"), ("--lr", "-1")])
+def test_non_positive_training_arguments(tmp_path, folder_data, flag, value):
+    args = [a for a in FAST]
+    if flag == "--batch-size":
+        i = args.index("--batch-size")
+        del args[i:i + 2]
+    res = invoke("teacher", "--data", folder_data, "--output", tmp_path / "r", *args, flag, value)
+    _assert_clean_failure(res, 2, flag)
+    assert not (tmp_path / "r").exists()
+
+
+def test_unwritable_output_directory(tmp_path, folder_data):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = invoke("teacher", "--data", folder_data, "--output", blocker / "run", *FAST)
+    _assert_clean_failure(res, 5, "output")
+
+
+def test_missing_data_leaves_nothing_behind(tmp_path):
+    res = invoke("tailor", "--data", tmp_path / "nope", "--output", tmp_path / "r", *FAST)
+    _assert_clean_failure(res, 3, "nope")
+    assert not (tmp_path / "r").exists()
+
+
+def test_corrupt_or_truncated_safetensors(tmp_path, tailored_run):
+    run = tmp_path / "run"
+    shutil.copytree(tailored_run, run)
+    model = run / "tailor" / "model.safetensors"
+    data = model.read_bytes()
+    model.write_bytes(data[: len(data) // 2])
+    _assert_clean_failure(invoke("prune", run), 5, "corrupt or truncated")
+    model.write_bytes(b"\x00" * 16)
+    _assert_clean_failure(invoke("prune", run), 5, "corrupt or truncated")
+
+
+def test_run_config_with_missing_fields(tmp_path, tailored_run):
+    run = tmp_path / "run"
+    shutil.copytree(tailored_run, run)
+    meta = json.loads((run / "run.json").read_text())
+    del meta["classes"]
+    (run / "run.json").write_text(json.dumps(meta))
+    _assert_clean_failure(invoke("prune", run), 5, "lacks 'classes'")
+    (run / "run.json").write_text("{not json")
+    _assert_clean_failure(invoke("prune", run), 5, "not valid JSON")
+
+
+def test_existing_stage_is_never_overwritten_silently(tmp_path, tailored_run, folder_data):
+    run = tmp_path / "run"
+    shutil.copytree(tailored_run, run)
+    before = (run / "tailor" / "model.safetensors").read_bytes()
+    res = invoke("tailor", "--data", folder_data, "--output", run, *FAST)
+    _assert_clean_failure(res, 5, "already done", "--overwrite")
+    assert (run / "tailor" / "model.safetensors").read_bytes() == before
+
+
+def test_debug_shows_the_traceback(tmp_path, folder_data):
+    res = invoke("teacher", "--data", folder_data, "--backbone", "resnet343", "--output", tmp_path / "r", "--debug")
+    assert res.exit_code == 4 and "Traceback" in res.stderr
