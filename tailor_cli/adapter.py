@@ -26,7 +26,7 @@ from .backbone import tensors_sha256
 from .checkpoint import read_json, read_safetensors, write_json, write_safetensors
 from .counting import network_params, student_macs, student_params, model_macs
 from .errors import ExportError, RunError
-from .runs import latest_student_stage, read_run, read_summary, require_stage, stage_done
+from .runs import locate_teacher, latest_student_stage, read_run, read_summary, require_stage, stage_done
 from .student import Structure, Student
 
 FORMAT_VERSION = 1
@@ -139,7 +139,7 @@ def export_task(run: Path, out: Path, *, task_name: str | None = None, overwrite
 
 
 def _teacher_acc(run: Path, run_meta: dict) -> float | None:
-    teacher = Path(run_meta.get("teacher") or run / "teacher")
+    teacher = locate_teacher(run, run_meta)
     try:
         return read_json(teacher / "summary.json", what="teacher summary").get("val_acc")
     except RunError:

@@ -267,18 +267,54 @@ def prune(
     threshold: Annotated[float, typer.Option("--threshold", help="Remove proxies with attention below this.")] = 0.05,
     drop_blocks: Annotated[int, typer.Option("--drop-blocks", "-k", help="Remove the K universal blocks with the "
                                              "lowest attention.")] = 0,
+    auto: Annotated[bool, typer.Option("--auto", help="Search K: the leanest network within --tolerance of the "
+                                       "teacher (or the most accurate under --max-macs), then fine-tune it.")] = False,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="--auto: accuracy points allowed below the "
+                                             "teacher on the validation split.")] = 0.5,
+    max_macs: Annotated[Optional[float], typer.Option("--max-macs", help="--auto: MACs budget, absolute or a "
+                                                      "fraction (<= 1) of the full network.")] = None,
+    search_epochs: Annotated[int, typer.Option("--search-epochs", help="--auto: fine-tuning epochs per "
+                                               "candidate.")] = 2,
+    epochs: Annotated[int, typer.Option("--epochs", help="--auto: epochs of the final fine-tuning.")] = 20,
+    data: Data = None, cache: Cache = False, workers: Workers = None, batch_size: BatchSize = None, lr: Lr = None,
+    seed: Seed = 0, device: Device = "auto", amp: Amp = None,
     overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False,
 ):
     """Stage 3: remove low-attention proxies and the K weakest blocks, then everything orphaned."""
 
     def body():
-        from .pipeline import prune as run_prune
+        from .pipeline import SearchOptions, auto_prune, prune as run_prune
 
         rep = Reporter()
-        result = run_prune(run, threshold=threshold, drop_blocks=drop_blocks, overwrite=overwrite, callbacks=rep)
-        _emit({"run": str(run), **result}, json_out, _render_stage)
+        if not auto:
+            result = run_prune(run, threshold=threshold, drop_blocks=drop_blocks, overwrite=overwrite, callbacks=rep)
+            _emit({"run": str(run), **result}, json_out, _render_stage)
+            return
+        d = _data_opts(data, None, None, None, False, cache, None, False, workers)
+        mk = lambda n: _train_opts(n, batch_size, lr, None, seed, device, amp, "bfloat16", False, False,
+                                   lr_default=0.01, bs_default=32)
+        try:
+            result = auto_prune(run, d, mk(search_epochs), mk(epochs),
+                                SearchOptions(tolerance=tolerance, max_macs=max_macs, search_epochs=search_epochs,
+                                              threshold=threshold), callbacks=rep)
+        finally:
+            rep.close()
+        _emit(result, json_out, _render_search)
+        _fail_on_tolerance(result)
 
     _execute(debug, body)
+
+
+def _render_search(result: dict) -> None:
+    render_frontier(result["search"])
+    _render_stage(result)
+
+
+def _fail_on_tolerance(result: dict) -> None:
+    if result.get("error"):
+        from .errors import ToleranceError
+
+        raise ToleranceError(result["error"])
 
 
 @app.command()
@@ -345,6 +381,36 @@ def report(
 
 
 @app.command()
+def predict(
+    export_dir: Annotated[Path, typer.Argument(help="An export directory (shared backbone + task adapters).")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="Task to run (repeatable) [default: all].")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes to show per image.")] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    device: Device = "auto", json_out: Json = False, debug: Debug = False,
+):
+    """Run exported tasks on images: one shared backbone, each task's own tailored network."""
+
+    def body():
+        from .predict import predict as run_predict
+        from .train import resolve_device
+
+        if top_k <= 0 or batch_size <= 0:
+            raise _usage("--top-k and --batch-size must be positive")
+        result = run_predict(export_dir, images, tasks=task, top_k=top_k, batch_size=batch_size,
+                             device=resolve_device(device))
+
+        def render(r):
+            for p in r["predictions"]:
+                best = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in p["top"])
+                print(f"{p['task']}\t{p['image']}\t{best}")
+
+        _emit(result, json_out, render)
+
+    _execute(debug, body)
+
+
+@app.command()
 def run(
     data: Data = None, backbone: Backbone = "resnet34", out: Annotated[Optional[Path], typer.Option(
         "--out", help="Export directory for the adapter [default: RUN/export].")] = None,
@@ -353,7 +419,12 @@ def run(
     hflip: Hflip = None, skip_bad: SkipBad = False, workers: Workers = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Epochs of each training stage.")] = 20,
     threshold: Annotated[float, typer.Option("--threshold")] = 0.05,
-    drop_blocks: Annotated[int, typer.Option("--drop-blocks", "-k")] = 0,
+    drop_blocks: Annotated[Optional[int], typer.Option("--drop-blocks", "-k", help="Drop exactly K blocks "
+                                                       "[default: search K automatically].")] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Accuracy points allowed below the teacher; "
+                                             "the exit code is 7 when the chosen network misses it.")] = 0.5,
+    max_macs: Annotated[Optional[float], typer.Option("--max-macs", help="MACs budget instead of a tolerance.")] = None,
+    search_epochs: Annotated[int, typer.Option("--search-epochs")] = 2,
     max_skip: Annotated[int, typer.Option("--max-skip")] = 3,
     seed: Seed = 0, device: Device = "auto", amp: Amp = None, resume: Resume = False, json_out: Json = False,
     debug: Debug = False,
@@ -378,11 +449,18 @@ def run(
         try:
             run_tailor(run_dir, BackboneOptions(backbone, pretrained, weights), d, mk(0.1, 32),
                        TailorOptions(max_skip=max_skip, teacher_train=mk(0.01, 64)), rep)
+            from .pipeline import SearchOptions, auto_prune
             from .runs import stage_done
 
-            if not (resume and stage_done(run_dir, "prune")):
-                run_prune(run_dir, threshold=threshold, drop_blocks=drop_blocks, overwrite=True, callbacks=rep)
-            run_finetune(run_dir, d, mk(0.01, 32), callbacks=rep)
+            searched = None
+            if drop_blocks is None and not (resume and stage_done(run_dir, "finetune")):
+                searched = auto_prune(run_dir, d, mk(0.01, 32), mk(0.01, 32),
+                                      SearchOptions(tolerance=tolerance, max_macs=max_macs,
+                                                    search_epochs=search_epochs, threshold=threshold), callbacks=rep)
+            elif drop_blocks is not None:
+                if not (resume and stage_done(run_dir, "prune")):
+                    run_prune(run_dir, threshold=threshold, drop_blocks=drop_blocks, overwrite=True, callbacks=rep)
+                run_finetune(run_dir, d, mk(0.01, 32), callbacks=rep)
         finally:
             rep.close()
         exported = export_task(run_dir, export_dir, overwrite=True)
@@ -390,6 +468,8 @@ def run(
         result["export"] = exported
         result["wall_seconds"] = round(time.perf_counter() - t0, 1)
         _emit(result, json_out, render_report)
+        if searched is not None:
+            _fail_on_tolerance(searched)
 
     _execute(debug, body)
 
@@ -439,6 +519,9 @@ def render_report(result: dict) -> None:
             + (f"; adapter {t['adapter_bytes'] / 1e6:.2f} MB" if t.get("adapter_bytes") else ""),
             highlight=False,
         )
+    for rep in result["tasks"]:
+        if rep.get("search"):
+            render_frontier(rep["search"], console)
     m = result["matrix"]
     if len(m["tasks"]) > 1:
         table = Table(title="block usage (B = universal block runs, +n = proxies entering)", title_justify="left")
@@ -457,6 +540,23 @@ def render_report(result: dict) -> None:
             f"params {_fmt_n(tt['params'])} vs {_fmt_n(tt['finetune_params'])}",
             highlight=False,
         )
+
+
+def render_frontier(search: dict, console: Console | None = None) -> None:
+    console = console or Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120)
+    table = Table(title=f"architecture search ({search['mode']}; tried {search['candidates_tried']} of "
+                        f"{search['k_values']} K values; teacher {search['teacher_val_acc']:.2f}%)", title_justify="left")
+    for col in ("K", "blocks kept", "proxies", "params", "MACs", "of full", "val acc", ""):
+        table.add_column(col, justify="right")
+    for row in search["frontier"]:
+        if row["status"] == "disconnected":
+            table.add_row(str(row["k"]), "-", "-", "-", "-", "-", "disconnected", "")
+            continue
+        table.add_row(str(row["k"]), str(row["blocks_kept"]), str(row["proxies_kept"]), _fmt_n(row["params"]),
+                      _fmt_n(row["macs"]), f"{100 * row['macs_fraction']:.0f}%",
+                      _fmt_acc(row.get("val_acc")) if row["status"] == "tried" else "not tried",
+                      "chosen" if row["chosen"] else "")
+    console.print(table)
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ from .counting import network_params, path_costs, student_macs, student_params, 
 from .errors import RunError, UsageError, DataError
 from .losses import ComplexityModel
 from .pruning import plan as plan_pruning
-from .runs import (MODEL, prepare_stage, read_run, read_summary, require_stage, stage_done, write_run,
-                   write_summary, check_writable)
+from .runs import (MODEL, check_writable, prepare_stage, read_run, read_summary, require_stage, stage_done,
+                   locate_teacher, write_run, write_summary)
 from .student import Structure, Student, teacher_forward
 from .train import Callbacks, StudentObjective, TeacherObjective, TrainConfig, fit, resolve_device
 
@@ -332,7 +332,8 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
             t_opts.device = train.device
             _fit_teacher(run, copy.deepcopy(backbone), task, data, t_opts, device, cb)
     meta = read_run(run)
-    meta["teacher"] = str(teacher_dir.resolve())
+    inside = teacher_dir.resolve() == (run / "teacher").resolve()
+    meta["teacher"] = "teacher" if inside else str(teacher_dir.resolve())
     write_run(run, {k: v for k, v in meta.items() if k != "format"})
 
     teacher = load_teacher(teacher_dir, device)
@@ -432,7 +433,136 @@ def finetune(run: Path, data: DataOptions, train: TrainOptions, *, teacher_weigh
     student, _ = load_student(prune_dir, device)
     teacher = None
     if teacher_weight > 0:
-        teacher_dir = Path(run_meta.get("teacher") or run / "teacher")
-        teacher = load_teacher(teacher_dir, device).eval().requires_grad_(False)
+        teacher = load_teacher(locate_teacher(run, run_meta), device).eval().requires_grad_(False)
     return _fit_student(run, "finetune", student, teacher, task, data, train, device, cb, complexity=None,
                         g1=0.0, g2=teacher_weight, extra={"teacher_weight": teacher_weight})
+
+
+# --------------------------------------------------------------------------- automatic architecture
+@dataclass
+class SearchOptions:
+    tolerance: float = 0.5  # accuracy points below the teacher's validation accuracy
+    max_macs: float | None = None  # absolute MACs, or a fraction of the full network when <= 1
+    search_epochs: int = 2
+    threshold: float = 0.05
+
+
+def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_train: TrainOptions,
+               opts: SearchOptions, *, teacher_weight: float = 10.0, callbacks: Callbacks | None = None) -> dict:
+    """Choose K (blocks to drop) automatically, then prune and fine-tune the chosen network fully.
+
+    Tolerance mode: the leanest network whose validation accuracy is within ``tolerance`` points
+    of the teacher's, found by bisection on K (accuracy falls as K grows), so about
+    log2(L+1) candidates are fine-tuned instead of L+1. Budget mode (``max_macs``): the
+    smallest K whose MACs fit the budget (the most accurate network under it).
+    Each candidate is pruned and fine-tuned for ``search_epochs`` under ``run/search/kK``;
+    ``run/search/frontier.json`` lists them all.
+    """
+    from .errors import ToleranceError
+
+    cb = callbacks or Callbacks()
+    search_train.validate()
+    final_train.validate()
+    if opts.tolerance < 0:
+        raise UsageError(f"--tolerance must be >= 0, got {opts.tolerance}")
+    if opts.search_epochs <= 0:
+        raise UsageError(f"--search-epochs must be positive, got {opts.search_epochs}")
+    run_meta = read_run(run)
+    tailor_dir = require_stage(run, "tailor", "prune --auto")
+    device = resolve_device(search_train.device)
+    student, _ = load_student(tailor_dir, torch.device("cpu"))
+    num_blocks = sum(s.block for s in student.structure.layers)
+    alphas = [a.tolist() if a is not None else [] for a in student.attention()]
+    img_size = int(run_meta["data"]["img_size"])
+    t_dir = locate_teacher(run, run_meta)
+    teacher_acc = read_summary(t_dir.parent, "teacher")["val_acc"]
+    full_macs = model_macs(timm.create_model(run_meta["backbone"]["architecture"], pretrained=False,
+                                             num_classes=len(run_meta["classes"])), img_size)
+    budget = None
+    if opts.max_macs is not None:
+        if opts.max_macs <= 0:
+            raise UsageError(f"--max-macs must be positive, got {opts.max_macs}")
+        budget = opts.max_macs * full_macs if opts.max_macs <= 1 else opts.max_macs
+
+    # Structure and MACs of every K cost no training: prune in memory and count.
+    plans: dict[int, dict] = {}
+    for k in range(num_blocks + 1):
+        try:
+            res = plan_pruning(student.structure, alphas, threshold=opts.threshold, drop_blocks=k)
+        except UsageError:
+            plans[k] = {"k": k, "status": "disconnected"}
+            continue
+        pruned, _ = load_student(tailor_dir, torch.device("cpu"))
+        pruned.prune_(res.structure)
+        plans[k] = {"k": k, "status": "untried", "structure": res.structure, "blocks_kept": res.structure.counts()["blocks"],
+                    "proxies_kept": res.structure.counts()["proxies"], "params": student_params(pruned)["total"],
+                    "macs": student_macs(pruned, img_size).total}
+    feasible = [k for k in plans if plans[k]["status"] != "disconnected"]
+    if not feasible:
+        raise UsageError("every K disconnects the classifier at this --threshold; lower it")
+    task = _load_data(run_meta, data, _data_config(run_meta["backbone"]["architecture"]), run, search_train.seed)
+    teacher = load_teacher(t_dir, device).eval().requires_grad_(False) if teacher_weight > 0 else None
+
+    def evaluate_k(k: int) -> float:
+        row = plans[k]
+        if row["status"] == "tried":
+            return row["val_acc"]
+        cand, _ = load_student(tailor_dir, torch.device("cpu"))
+        cand.prune_(row["structure"])
+        stage = f"search/k{k}"
+        shutil.rmtree(run / stage, ignore_errors=True)
+        opts_k = TrainOptions(**{**asdict(search_train), "epochs": opts.search_epochs, "resume": False})
+        summary = _fit_student(run, stage, cand, teacher, task, data, opts_k, device, cb, complexity=None, g1=0.0,
+                               g2=teacher_weight, extra={"search_k": k})
+        row.update(status="tried", val_acc=summary["val_acc"])
+        cb.on_message(f"search: K={k} keeps {row['blocks_kept']}/{num_blocks} blocks, "
+                      f"{row['macs'] / 1e6:.1f}M MACs, val_acc {row['val_acc']:.2f} (teacher {teacher_acc:.2f})")
+        return row["val_acc"]
+
+    target = teacher_acc - opts.tolerance
+    if budget is not None:
+        fits = [k for k in feasible if plans[k]["macs"] <= budget]
+        if not fits:
+            raise UsageError(f"no network fits --max-macs {budget / 1e6:.1f}M (the leanest needs "
+                             f"{min(plans[k]['macs'] for k in feasible) / 1e6:.1f}M)")
+        chosen = min(fits)  # fewest blocks dropped under the budget: the most accurate
+        evaluate_k(chosen)
+    else:
+        lo, hi = min(feasible), max(feasible)
+        chosen = None
+        while lo <= hi:  # largest feasible K whose accuracy is within tolerance
+            mid = (lo + hi) // 2
+            ks = [k for k in feasible if lo <= k <= hi]
+            mid = min(ks, key=lambda k: abs(k - mid))
+            if evaluate_k(mid) >= target:
+                chosen, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        if chosen is None:
+            chosen = min(feasible)
+            evaluate_k(chosen)
+    tried = [plans[k] for k in sorted(plans) if plans[k]["status"] == "tried"]
+    frontier = []
+    for k in sorted(plans):
+        row = {key: value for key, value in plans[k].items() if key != "structure"}
+        row["macs_fraction"] = row["macs"] / full_macs if "macs" in row else None
+        row["within_tolerance"] = row["val_acc"] >= target if row["status"] == "tried" else None
+        row["chosen"] = k == chosen
+        frontier.append(row)
+    search = {"mode": "budget" if budget is not None else "tolerance", "tolerance": opts.tolerance,
+              "max_macs": budget, "teacher_val_acc": teacher_acc, "full_macs": full_macs, "chosen_k": chosen,
+              "candidates_tried": len(tried), "k_values": len(plans), "search_epochs": opts.search_epochs,
+              "frontier": frontier}
+    write_json(run / "search" / "frontier.json", search)
+    cb.on_message(f"search: tried {len(tried)} of {len(plans)} K values; chose K={chosen}")
+
+    pruned = prune(run, threshold=opts.threshold, drop_blocks=chosen, overwrite=True, callbacks=cb)
+    final = finetune(run, data, final_train, teacher_weight=teacher_weight, callbacks=cb)
+    within = final["val_acc"] >= target
+    search.update(final_val_acc=final["val_acc"], within_tolerance=within)
+    write_json(run / "search" / "frontier.json", search)
+    result = {"stage": "finetune", "run": str(run), "search": search, "prune": pruned, **final}
+    if budget is None and not within:
+        result["error"] = (f"the chosen network (K={chosen}) reaches {final['val_acc']:.2f}%, more than "
+                           f"{opts.tolerance} points below the teacher's {teacher_acc:.2f}%")
+    return result

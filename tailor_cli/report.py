@@ -10,7 +10,7 @@ from .adapter import ADAPTER_CONFIG, BACKBONE_FILE, list_tasks, load_export
 from .checkpoint import read_json
 from .counting import model_macs, network_params, student_macs, student_params
 from .errors import RunError
-from .runs import latest_student_stage, read_run, read_summary, stage_done
+from .runs import locate_teacher, latest_student_stage, read_run, read_summary, stage_done
 from .student import Student
 
 
@@ -69,7 +69,7 @@ def report_run(run: Path) -> dict:
     stage = latest_student_stage(run)
     student, _ = load_student(run / stage, torch.device("cpu"))
     summary = read_summary(run, stage)
-    teacher = Path(meta.get("teacher") or run / "teacher")
+    teacher = locate_teacher(run, meta)
     teacher_acc = None
     if (teacher / "summary.json").is_file():
         teacher_acc = read_json(teacher / "summary.json").get("val_acc")
@@ -78,6 +78,8 @@ def report_run(run: Path) -> dict:
                             img_size=int(meta["data"]["img_size"]), accuracy=acc, teacher_accuracy=teacher_acc,
                             stage=stage)
     report["run"] = str(run)
+    if (run / "search" / "frontier.json").is_file():
+        report["search"] = read_json(run / "search" / "frontier.json", what="search frontier")
     return {"kind": "run", "tasks": [report], "matrix": _matrix([report])}
 
 

@@ -125,3 +125,10 @@ def read_summary(run: Path, stage: str) -> dict:
 
 def write_summary(run: Path, stage: str, summary: dict) -> None:
     write_json(run / stage / SUMMARY, summary)
+
+
+def locate_teacher(run: Path, meta: dict) -> Path:
+    """Where a run's teacher lives: ``RUN/teacher`` (stored relative, so the run can move) or an
+    external teacher run (stored absolute)."""
+    path = Path(meta.get("teacher") or "teacher")
+    return path if path.is_absolute() else Path(run) / path

@@ -149,11 +149,27 @@ def _scaled_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, scale: torch.Tensor)
                         weight, bias, use_batch_stats, momentum, bn.eps)
 
 
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that computes its values faster when no gradient flows (see :func:`_pool`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _pool(self, x)
+
+
 def make_pool(stride: int) -> nn.Module:
     """Max-pool by ``stride`` with kernel s+1 and padding s//2: output ceil(H/s), as the blocks' convs."""
     if stride == 1:
         return nn.Identity()
-    return nn.MaxPool2d(kernel_size=stride + 1, stride=stride, padding=stride // 2)
+    return MaxPool2d(kernel_size=stride + 1, stride=stride, padding=stride // 2)
+
+
+def _fast_stem(stem: nn.Sequential) -> nn.Sequential:
+    """The student's own copy of the stem, its plain max-pools swapped for :class:`MaxPool2d`."""
+    for name, m in stem.named_children():
+        if type(m) is nn.MaxPool2d:
+            fast = MaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation, m.return_indices, m.ceil_mode)
+            setattr(stem, name, fast)
+    return stem
 
 
 class TailoredLayer(nn.Module):
@@ -204,7 +220,7 @@ class Student(nn.Module):
         self.node_chs = [chain.stem_chs] + [i.out_chs for i in chain.infos]
         self.node_reduction = [chain.stem_reduction] + [i.reduction for i in chain.infos]
 
-        self.stem = copy.deepcopy(chain.stem)
+        self.stem = _fast_stem(copy.deepcopy(chain.stem))
         layers = []
         for l, spec in enumerate(self.structure.layers, 1):
             info = chain.infos[l - 1]
@@ -328,7 +344,7 @@ class Student(nn.Module):
         if plan is None:
             plan = self._plan = self._make_plan()
         nodes: list[torch.Tensor | None] = [None] * (len(self.layers) + 1)
-        nodes[0] = _run_stem(self.stem, x)
+        nodes[0] = self.stem(x)
         pooled: dict[tuple[int, int], torch.Tensor] = {}
         for l, layer, proxies, free in plan:
             a = alphas[l - 1]
@@ -361,7 +377,67 @@ class Student(nn.Module):
 
 
 def _run_stem(stem: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return stem(x)
+    """``stem(x)`` for a stem we must not modify (the teacher's), max-pools as in :func:`_pool`."""
+    if not isinstance(stem, nn.Sequential):
+        return stem(x)
+    for m in stem:
+        x = _pool(m, x) if type(m) is nn.MaxPool2d else m(x)
+    return x
+
+
+def _pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``pool(x)``; for an NCHW CPU tensor that needs no gradient, the same values computed faster.
+
+    PyTorch's CPU max-pool kernel for NCHW tensors is scalar and also computes the argmax
+    indices; a separable max over strided views gives the identical values (max is exact,
+    NaNs propagate alike) several times faster. With a gradient, the indices decide where it
+    goes on ties, so the kernel is kept.
+    """
+    if (
+        isinstance(pool, nn.MaxPool2d)
+        and x.device.type == "cpu"
+        and x.dim() == 4
+        and x.is_contiguous()
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not pool.ceil_mode
+        and not pool.return_indices
+        and _pair(pool.dilation) == (1, 1)
+    ):
+        return _max_pool_nograd(x, _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding))
+    if not isinstance(pool, nn.MaxPool2d):
+        return pool(x)
+    if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() and _CL_POOL_WITH_GRAD:
+        # with a gradient: the channels-last kernel (vectorised over channels, same argmax rule) is
+        # several times faster than the NCHW one, conversions included
+        y = nn.MaxPool2d.forward(pool, x.contiguous(memory_format=torch.channels_last))
+        return y.contiguous() if not pool.return_indices else tuple(t.contiguous() for t in y)
+    return nn.MaxPool2d.forward(pool, x)
+
+
+_CL_POOL_WITH_GRAD = True
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _max_pool_nograd(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+    """``F.max_pool2d(x, kernel, stride, padding)`` (floor mode) as a max over rows, then columns."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    H, W = x.shape[-2:]
+    ho, wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    if kh < 2 or kw < 2 or ho < 1 or wo < 1 or 2 * ph > kh or 2 * pw > kw:
+        return F.max_pool2d(x, kernel, stride, padding)
+    xp = F.pad(x, (pw, pw, ph, ph), value=float("-inf")) if ph or pw else x
+    rows = [xp[..., i:i + sh * (ho - 1) + 1:sh, :] for i in range(kh)]
+    v = torch.maximum(rows[0], rows[1])
+    for r in rows[2:]:
+        torch.maximum(v, r, out=v)
+    cols = [v[..., j:j + sw * (wo - 1) + 1:sw] for j in range(kw)]
+    out = torch.maximum(cols[0], cols[1])
+    for c in cols[2:]:
+        torch.maximum(out, c, out=out)
+    return out
 
 
 # --------------------------------------------------------------------------- teacher view
@@ -371,7 +447,7 @@ def teacher_forward(model: nn.Module, chain, x: torch.Tensor) -> tuple[torch.Ten
     ``chain`` is ``describe_chain(model)`` (computed once by the caller).
     Returns logits (B, classes) and each block's output t_1..t_L (after its activation).
     """
-    h = chain.stem(x)
+    h = _run_stem(chain.stem, x)
     feats = []
     for block in chain.blocks:
         h = block(h)

@@ -1,0 +1,67 @@
+"""Serving: run several tasks' tailored networks, sharing one backbone, on images from disk."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform
+
+from .adapter import load_export
+from .errors import DataError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm"}
+
+
+def eval_transform(input_config: dict):
+    """The deterministic transform a task was evaluated with: resize, centre crop, normalise."""
+    size = int(input_config["img_size"])
+    return create_transform(
+        input_size=(3, size, size), is_training=False, interpolation=input_config["interpolation"],
+        mean=tuple(input_config["mean"]), std=tuple(input_config["std"]), crop_pct=float(input_config["crop_pct"]),
+    )
+
+
+def collect_images(paths: list[Path]) -> list[Path]:
+    """Files as given, folders expanded (recursively, sorted) to the images they hold."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            out += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise DataError(f"image path '{path}' does not exist")
+    if not out:
+        raise DataError(f"no images found in {', '.join(map(str, paths))}")
+    return out
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"cannot read image '{path}' ({type(err).__name__}); remove it or convert it") from err
+
+
+@torch.inference_mode()
+def predict(export_dir: Path, images: list[Path], *, tasks: list[str] | None = None, top_k: int = 5,
+            batch_size: int = 32, device: torch.device | str = "cpu") -> dict:
+    """Top-k classes per image and task. Returns ``{"tasks": [...], "predictions": [...]}``."""
+    files = collect_images(images)
+    backbone, loaded = load_export(export_dir, tasks, device=device)
+    results = []
+    for name, (model, config) in loaded.items():
+        transform = eval_transform(config["input"])
+        classes = config["classes"]
+        k = min(top_k, len(classes))
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            batch = torch.stack([transform(_open_rgb(p)) for p in chunk]).to(backbone.device)
+            probs = model(batch).float().softmax(dim=1)
+            values, indices = probs.topk(k, dim=1)
+            for path, v, i in zip(chunk, values.tolist(), indices.tolist()):
+                results.append({"image": str(path), "task": name,
+                                "top": [{"class": classes[c], "index": c, "prob": p} for p, c in zip(v, i)]})
+    return {"export_dir": str(export_dir), "tasks": list(loaded), "images": len(files), "predictions": results}

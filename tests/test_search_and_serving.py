@@ -1,0 +1,218 @@
+"""Automatic architecture search (prune --auto, run) and many tasks on one backbone (predict, API, report)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from datagen import make_imagefolder
+from tailor_cli.adapter import load_export, load_task
+from tailor_cli.cli import app
+from tailor_cli.pipeline import load_student
+from tailor_cli.predict import collect_images, eval_transform
+
+runner = CliRunner()
+TINY = ["--backbone", "test_resnet", "--no-pretrained", "--img-size", "32", "--workers", "0", "--device", "cpu"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+# --------------------------------------------------------------------------- search
+def test_auto_prune_bisects_and_writes_the_frontier(tmp_path, tailored_run):
+    run = tmp_path / "run"
+    shutil.copytree(tailored_run, run)
+    res = invoke("prune", run, "--auto", "--tolerance", "100", "--threshold", "0.01", "--search-epochs", "1",
+                 "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    search = out["search"]
+    assert search["k_values"] == 5  # K = 0..4 on test_resnet's 4 blocks
+    assert 1 <= search["candidates_tried"] < search["k_values"]
+    chosen = [r for r in search["frontier"] if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["k"] == search["chosen_k"]
+    full = search["full_macs"]
+    assert chosen[0]["macs"] < full and out["macs"] == chosen[0]["macs"]
+    # with an unlimited tolerance the leanest connected network is chosen
+    connected = [r for r in search["frontier"] if r["status"] != "disconnected"]
+    assert chosen[0]["macs"] == min(r["macs"] for r in connected)
+    assert search["within_tolerance"] is True
+    assert json.loads((run / "search" / "frontier.json").read_text())["chosen_k"] == search["chosen_k"]
+    rep = json.loads(invoke("report", run, "--json").stdout)
+    assert rep["tasks"][0]["search"]["chosen_k"] == search["chosen_k"]
+    text = invoke("report", run).stdout
+    assert "architecture search" in text and "chosen" in text
+
+
+def test_auto_prune_under_a_macs_budget(tmp_path, tailored_run):
+    run = tmp_path / "run"
+    shutil.copytree(tailored_run, run)
+    res = invoke("prune", run, "--auto", "--max-macs", "0.8", "--threshold", "0.01", "--search-epochs", "1",
+                 "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    search = json.loads(res.stdout)["search"]
+    chosen = next(r for r in search["frontier"] if r["chosen"])
+    assert chosen["macs"] <= 0.8 * search["full_macs"]
+    lighter_k = [r["k"] for r in search["frontier"] if r.get("macs") is not None and r["macs"] <= 0.8 * search["full_macs"]]
+    assert chosen["k"] == min(lighter_k)  # the fewest blocks dropped that fit: the most accurate
+    assert search["candidates_tried"] == 1
+
+
+def test_missed_tolerance_exits_7(tmp_path, tailored_run):
+    run = tmp_path / "run"
+    shutil.copytree(tailored_run, run)
+    summary = json.loads((run / "teacher" / "summary.json").read_text())
+    summary["val_acc"] = 101.0  # an unreachable teacher
+    (run / "teacher" / "summary.json").write_text(json.dumps(summary))
+    res = invoke("prune", run, "--auto", "--tolerance", "0.5", "--threshold", "0.01", "--search-epochs", "1",
+                 "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--json")
+    assert res.exit_code == 7, res.output
+    assert "below the teacher" in res.stderr
+    json.loads(res.stdout)  # the result is still reported
+
+
+# --------------------------------------------------------------------------- many tasks
+@pytest.fixture(scope="module")
+def three_tasks(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("tasks")
+    export = root / "export"
+    runs = {}
+    for name, n_classes, k in (("alpha", 2, 1), ("beta", 3, 2), ("gamma", 4, 0)):
+        data = make_imagefolder(root / "data" / name, n_classes=n_classes, per_class=8, size=(34, 30), seed=n_classes)
+        run = root / "runs" / name
+        res = invoke("run", "--data", data, "--output", run, "--out", export, "--epochs", "1", "--drop-blocks", k,
+                     "--threshold", "0.01", *TINY)
+        assert res.exit_code == 0, res.output
+        runs[name] = run
+    return export, runs
+
+
+def test_three_tasks_share_one_backbone_in_memory(three_tasks):
+    export, runs = three_tasks
+    backbone, tasks = load_export(export)
+    assert sorted(tasks) == ["alpha", "beta", "gamma"]
+    shared_ptrs = {p.data_ptr() for p in backbone.params.values()}
+    for model, _ in tasks.values():
+        frozen = {p.data_ptr() for p in model.frozen_parameters()}
+        assert frozen <= shared_ptrs  # every frozen tensor of every task *is* a backbone tensor
+    # adapters add only their own bytes: no task holds a private copy of a backbone tensor
+    a, b = tasks["alpha"][0], tasks["gamma"][0]
+    assert a.stem.conv1[0].weight is b.stem.conv1[0].weight
+
+
+def test_matrix_lists_exactly_the_blocks_each_task_kept(three_tasks):
+    export, runs = three_tasks
+    res = invoke("report", export, "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    m = rep["matrix"]
+    assert m["tasks"] == ["alpha", "beta", "gamma"]
+    for j, name in enumerate(m["tasks"]):
+        student, _ = load_student(runs[name] / "finetune", torch.device("cpu"))
+        assert [row[j]["block"] for row in m["cells"]] == [s.block for s in student.structure.layers]
+        assert [row[j]["proxies"] for row in m["cells"]] == [len(s.proxies) for s in student.structure.layers]
+    assert [sum(row[j]["block"] for row in m["cells"]) for j in range(3)] == [3, 2, 4]
+    totals = rep["totals"]
+    assert totals["tasks"] == 3 and totals["disk_bytes"] < totals["finetune_bytes"]
+    text = invoke("report", export).stdout
+    assert "block usage" in text and "3 tasks on one backbone" in text
+
+
+def test_predict_matches_each_finetuned_student(three_tasks, tmp_path):
+    export, runs = three_tasks
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.new("L", (50, 41), 128).save(imgs / "gray.png")  # any size and mode
+    Image.new("RGB", (20, 33), (200, 10, 10)).save(imgs / "red.jpg")
+    Image.new("P", (64, 64)).save(imgs / "pal.png")
+    res = invoke("predict", export, "--task", "alpha", "--task", "gamma", imgs, "--top-k", "2", "--json",
+                 "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["tasks"] == ["alpha", "gamma"] and out["images"] == 3
+    assert len(out["predictions"]) == 6
+    files = collect_images([imgs])
+    for name in ("alpha", "gamma"):
+        student, _ = load_student(runs[name] / "finetune", torch.device("cpu"))
+        student.eval()
+        config = json.loads((export / name / "adapter_config.json").read_text())
+        tf = eval_transform(config["input"])
+        batch = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
+        with torch.no_grad():
+            probs = student(batch).softmax(1)
+        got = [p for p in out["predictions"] if p["task"] == name]
+        for i, p in enumerate(got):
+            assert p["top"][0]["index"] == int(probs[i].argmax())
+            assert abs(p["top"][0]["prob"] - float(probs[i].max())) < 1e-5
+    plain = invoke("predict", export, imgs / "red.jpg", "--device", "cpu")
+    assert plain.exit_code == 0 and len(plain.stdout.strip().splitlines()) == 3  # one line per task
+
+
+def test_predict_bad_inputs(three_tasks, tmp_path):
+    export, _ = three_tasks
+    res = invoke("predict", export, tmp_path / "missing.png", "--device", "cpu")
+    assert res.exit_code == 3 and "does not exist" in res.stderr
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    res = invoke("predict", export, bad, "--device", "cpu")
+    assert res.exit_code == 3 and "bad.png" in res.stderr
+    res = invoke("predict", export, bad, "--task", "nope", "--device", "cpu")
+    assert res.exit_code == 8 and "alpha" in res.stderr
+
+
+def _copy_export(export: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "export"
+    shutil.copytree(export, dst)
+    return dst
+
+
+def test_tampered_backbone_is_refused(three_tasks, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    export = _copy_export(three_tasks[0], tmp_path)
+    tensors = load_file(str(export / "backbone.safetensors"))
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key] + 1e-3
+    save_file(tensors, str(export / "backbone.safetensors"))
+    res = invoke("report", export)
+    assert res.exit_code == 8 and "sha256" in res.stderr and "Traceback" not in res.output
+
+
+def test_adapter_on_another_backbone_names_both_hashes(three_tasks, tmp_path):
+    export = _copy_export(three_tasks[0], tmp_path)
+    cfg_path = export / "beta" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model"]["sha256"] = "f" * 64
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(Exception) as info:
+        load_task(export, "beta")
+    assert "ffffffffffff" in str(info.value) and json.loads((export / "backbone.json").read_text())["sha256"][:12] in str(info.value)
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda c: c.pop("classes"), "lacks the field 'classes'"),
+    (lambda c: c.update(num_classes="3"), "wrong type"),
+    (lambda c: c.update(format_version=99), "newer nettailor"),
+    (lambda c: c["input"].pop("mean"), "lacks the field 'mean'"),
+])
+def test_tampered_or_newer_config_is_refused(three_tasks, tmp_path, mutate, needle):
+    export = _copy_export(three_tasks[0], tmp_path)
+    cfg_path = export / "alpha" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    mutate(cfg)
+    cfg_path.write_text(json.dumps(cfg))
+    res = invoke("report", export)
+    assert res.exit_code == 8 and needle in res.stderr, res.output
+
+
+def test_exported_config_has_no_absolute_paths(three_tasks):
+    export, _ = three_tasks
+    for cfg in export.glob("*/adapter_config.json"):
+        text = cfg.read_text()
+        assert str(export.parent) not in text and '"/' not in text
