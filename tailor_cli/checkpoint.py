@@ -20,6 +20,10 @@ from .errors import RunError
 
 
 def _atomic_replace(path: Path, write) -> None:
+    from .distributed import is_main
+
+    if not is_main():  # under torchrun, rank 0 alone writes files
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -61,6 +65,10 @@ def read_json(path: Path, *, what: str = "file") -> dict:
 
 def append_jsonl(path: Path, obj: dict) -> None:
     """Append one line; a torn last line is tolerated by :func:`read_jsonl`."""
+    from .distributed import is_main
+
+    if not is_main():
+        return
     with open(path, "a") as f:
         f.write(json.dumps(obj) + "\n")
         f.flush()

@@ -60,6 +60,8 @@ Cache = Annotated[bool, typer.Option("--cache", help="Decode and resize once, ke
 Hflip = Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Horizontal flips in training "
                                                "[default: off for digits, characters, traffic signs].")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (and count them) instead of failing.")]
+Augment = Annotated[bool, typer.Option("--augment/--no-augment", help="Random-resized-crop (and flips) in "
+                                       "training; --no-augment trains on the evaluation transform.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader workers [default: from CPU count].")]
 Epochs = Annotated[int, typer.Option("--epochs", help="Training epochs.")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Batch size (per process).")]
@@ -86,7 +88,10 @@ class Reporter:
     """Training callbacks: a rich progress bar on a terminal, plain log lines otherwise (stderr)."""
 
     def __init__(self, quiet: bool = False):
-        self.tty = sys.stderr.isatty() and not quiet
+        from .distributed import is_main
+
+        self.quiet = quiet or not is_main()  # under torchrun, rank 0 alone prints
+        self.tty = sys.stderr.isatty() and not self.quiet
         self.progress = None
         self.task_id = None
 
@@ -116,6 +121,8 @@ class Reporter:
         self._log(message)
 
     def _log(self, message):
+        if self.quiet:
+            return
         if self.progress is not None:
             self.progress.console.print(message, highlight=False)
         else:
@@ -128,6 +135,10 @@ class Reporter:
 
 
 def _emit(result: dict, as_json: bool, render: Callable[[dict], None] | None = None) -> None:
+    from .distributed import is_main
+
+    if not is_main():
+        return
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
     elif render is not None:
@@ -141,7 +152,7 @@ def _execute(debug: bool, fn: Callable[[], None]) -> None:
     except TailorError as err:
         if debug:
             traceback.print_exc()
-        err_console.print(f"error: {err}", highlight=False, markup=False, soft_wrap=True)
+        err_console.print(f"error: {_rank_prefix()}{err}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(err.exit_code)
     except KeyboardInterrupt:
         err_console.print("error: interrupted", highlight=False, markup=False)
@@ -158,6 +169,12 @@ def _execute(debug: bool, fn: Callable[[], None]) -> None:
         raise typer.Exit(EXIT_INTERNAL)
 
 
+def _rank_prefix() -> str:
+    from .distributed import info
+
+    return f"[rank {info().rank}] " if info().rank else ""
+
+
 def _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume, overwrite, *, lr_default, bs_default):
     from .pipeline import TrainOptions
 
@@ -166,11 +183,11 @@ def _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, r
                         overwrite=overwrite)
 
 
-def _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers):
+def _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers, augment=True):
     from .pipeline import DataOptions
 
     return DataOptions(data=data, task=task, img_size=img_size, val_fraction=val_fraction, download=download,
-                       cache=cache, hflip=hflip, skip_bad=skip_bad, workers=workers)
+                       cache=cache, hflip=hflip, skip_bad=skip_bad, workers=workers, augment=augment)
 
 
 def _render_stage(result: dict) -> None:
@@ -190,9 +207,10 @@ def teacher(
     data: Data = None, backbone: Backbone = "resnet34", output: Output = None, pretrained: Pretrained = True,
     weights: Weights = None, task: Task = None, img_size: ImgSize = None, val_fraction: ValFraction = None,
     download: Download = False, cache: Cache = False, hflip: Hflip = None, skip_bad: SkipBad = False,
-    workers: Workers = None, epochs: Epochs = 20, batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None,
-    seed: Seed = 0, device: Device = "auto", amp: Amp = None, amp_dtype: AmpDtype = "bfloat16",
-    resume: Resume = False, overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False,
+    workers: Workers = None, augment: Augment = True, epochs: Epochs = 20, batch_size: BatchSize = None,
+    lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto", amp: Amp = None,
+    amp_dtype: AmpDtype = "bfloat16", resume: Resume = False, overwrite: Overwrite = False, json_out: Json = False,
+    debug: Debug = False,
 ):
     """Stage 1: fine-tune the whole backbone (new classifier) on the task. Defaults: lr 0.01, batch 64."""
 
@@ -205,7 +223,8 @@ def teacher(
         rep = Reporter()
         try:
             result = train_teacher(run, BackboneOptions(backbone, pretrained, weights),
-                                   _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers),
+                                   _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad,
+                                              workers, augment),
                                    _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume,
                                                overwrite, lr_default=0.01, bs_default=64), rep)
         finally:
@@ -229,10 +248,10 @@ def tailor(
     teacher_batch_size: Annotated[Optional[int], typer.Option("--teacher-batch-size")] = None,
     pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
     val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
-    skip_bad: SkipBad = False, workers: Workers = None, epochs: Epochs = 20, batch_size: BatchSize = None,
-    lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto", amp: Amp = None,
-    amp_dtype: AmpDtype = "bfloat16", resume: Resume = False, overwrite: Overwrite = False, json_out: Json = False,
-    debug: Debug = False,
+    skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = 20,
+    batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto",
+    amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", resume: Resume = False, overwrite: Overwrite = False,
+    json_out: Json = False, debug: Debug = False,
 ):
     """Stage 2: build the student (frozen blocks + proxies + attention) and train it. Defaults: lr 0.1, batch 32."""
 
@@ -249,7 +268,7 @@ def tailor(
         try:
             result = run_tailor(
                 run, BackboneOptions(backbone, pretrained, weights),
-                _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers),
+                _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers, augment),
                 _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume, overwrite,
                             lr_default=0.1, bs_default=32),
                 TailorOptions(teacher=teacher_run, max_skip=max_skip, complexity_weight=complexity_weight,
@@ -322,7 +341,7 @@ def finetune(
     run: Annotated[Path, typer.Argument(help="A run directory with a finished 'prune' stage.")],
     teacher_weight: Annotated[float, typer.Option("--teacher-weight", help="g2, weight of the teacher term.")] = 10.0,
     data: Data = None, task: Task = None, cache: Cache = False, skip_bad: SkipBad = False, workers: Workers = None,
-    epochs: Epochs = 20, batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0,
+    augment: Augment = True, epochs: Epochs = 20, batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0,
     device: Device = "auto", amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", resume: Resume = False,
     overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False,
 ):
@@ -333,7 +352,8 @@ def finetune(
 
         rep = Reporter()
         try:
-            result = run_finetune(run, _data_opts(data, task, None, None, False, cache, None, skip_bad, workers),
+            result = run_finetune(run, _data_opts(data, task, None, None, False, cache, None, skip_bad, workers,
+                                                  augment),
                                   _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume,
                                               overwrite, lr_default=0.01, bs_default=32),
                                   teacher_weight=teacher_weight, callbacks=rep)
@@ -560,8 +580,19 @@ def render_frontier(search: dict, console: Console | None = None) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="nettailor")
+    """Console-script entry point (also under torchrun: the process group comes from the environment)."""
+    from .distributed import cleanup, info, setup
+
+    try:
+        setup()
+    except Exception as err:  # a rendezvous that fails is an environment problem, not a bug
+        print(f"error: could not start the distributed process group ({err}); check the torchrun arguments",
+              file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+    try:
+        app(prog_name="nettailor")
+    finally:
+        cleanup()
 
 
 if __name__ == "__main__":

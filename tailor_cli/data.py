@@ -344,6 +344,18 @@ class TensorTrainTransform:
         return self.normalize(self.aug(x))
 
 
+class TensorCenterCrop:
+    """``--no-augment`` on the cache: centre crop to ``img_size`` and normalise (picklable for workers)."""
+
+    def __init__(self, img_size: int, normalize: Normalize):
+        self.img_size, self.normalize = img_size, normalize
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2.functional import center_crop
+
+        return self.normalize(center_crop(x, [self.img_size, self.img_size]))
+
+
 def _tv_interp(name: str):
     from torchvision.transforms import InterpolationMode
 
@@ -371,6 +383,7 @@ class _Preproc:
     crop_mode: str
     hflip: bool
     scale: tuple[float, float]
+    augment: bool = True
 
     @property
     def scale_size(self) -> int:
@@ -389,6 +402,9 @@ class _Preproc:
         """PIL RGB -> uint8 ``(3, img_size, img_size)``: timm train transform without normalisation."""
         from timm.data import create_transform
 
+        if not self.augment:  # --no-augment: train images as the evaluation sees them
+            return self.eval_prep()
+
         return create_transform(self.img_size, is_training=True, scale=self.scale, ratio=TRAIN_RATIO,
                                 hflip=0.5 if self.hflip else 0.0, vflip=0.0, color_jitter=None,
                                 auto_augment=None, re_prob=0.0, interpolation=self.interpolation,
@@ -405,7 +421,9 @@ class _Preproc:
     def normalize(self) -> Normalize:
         return Normalize(self.mean, self.std)
 
-    def tensor_train(self) -> TensorTrainTransform:
+    def tensor_train(self) -> Callable:
+        if not self.augment:
+            return TensorCenterCrop(self.img_size, self.normalize())
         return TensorTrainTransform(self.img_size, self.scale, TRAIN_RATIO, self.interpolation, self.hflip,
                                     self.mean, self.std)
 
@@ -1013,7 +1031,8 @@ def load_task_data(data: str, *, data_config: dict, img_size: int | None = None,
                    val_fraction: float = 0.1, seed: int = 0, download: bool = False,
                    cache: bool = False, hflip: bool | None = None, skip_bad: bool = False,
                    expected_classes: list[str] | None = None, root_for_download: Path | None = None,
-                   train_scale: tuple[float, float] | None = None, verify: bool = True) -> TaskData:
+                   train_scale: tuple[float, float] | None = None, verify: bool = True,
+                   augment: bool = True) -> TaskData:
     """Find, check and split a task's data; build its train/val(/test) datasets.
 
     Args:
@@ -1071,6 +1090,7 @@ def load_task_data(data: str, *, data_config: dict, img_size: int | None = None,
         crop_mode=str(data_config.get("crop_mode", "center") or "center"),
         hflip=_default_hflip(raw) if hflip is None else bool(hflip),
         scale=tuple(train_scale) if train_scale is not None else raw.scale,  # type: ignore[arg-type]
+        augment=augment,
     )
     use_cache = cache or raw.layout == "digits"
     if use_cache:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from . import distributed as dist
 from .backbone import backbone_identity, check_backbone_name, create_backbone, describe_chain
 from .checkpoint import read_safetensors, write_json, write_safetensors
 from .counting import network_params, path_costs, student_macs, student_params, model_macs
@@ -41,6 +42,7 @@ class DataOptions:
     hflip: bool | None = None
     skip_bad: bool = False
     workers: int | None = None
+    augment: bool = True
 
 
 @dataclass
@@ -117,6 +119,7 @@ def _load_data(run_meta: dict | None, opts: DataOptions, data_config: dict, run:
         hflip=opts.hflip if opts.hflip is not None else saved.get("hflip"),
         skip_bad=opts.skip_bad,
         expected_classes=(run_meta or {}).get("classes"),
+        augment=opts.augment,
     )
 
 
@@ -128,8 +131,10 @@ def _data_path(data: str) -> str:
 def _loaders(task, batch_size: int, device: torch.device, seed: int, workers: int | None):
     from .data import make_loader
 
-    train = make_loader(task.train, batch_size=batch_size, train=True, device=device, num_workers=workers, seed=seed)
-    val = make_loader(task.val, batch_size=max(batch_size, 64), train=False, device=device, num_workers=workers, seed=seed)
+    train = make_loader(task.train, batch_size=batch_size, train=True, device=device, num_workers=workers, seed=seed,
+                        sampler=dist.train_sampler(task.train, seed))
+    val = make_loader(dist.eval_shard(task.val), batch_size=max(batch_size, 64), train=False, device=device,
+                      num_workers=workers, seed=seed)
     if len(train) == 0:
         raise DataError(
             f"the training split has {len(task.train)} images, fewer than one batch of {batch_size}; lower --batch-size"
@@ -193,7 +198,8 @@ def _student_groups(student: Student, weight_decay: float) -> list[dict]:
     """Attention logits get no weight decay (METHOD.md)."""
     logits = set(id(p) for p in student.attention_parameters())
     rest = [p for p in student.trainable_parameters() if id(p) not in logits]
-    return [{"params": rest}, {"params": student.attention_parameters(), "weight_decay": 0.0}]
+    logits = [p for p in student.attention_parameters() if p.requires_grad]
+    return [{"params": rest}, {"params": logits, "weight_decay": 0.0}]
 
 
 def _resolve_teacher_dir(path: Path) -> Path:
@@ -263,7 +269,9 @@ def _fit_teacher(run: Path, model: nn.Module, task, data: DataOptions, train: Tr
     write_json(stage_dir / "config.json", {"stage": "teacher", "train": asdict(train), "resolved": asdict(cfg),
                                            "data": asdict(data) | {"data": data.data}, "device": str(device)})
     train_loader, val_loader = _loaders(task, train.batch_size, device, train.seed, data.workers)
-    row = fit(stage="teacher", stage_dir=stage_dir, model=model, objective=TeacherObjective(model),
+    _say_distributed(cb, train)
+    model = dist.sync_batchnorm(model, device)
+    row = fit(stage="teacher", stage_dir=stage_dir, model=model, objective=TeacherObjective(model, dist.wrap(model, device)),
               param_groups=[{"params": list(model.parameters())}], train_loader=train_loader,
               val_loader=val_loader, device=device, cfg=cfg, resume=train.resume, callbacks=cb)
     arch = model.pretrained_cfg["architecture"]
@@ -272,6 +280,7 @@ def _fit_teacher(run: Path, model: nn.Module, task, data: DataOptions, train: Tr
     summary = {"stage": "teacher", "val_acc": row["val_acc"], "best_val_acc": row["best_val_acc"],
                "epochs": row["epoch"], "params": network_params(model), "macs": model_macs(model, task.img_size)}
     write_summary(run, "teacher", summary)
+    dist.barrier()  # other ranks may read the teacher next
     return summary
 
 
@@ -363,7 +372,12 @@ def _fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | N
                                            "data": asdict(data), "device": str(device), **extra})
     train_loader, val_loader = _loaders(task, train.batch_size, device, train.seed, data.workers)
     chain = describe_chain(teacher) if teacher is not None else None
-    objective = StudentObjective(student, teacher, chain, complexity, g1, g2)
+    for layer in student.layers:  # a softmax over one path is the constant 1: nothing to learn
+        if layer.alive and layer.logits.numel() == 1:
+            layer.logits.requires_grad_(False)
+    _say_distributed(cb, train)
+    student = dist.sync_batchnorm(student, device)
+    objective = StudentObjective(student, teacher, chain, complexity, g1, g2, forward=dist.wrap(student, device))
     arch = read_run(run)["backbone"]["architecture"]
     row = fit(stage=stage, stage_dir=stage_dir, model=student, objective=objective,
               param_groups=_student_groups(student, 5e-4), train_loader=train_loader, val_loader=val_loader,
@@ -375,7 +389,15 @@ def _fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | N
                "macs": student_macs(student, task.img_size).total,
                "attention": [a.tolist() if a is not None else None for a in student.attention()]}
     write_summary(run, stage, summary)
+    dist.barrier()
     return summary
+
+
+def _say_distributed(cb: Callbacks, train: TrainOptions) -> None:
+    info = dist.info()
+    if info.enabled:
+        cb.on_message(f"distributed: {info.world_size} processes x --batch-size {train.batch_size} = effective batch "
+                      f"{info.world_size * train.batch_size}; --lr {train.lr} used as given (no scaling rule)")
 
 
 # --------------------------------------------------------------------------- prune
@@ -403,7 +425,7 @@ def prune(run: Path, *, threshold: float = 0.05, drop_blocks: int = 0, overwrite
         "stage": "prune", "threshold": threshold, "drop_blocks": drop_blocks,
         "removed_proxies": [{"layer": l, "source": s} for l, s in result.removed_proxies],
         "removed_blocks": result.removed_blocks, "orphaned": result.orphaned, "fixpoint_rounds": result.rounds,
-        "before": before, "after": after, "val_acc": read_summary(run, "tailor")["val_acc"],
+        "before": before, "after": after, "tailor_val_acc": read_summary(run, "tailor")["val_acc"],
         "structure": after["structure"], "params": after["params"], "macs": after["macs"],
         "attention": [a.tolist() if a is not None else None for a in student.attention()],
     }

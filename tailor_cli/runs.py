@@ -56,12 +56,23 @@ def prepare_stage(run: Path, stage: str, *, resume: bool, overwrite: bool) -> bo
     """Decide what to do with ``run/stage``. Returns True when the stage is already complete.
 
     Never overwrites silently: an existing stage needs ``--resume`` or ``--overwrite``.
-    ``--overwrite`` also removes the stages built on this one.
+    ``--overwrite`` also removes the stages built on this one. Under torchrun every rank
+    decides before rank 0 writes anything.
     """
+    from .distributed import barrier, is_main
+
+    try:
+        return _prepare_stage(run, stage, resume=resume, overwrite=overwrite, main=is_main())
+    finally:
+        barrier()
+
+
+def _prepare_stage(run: Path, stage: str, *, resume: bool, overwrite: bool, main: bool) -> bool:
     stage_dir = run / stage
     if overwrite:
-        for name in (stage,) + DOWNSTREAM[stage]:
-            shutil.rmtree(run / name, ignore_errors=True)
+        if main:
+            for name in (stage,) + DOWNSTREAM[stage]:
+                shutil.rmtree(run / name, ignore_errors=True)
         return False
     if not stage_dir.exists():
         return False
@@ -94,7 +105,10 @@ def read_run(run: Path) -> dict:
 
 
 def write_run(run: Path, meta: dict) -> None:
+    from .distributed import barrier
+
     write_json(run / "run.json", {"format": RUN_FORMAT, **meta})
+    barrier()
 
 
 def require_stage(run: Path, stage: str, command: str) -> Path:

@@ -386,35 +386,33 @@ def _run_stem(stem: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``pool(x)``; for an NCHW CPU tensor that needs no gradient, the same values computed faster.
+    """``pool(x)``, faster for a large NCHW tensor on the CPU; the values (and gradients) are identical.
 
-    PyTorch's CPU max-pool kernel for NCHW tensors is scalar and also computes the argmax
-    indices; a separable max over strided views gives the identical values (max is exact,
-    NaNs propagate alike) several times faster. With a gradient, the indices decide where it
-    goes on ties, so the kernel is kept.
+    PyTorch's CPU max-pool kernel for NCHW tensors is scalar (it was the student's costliest
+    elementwise op in the profile); the channels-last kernel is vectorised over channels. With a
+    gradient, pool a channels-last copy (same argmax rule, so the same gradient on ties) and
+    convert back; without one (stems, inference), a separable max over strided views needs
+    no indices at all.
     """
+    if not isinstance(pool, nn.MaxPool2d):
+        return pool(x)
     if (
-        isinstance(pool, nn.MaxPool2d)
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dim() == 4
+        and x.numel() >= _FAST_POOL_MIN_NUMEL
         and x.is_contiguous()
-        and not (x.requires_grad and torch.is_grad_enabled())
+        and not x.is_contiguous(memory_format=torch.channels_last)
         and not pool.ceil_mode
         and not pool.return_indices
         and _pair(pool.dilation) == (1, 1)
     ):
-        return _max_pool_nograd(x, _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding))
-    if not isinstance(pool, nn.MaxPool2d):
-        return pool(x)
-    if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() and _CL_POOL_WITH_GRAD:
-        # with a gradient: the channels-last kernel (vectorised over channels, same argmax rule) is
-        # several times faster than the NCHW one, conversions included
-        y = nn.MaxPool2d.forward(pool, x.contiguous(memory_format=torch.channels_last))
-        return y.contiguous() if not pool.return_indices else tuple(t.contiguous() for t in y)
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            return _max_pool_nograd(x, _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding))
+        return nn.MaxPool2d.forward(pool, x.contiguous(memory_format=torch.channels_last)).contiguous()
     return nn.MaxPool2d.forward(pool, x)
 
 
-_CL_POOL_WITH_GRAD = True
+_FAST_POOL_MIN_NUMEL = 32768  # below this the plain kernel's single call is as fast
 
 
 def _pair(v) -> tuple[int, int]:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import all_reduce_sum, barrier, broadcast_buffers, is_main
 from .checkpoint import append_jsonl, read_jsonl, read_safetensors, write_safetensors
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunError, TrainingError
 from .losses import ComplexityModel, teacher_term
@@ -67,11 +68,12 @@ class TeacherObjective:
 
     terms = ("ce",)
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, forward: nn.Module | None = None):
         self.model = model
+        self.forward = forward or model  # the DDP wrapper under torchrun
 
     def __call__(self, images, labels):
-        logits = self.model(images)
+        logits = self.forward(images)
         ce = F.cross_entropy(logits, labels)
         return ce, logits, {"ce": ce}
 
@@ -87,8 +89,10 @@ class StudentObjective:
         complexity: ComplexityModel | None,
         complexity_weight: float,
         teacher_weight: float,
+        forward: nn.Module | None = None,
     ):
         self.student, self.teacher, self.chain = student, teacher, teacher_chain
+        self.forward = forward or student  # the DDP wrapper under torchrun
         self.complexity = complexity
         self.g1, self.g2 = complexity_weight, teacher_weight
         if self.g2 > 0 and teacher is None:
@@ -103,9 +107,9 @@ class StudentObjective:
         if use_teacher:
             with torch.inference_mode():
                 t_logits, t_feats = teacher_forward(self.teacher, self.chain, images)
-            logits, feats = self.student(images, alphas=alphas, return_features=True)
+            logits, feats = self.forward(images, alphas=alphas, return_features=True)
         else:
-            logits = self.student(images, alphas=alphas)
+            logits = self.forward(images, alphas=alphas)
         ce = F.cross_entropy(logits, labels)
         loss, terms = ce, {"ce": ce}
         if self.g1 > 0:
@@ -169,9 +173,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp_ctx=contextl
         correct += (logits.argmax(1) == labels).sum()
         count += labels.numel()
     model.train(was_training)
+    totals = all_reduce_sum(torch.stack([correct.double(), loss_sum.double(),
+                                         torch.tensor(float(count), device=device, dtype=torch.float64)]))
+    correct, loss_sum, count = totals[0].item(), totals[1].item(), int(totals[2].item())
     if count == 0:
         return {"acc": float("nan"), "loss": float("nan"), "n": 0}
-    return {"acc": 100.0 * correct.item() / count, "loss": loss_sum.item() / count, "n": count}
+    return {"acc": 100.0 * correct / count, "loss": loss_sum / count, "n": count}
 
 
 class StopFlag:
@@ -272,9 +279,11 @@ def fit(
         meta = load_checkpoint(ckpt_path, model, opt, sched, device)
         start_epoch, best = int(meta["epoch"]), float(meta["best_acc"])
         rows = [r for r in read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if is_main():
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        barrier()
         cb.on_message(f"{stage}: resuming after epoch {start_epoch}/{cfg.epochs} from {ckpt_path}")
-    else:
+    elif is_main():
         metrics_path.unlink(missing_ok=True)
 
     amp_ctx = contextlib.nullcontext
@@ -329,8 +338,10 @@ def fit(
                 )
             sched.step()
             train_time = time.perf_counter() - t0
+            broadcast_buffers(model)  # every rank evaluates (and rank 0 saves) the same BN statistics
             val = evaluate(model, val_loader, device, amp_ctx=amp_ctx, channels_last=cfg.channels_last)
-            host = (sums / max(seen, 1)).tolist()
+            seen_all = all_reduce_sum(torch.tensor(float(seen), device=device))
+            host = (all_reduce_sum(sums) / seen_all.clamp(min=1)).tolist()
             row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"]}
             row.update({f"train_{t}": host[i] for i, t in enumerate(objective.terms)})
             row.update({
@@ -348,6 +359,7 @@ def fit(
     if not row:  # nothing left to do (resumed a finished stage)
         rows = read_jsonl(metrics_path)
         row = rows[-1] if rows else {"epoch": start_epoch}
+    barrier()
     row = dict(row)
     row["best_val_acc"] = best
     return row

@@ -1,0 +1,177 @@
+"""torchrun support: process group from the environment, rank-0-only side effects, exact reductions.
+
+Under ``torchrun --nproc-per-node N -m tailor_cli ...`` the usual variables (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) are set; :func:`setup` starts the
+process group (NCCL on CUDA, gloo on CPU). Without them everything here is a no-op
+and the tool runs as a single process.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_INFO = DistInfo()
+
+
+def setup() -> DistInfo:
+    """Start the process group when launched by torchrun with more than one process."""
+    global _INFO
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        return _INFO
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and os.environ.get("NETTAILOR_DIST_BACKEND", "") != "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    _INFO = DistInfo(rank, world, local)
+    return _INFO
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def info() -> DistInfo:
+    return _INFO
+
+
+def is_main() -> bool:
+    return _INFO.is_main
+
+
+def barrier() -> None:
+    if _INFO.enabled:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place); identity in a single process."""
+    if _INFO.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Make every rank hold rank 0's buffers (BN statistics) before evaluating or saving."""
+    if _INFO.enabled:
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel over the trainable parameters only (frozen ones are not synchronised)."""
+    if not _INFO.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index if device.index is not None else _INFO.local_rank] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+
+
+def train_sampler(dataset, seed: int):
+    """The same shuffled order for 1 or N processes: rank r takes every N-th index of one permutation."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    return DistributedSampler(dataset, num_replicas=_INFO.world_size, rank=_INFO.rank, shuffle=True, seed=seed,
+                              drop_last=True)
+
+
+def eval_shard(dataset):
+    """Rank r evaluates items r, r+N, ...: no padding, so summed counts give the exact accuracy."""
+    if not _INFO.enabled:
+        return dataset
+    return torch.utils.data.Subset(dataset, list(range(_INFO.rank, len(dataset), _INFO.world_size)))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks: the gradient of a sum is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+class _AllReduceBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are computed over the whole global batch.
+
+    torch's SyncBatchNorm runs on GPUs only; this one all-reduces per-channel sums with a
+    differentiable all-reduce, so it also works with gloo on CPU. Eval mode is plain BN.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        count = torch.tensor([x.numel() / x.size(1)], device=x.device, dtype=torch.float32)
+        xd = x.double()  # float64 sums: E[x^2] - E[x]^2 cancels badly in float32
+        stats = torch.cat([xd.sum((0, 2, 3)), xd.square().sum((0, 2, 3)), count.double()])
+        stats = _AllReduceSum.apply(stats)
+        c = x.size(1)
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean.square()).clamp(min=0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)).clamp(max=1e9), alpha=m)
+        shape = (1, c, 1, 1)
+        y = (x - mean.view(shape).to(x.dtype)) * torch.rsqrt(var.view(shape) + self.eps).to(x.dtype)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every BatchNorm2d so that statistics cover the global batch (GPU: torch's SyncBatchNorm).
+
+    Parameters and buffers are kept (the same tensors), so state-dict keys do not change.
+    """
+    if not _INFO.enabled:
+        return model
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in list(model.named_children()):
+        if type(child) is nn.BatchNorm2d:
+            new = _AllReduceBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                      child.track_running_stats)
+            if child.affine:
+                new.weight, new.bias = child.weight, child.bias
+            if child.track_running_stats:
+                new.running_mean, new.running_var = child.running_mean, child.running_var
+                new.num_batches_tracked = child.num_batches_tracked
+            new.train(child.training)
+            setattr(model, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return model

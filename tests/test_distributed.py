@@ -1,0 +1,62 @@
+"""torchrun: two gloo processes on CPU train like one process with the same global batch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from datagen import make_imagefolder
+
+ARGS = ["--backbone", "test_resnet", "--no-pretrained", "--img-size", "64", "--workers", "0", "--device", "cpu",
+        "--epochs", "1", "--no-augment", "--lr", "0.05"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    # 16 training images: one epoch is a single step of the global batch of 16, so the comparison
+    # is not blurred by the chaotic amplification of rounding differences over many BN steps
+    data = make_imagefolder(tmp_path / "data", n_classes=2, per_class=8, size=(64, 64))
+    two, one = tmp_path / "two", tmp_path / "one"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.run([*torchrun, "-m", "tailor_cli", "teacher", "--data", str(data), *ARGS, "--batch-size", "8",
+                           "--output", str(two), "--json"], capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    json.loads(proc.stdout)  # rank 0 alone printed: exactly one JSON document
+    assert proc.stderr.count("teacher epoch 1:") == 1  # and one log line per epoch
+    assert "effective batch 16" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "tailor_cli", "teacher", "--data", str(data), *ARGS,
+                           "--batch-size", "16", "--output", str(one)], capture_output=True, text=True, env=_env(),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # rank 0 alone wrote the run directory: the same files as a single process, no leftovers
+    files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert files(two) == files(one)
+    assert len((two / "teacher" / "metrics.jsonl").read_text().splitlines()) == 1
+
+    a = load_file(str(two / "teacher" / "model.safetensors"))
+    b = load_file(str(one / "teacher" / "model.safetensors"))
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from tailor_cli.pipeline import BackboneOptions, _build_backbone
+
+    init = _build_backbone(BackboneOptions("test_resnet", False, None), 2, 0).state_dict()
+    params = [k for k in a if a[k].is_floating_point() and "running" not in k]
+    moved = max((b[k] - init[k]).abs().max().item() for k in params)
+    diff = max((a[k] - b[k]).abs().max().item() for k in params)
+    assert moved > 1e-2  # training really changed the weights
+    assert diff < 1e-4 * moved + 1e-6, (diff, moved)  # and both runs changed them the same way
+    # validation accuracy is reduced exactly over the whole split, not averaged per rank
+    ra = json.loads((two / "teacher" / "metrics.jsonl").read_text())
+    rb = json.loads((one / "teacher" / "metrics.jsonl").read_text())
+    assert ra["val_acc"] == rb["val_acc"]
