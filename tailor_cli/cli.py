@@ -388,6 +388,8 @@ def export(
 @app.command()
 def report(
     path: Annotated[Path, typer.Argument(help="A run directory or an export directory.")],
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the block-usage diagram to FILE.png or "
+                                                 "FILE.svg (needs matplotlib: pip install 'nettailor[plot]').")] = None,
     json_out: Json = False, debug: Debug = False,
 ):
     """Stage 6: per-task block usage (blocks, proxies, attention), params, MACs, accuracy."""
@@ -395,7 +397,12 @@ def report(
     def body():
         from .report import report_path
 
-        _emit(report_path(path), json_out, render_report)
+        result = report_path(path)
+        if plot is not None:
+            from .plot import plot_block_usage
+
+            result["plot"] = str(plot_block_usage(result, plot))
+        _emit(result, json_out, render_report)
 
     _execute(debug, body)
 

@@ -216,3 +216,18 @@ def test_exported_config_has_no_absolute_paths(three_tasks):
     for cfg in export.glob("*/adapter_config.json"):
         text = cfg.read_text()
         assert str(export.parent) not in text and '"/' not in text
+
+
+@pytest.mark.parametrize("suffix", [".png", ".svg"])
+def test_block_usage_plot(three_tasks, tmp_path, suffix):
+    pytest.importorskip("matplotlib")
+    export, _ = three_tasks
+    out = tmp_path / f"usage{suffix}"
+    res = invoke("report", export, "--plot", out, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["plot"] == str(out)
+    head = out.read_bytes()[:200]
+    assert head.startswith(b"\x89PNG") if suffix == ".png" else b"<svg" in out.read_bytes()[:2000]
+    assert not list(tmp_path.glob(".*tmp*"))
+    res = invoke("report", export, "--plot", tmp_path / "usage.pdf")
+    assert res.exit_code == 2 and ".png or .svg" in res.stderr
