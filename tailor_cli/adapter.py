@@ -26,7 +26,7 @@ from .backbone import tensors_sha256
 from .checkpoint import read_json, read_safetensors, write_json, write_safetensors
 from .counting import network_params, student_macs, student_params, model_macs
 from .errors import ExportError, RunError
-from .runs import locate_teacher, latest_student_stage, read_run, read_summary, require_stage, stage_done
+from .runs import locate_teacher, latest_student_stage, read_run, read_summary, require_stage
 from .student import Structure, Student
 
 FORMAT_VERSION = 1

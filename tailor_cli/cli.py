@@ -6,7 +6,6 @@ logs go to stderr (a rich progress bar on a terminal, plain lines otherwise).
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -202,6 +201,20 @@ def _render_stage(result: dict) -> None:
 
 
 # --------------------------------------------------------------------------- commands
+def _version(value: bool) -> None:
+    if value:
+        print(f"nettailor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+):
+    """Tailor pretrained CNNs to new tasks by changing the architecture, not just the weights."""
+
+
 @app.command()
 def teacher(
     data: Data = None, backbone: Backbone = "resnet34", output: Output = None, pretrained: Pretrained = True,
@@ -588,7 +601,7 @@ def render_frontier(search: dict, console: Console | None = None) -> None:
 
 def main() -> None:
     """Console-script entry point (also under torchrun: the process group comes from the environment)."""
-    from .distributed import cleanup, info, setup
+    from .distributed import cleanup, setup
 
     try:
         setup()

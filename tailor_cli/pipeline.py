@@ -26,7 +26,7 @@ from .losses import ComplexityModel
 from .pruning import plan as plan_pruning
 from .runs import (MODEL, check_writable, prepare_stage, read_run, read_summary, require_stage, stage_done,
                    locate_teacher, write_run, write_summary)
-from .student import Structure, Student, teacher_forward
+from .student import Structure, Student
 from .train import Callbacks, StudentObjective, TeacherObjective, TrainConfig, fit, resolve_device
 
 
@@ -480,7 +480,6 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     Each candidate is pruned and fine-tuned for ``search_epochs`` under ``run/search/kK``;
     ``run/search/frontier.json`` lists them all.
     """
-    from .errors import ToleranceError
 
     cb = callbacks or Callbacks()
     search_train.validate()

@@ -6,11 +6,11 @@ from pathlib import Path
 import timm
 import torch
 
-from .adapter import ADAPTER_CONFIG, BACKBONE_FILE, list_tasks, load_export
+from .adapter import ADAPTER_CONFIG, BACKBONE_FILE, load_export
 from .checkpoint import read_json
 from .counting import model_macs, network_params, student_macs, student_params
 from .errors import RunError
-from .runs import locate_teacher, latest_student_stage, read_run, read_summary, stage_done
+from .runs import locate_teacher, latest_student_stage, read_run, read_summary
 from .student import Student
 
 

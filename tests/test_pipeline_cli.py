@@ -15,7 +15,6 @@ from conftest import FAST
 from tailor_cli.adapter import load_export, load_task
 from tailor_cli.checkpoint import read_jsonl
 from tailor_cli.cli import app
-from tailor_cli.data import load_task_data
 from tailor_cli.pipeline import load_student
 
 runner = CliRunner()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -34,7 +33,7 @@ def _cli(*args) -> list[str]:
 @pytest.fixture(scope="module")
 def bigger_data(tmp_path_factory) -> Path:
     """Enough images that an epoch takes a noticeable time, so a kill lands mid-run."""
-    return make_imagefolder(tmp_path_factory.mktemp("big") / "shapes", n_classes=3, per_class=40, size=(36, 36))
+    return make_imagefolder(tmp_path_factory.mktemp("big") / "shapes", n_classes=3, per_class=24, size=(36, 36))
 
 
 def _wait_for(predicate, proc, timeout=240.0):
@@ -49,7 +48,7 @@ def _wait_for(predicate, proc, timeout=240.0):
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, bigger_data):
-    args = ["tailor", "--data", bigger_data, "--epochs", "3", "--teacher-epochs", "2", "--seed", "3", *FAST]
+    args = ["tailor", "--data", bigger_data, "--epochs", "3", "--teacher-epochs", "1", "--seed", "3", *FAST]
     ref = tmp_path / "ref"
     subprocess.run(_cli(*args, "--output", ref), check=True, capture_output=True, timeout=600)
 
