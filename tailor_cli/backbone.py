@@ -1,9 +1,10 @@
-"""Pretrained timm backbones seen as a chain: stem -> universal blocks -> head.
+"""Pretrained timm backbones seen as a chain: stem -> universal blocks -> tail -> head.
 
-NetTailor needs three things from a backbone: the stem (node 0 of the student
-graph), the ordered list of residual blocks (nodes 1..L), and the pooled feature
-width the classifier reads. :func:`describe_chain` extracts them from a timm
-ResNet; everything else in the package works on the resulting :class:`Chain`.
+NetTailor needs from a backbone: the stem (node 0 of the student graph), the
+ordered list of universal blocks (nodes 1..L) with where each one's final
+activation lives, and the classifier side. :func:`describe_chain` extracts them
+with one short layout function per family (ResNet, EfficientNet/MobileNetV3,
+RegNet, ConvNeXt); everything else in the package works on the :class:`Chain`.
 
 Weights come from timm's own pretrained mechanism (online, cached by the HF hub)
 or from a local file: safetensors, or a timm ``.pth`` read with
@@ -25,8 +26,9 @@ from torch import nn
 from .errors import ModelError
 
 SUPPORTED_FAMILIES = (
-    "timm ResNets built from BasicBlock or Bottleneck blocks: resnet18/26/34/50/101/152, "
-    "their 'd'/'t'/'s' variants, resnetaa*/resnetblur*, seresnet*, resnext*, test_resnet"
+    "ResNet (resnet18/26/34/50/101/152 and their d/t/s variants, seresnet*, resnext*, test_resnet), "
+    "EfficientNet (efficientnet_*, test_efficientnet), MobileNetV3 (mobilenetv3_*), RegNet (regnetx_*, regnety_*), "
+    "ConvNeXt (convnext_*, test_convnext)"
 )
 
 
@@ -50,15 +52,26 @@ class BlockInfo:
 
 @dataclass
 class Chain:
-    """A backbone as a chain. Modules are *references* into the timm model."""
+    """A backbone as a chain. Modules are *references* into the timm model.
 
-    stem: nn.Sequential  # image (B,3,H,W) -> node 0 (B,C0,H/r0,W/r0)
-    blocks: list[nn.Module]  # node l-1 -> node l, l = 1..L
+    ``stem``: image (B,3,H,W) -> node 0. ``blocks[l-1]``: node l-1 -> node l.
+    ``tail``: frozen modules the timm model runs after its blocks and before
+    ``forward_head`` (EfficientNet's conv_head/bn2, RegNet's final_conv, ConvNeXt's
+    norm_pre; empty for ResNet). The classifier side is the model's own
+    ``forward_head`` (pooling, and MobileNetV3/ConvNeXt's frozen pre-logits layers).
+    """
+
+    family: str
+    stem: nn.Sequential
+    blocks: list[nn.Module]
     infos: list[BlockInfo]
     stem_chs: int
     stem_reduction: int
-    num_features: int  # channels the classifier reads (after global pooling)
-    final_act_names: list[str]  # per block, the attribute holding its final activation
+    num_features: int  # width of forward_head(pre_logits=True), what the task's classifier reads
+    final_act_names: list[str | None]  # per block, the attribute of its final activation (None: linear output)
+    tail: nn.Sequential
+    body_attrs: list[str]  # top-level attributes of the model holding stem, blocks and tail
+    pool_mode: str  # how a stride-s block rounds odd sizes: "ceil" (padded 3x3 convs) or "floor" (k2s2 convs)
 
 
 def check_backbone_name(name: str) -> None:
@@ -153,50 +166,107 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], *, s
     model.load_state_dict(body, strict=False)
 
 
-def describe_chain(model: nn.Module) -> Chain:
-    """View a timm ResNet as stem + ordered residual blocks + head.
-
-    Raises :class:`ModelError` for anything that is not a supported chain.
-    """
+def _family_layout(model: nn.Module):
+    """(family, stem attrs, [(timm name, block, kind, final act attr)], tail attrs, pool mode) or None."""
+    from timm.models.convnext import ConvNeXt
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.mobilenetv3 import MobileNetV3
+    from timm.models.regnet import RegNet
     from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-    if not isinstance(model, ResNet):
+    blocks = []
+    if isinstance(model, ResNet):
+        for stage in range(1, 5):
+            for i, block in enumerate(getattr(model, f"layer{stage}")):
+                if isinstance(block, BasicBlock):
+                    blocks.append((f"layer{stage}.{i}", block, "basic", "act2"))
+                elif isinstance(block, Bottleneck):
+                    blocks.append((f"layer{stage}.{i}", block, "bottleneck", "act3"))
+                else:
+                    raise ModelError(f"block layer{stage}.{i} ({type(block).__name__}) is not supported; "
+                                     f"supported: {SUPPORTED_FAMILIES}")
+        return "resnet", ["conv1", "bn1", "act1", "maxpool"], blocks, [], "ceil"
+    if isinstance(model, (EfficientNet, MobileNetV3)):
+        # Inverted residuals end linearly (no activation after the add): the layer's activation is the identity.
+        for s, stage in enumerate(model.blocks):
+            for i, block in enumerate(stage):
+                blocks.append((f"blocks.{s}.{i}", block, "basic", None))
+        tail = ["conv_head", "bn2"] if isinstance(model, EfficientNet) else []
+        family = "efficientnet" if isinstance(model, EfficientNet) else "mobilenetv3"
+        return family, ["conv_stem", "bn1"], blocks, tail, "ceil"
+    if isinstance(model, RegNet):
+        for s in range(1, 5):
+            for name, block in getattr(model, f"s{s}").named_children():
+                act = "act3" if hasattr(block, "act3") else None
+                blocks.append((f"s{s}.{name}", block, "basic", act))
+        return "regnet", ["stem"], blocks, ["final_conv"], "ceil"
+    if isinstance(model, ConvNeXt):
+        # The stride-2 downsample (LayerNorm + 2x2 conv) of stages 2-4 is a universal block of its own.
+        for s, stage in enumerate(model.stages):
+            if not isinstance(stage.downsample, nn.Identity):
+                blocks.append((f"stages.{s}.downsample", stage.downsample, "basic", None))
+            for i, block in enumerate(stage.blocks):
+                blocks.append((f"stages.{s}.blocks.{i}", block, "basic", None))
+        return "convnext", ["stem"], blocks, ["norm_pre"], "floor"
+    return None
+
+
+def describe_chain(model: nn.Module) -> Chain:
+    """View a timm CNN as stem + ordered universal blocks + tail + head.
+
+    Families: ResNet (BasicBlock, Bottleneck), EfficientNet/MobileNetV3 (their
+    inverted-residual and conv blocks), RegNet (X and Y), ConvNeXt. Anything else
+    (transformers, non-chain networks) raises :class:`ModelError`.
+    """
+    layout = _family_layout(model)
+    if layout is None:
         arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-        raise ModelError(f"backbone '{arch}' is not supported; supported: {SUPPORTED_FAMILIES}")
-    stem = nn.Sequential(
-        OrderedDict(conv1=model.conv1, bn1=model.bn1, act1=model.act1, maxpool=model.maxpool)
-    )
-    blocks, kinds, act_names, names = [], [], [], []
-    for stage in range(1, 5):
-        for index, block in enumerate(getattr(model, f"layer{stage}")):
-            if isinstance(block, BasicBlock):
-                kinds.append("basic")
-                act_names.append("act2")
-            elif isinstance(block, Bottleneck):
-                kinds.append("bottleneck")
-                act_names.append("act3")
-            else:
-                raise ModelError(
-                    f"block layer{stage}.{index} ({type(block).__name__}) is not supported; "
-                    f"supported: {SUPPORTED_FAMILIES}"
-                )
-            blocks.append(block)
-            names.append((stage, index))
+        raise ModelError(f"backbone '{arch}' is not supported (not a chain of blocks); supported: {SUPPORTED_FAMILIES}")
+    family, stem_attrs, entries, tail_attrs, pool_mode = layout
+    stem = nn.Sequential(OrderedDict((a, getattr(model, a)) for a in stem_attrs))
+    tail = nn.Sequential(OrderedDict((a, getattr(model, a)) for a in tail_attrs))
+    blocks = [b for _, b, _, _ in entries]
     # Shapes and total strides from a tiny dry run (robust to anti-aliased and deep stems).
-    shapes = _dry_run_shapes(model, stem, blocks, size=64)
+    shapes, num_features = _dry_run_shapes(model, stem, blocks, tail, size=64)
     (stem_chs, stem_h), block_shapes = shapes[0], shapes[1:]
     infos = []
-    in_chs = stem_chs
-    for (stage, index), kind, (out_chs, h) in zip(names, kinds, block_shapes):
-        infos.append(BlockInfo(f"layer{stage}.{index}", stage, index, kind, in_chs, out_chs, 64 // h))
+    in_chs, stage, index, prev = stem_chs, 0, 0, None
+    for (name, _, kind, _), (out_chs, h) in zip(entries, block_shapes):
+        key = ".".join(name.split(".")[:2]) if family == "convnext" else name.rsplit(".", 1)[0]
+        stage, index = (stage + 1, 0) if key != prev else (stage, index + 1)
+        prev = key
+        infos.append(BlockInfo(name, stage, index, kind, in_chs, out_chs, 64 // h))
         in_chs = out_chs
-    stem_reduction = 64 // stem_h
-    return Chain(stem, blocks, infos, stem_chs, stem_reduction, model.num_features, act_names)
+    body = list(dict.fromkeys(stem_attrs + [n.split(".")[0] for n, _, _, _ in entries] + tail_attrs))
+    return Chain(family, stem, blocks, infos, stem_chs, 64 // stem_h, num_features,
+                 [a for _, _, _, a in entries], tail, body, pool_mode)
+
+
+def head_only_copy(model: nn.Module, chain: Chain) -> nn.Module:
+    """A copy of ``model`` without its body (stem, blocks, tail) and without its classifier.
+
+    Its ``forward_head(x, pre_logits=True)`` is the frozen classifier side of the
+    network (pooling, plus pre-logits layers where the family has them).
+    """
+    saved = {a: getattr(model, a) for a in chain.body_attrs}
+    try:
+        for a in saved:
+            setattr(model, a, nn.Identity())
+        head = copy.deepcopy(model)
+    finally:
+        for a, m in saved.items():
+            setattr(model, a, m)
+    head.reset_classifier(0)
+    return head
 
 
 @torch.no_grad()
-def _dry_run_shapes(model: nn.Module, stem: nn.Module, blocks: list[nn.Module], size: int) -> list[tuple[int, int]]:
-    """(channels, height) of node 0..L for a ``size`` x ``size`` input, without touching BN stats."""
+def _dry_run_shapes(model: nn.Module, stem: nn.Module, blocks: list[nn.Module], tail: nn.Module,
+                    size: int) -> tuple[list[tuple[int, int]], int]:
+    """(channels, height) of node 0..L for a ``size`` x ``size`` input, and the pre-logits width.
+
+    Runs in eval mode, so BN statistics are not touched.
+    """
     was_training = model.training
     model.eval()
     try:
@@ -206,18 +276,23 @@ def _dry_run_shapes(model: nn.Module, stem: nn.Module, blocks: list[nn.Module], 
         for block in blocks:
             x = block(x)
             shapes.append((x.shape[1], x.shape[2]))
+        width = model.forward_head(tail(x), pre_logits=True).shape[-1]
     finally:
         model.train(was_training)
-    return shapes
+    return shapes, int(width)
 
 
-def universal_block(block: nn.Module, act_name: str) -> tuple[nn.Module, nn.Module]:
+def universal_block(block: nn.Module, act_name: str | None) -> tuple[nn.Module, nn.Module]:
     """Copy of ``block`` with its final activation removed, plus that activation.
 
     The student applies the activation once, after the attention-weighted sum
-    (METHOD.md). The copy shares nothing with the original.
+    (METHOD.md). Blocks that end linearly (``act_name=None``: inverted residuals,
+    ConvNeXt blocks, downsample layers) keep everything and the activation is the
+    identity. The copy shares nothing with the original.
     """
     block = copy.deepcopy(block)
+    if act_name is None:
+        return block, nn.Identity()
     act = getattr(block, act_name)
     setattr(block, act_name, nn.Identity())
     return block, act

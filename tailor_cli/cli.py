@@ -383,7 +383,9 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="Export directory (shared backbone + one folder per task).")],
     task_name: Annotated[Optional[str], typer.Option("--task-name", help="Name of the task in the export "
                                                      "[default: the dataset's name].")] = None,
-    overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace this task's adapter if the export "
+                                            "directory already holds it.")] = False,
+    json_out: Json = False, debug: Debug = False,
 ):
     """Stage 5: write the task's adapter beside the shared frozen backbone."""
 

@@ -771,7 +771,7 @@ def _tv_open(cls: Callable, root: Path, kwargs: dict, download: bool, name: str)
             raise DataError(f"torchvision:{name} could not be prepared under {root} ({str(e).splitlines()[0]}); "
                             f"delete the folder and retry with --download") from None
         raise DataError(f"torchvision:{name} is not downloaded under {root}; pass --download to fetch it "
-                        f"(or --data-root to point at an existing copy)") from None
+                        f"(or set NETTAILOR_DATA_ROOT to the folder holding an existing copy)") from None
     except (OSError, ValueError) as e:  # URLError is an OSError
         if not download:
             raise DataError(f"torchvision:{name} under {root} is missing or unreadable ({str(e).splitlines()[0]}); "
@@ -791,7 +791,8 @@ def _read_torchvision(spec: str, download: bool, root: Path | None) -> _RawTask:
         raise DataError(f"unsupported dataset torchvision:{name}; supported: "
                         f"{', '.join(v[0] for v in TORCHVISION_DATASETS.values())}")
     cls_name, train_kw, val_kw, test_kw = TORCHVISION_DATASETS[key]
-    base_root = Path(root) if root is not None else Path("~/.cache/nettailor/datasets").expanduser()
+    default = os.environ.get("NETTAILOR_DATA_ROOT", "~/.cache/nettailor/datasets")
+    base_root = Path(root) if root is not None else Path(default).expanduser()
     ds_root = base_root / "svhn" if key == "svhn" else base_root  # others make their own subfolder
     cls = getattr(tvd, cls_name)
     tr = _tv_open(cls, ds_root, train_kw, download, cls_name)
@@ -1048,7 +1049,7 @@ def load_task_data(data: str, *, data_config: dict, img_size: int | None = None,
         val_fraction: fraction of each class (of each class's tracks for GTSRB) used for val.
         seed: split seed.
         download: allow torchvision to download ``torchvision:NAME`` into ``root_for_download``
-            (default ``~/.cache/nettailor/datasets``).
+            (default ``$NETTAILOR_DATA_ROOT``, else ``~/.cache/nettailor/datasets``).
         cache: decode + resize every image once into uint8 tensors; augment on tensors.
         hflip: random horizontal flips in training; None: off for digits/GTSRB/SVHN/Omniglot-like
             tasks, on otherwise.

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import BlockInfo, describe_chain, universal_block
+from .backbone import BlockInfo, describe_chain, head_only_copy, universal_block
 from .errors import RunError
 
 BLOCK_LOGIT_INIT = 2.0
@@ -156,10 +156,16 @@ class MaxPool2d(nn.MaxPool2d):
         return _pool(self, x)
 
 
-def make_pool(stride: int) -> nn.Module:
-    """Max-pool by ``stride`` with kernel s+1 and padding s//2: output ceil(H/s), as the blocks' convs."""
+def make_pool(stride: int, mode: str = "ceil") -> nn.Module:
+    """Max-pool by ``stride`` to the size the blocks produce.
+
+    ``"ceil"`` (padded 3x3 stride-2 convs: ResNet, EfficientNet, RegNet): kernel s+1, padding
+    s//2, output ceil(H/s). ``"floor"`` (2x2 stride-2 convs: ConvNeXt): kernel s, output floor(H/s).
+    """
     if stride == 1:
         return nn.Identity()
+    if mode == "floor":
+        return MaxPool2d(kernel_size=stride, stride=stride, padding=0)
     return MaxPool2d(kernel_size=stride + 1, stride=stride, padding=stride // 2)
 
 
@@ -227,13 +233,20 @@ class Student(nn.Module):
             if spec.block:
                 block, act = universal_block(chain.blocks[l - 1], chain.final_act_names[l - 1])
             else:
-                block, act = None, copy.deepcopy(getattr(chain.blocks[l - 1], chain.final_act_names[l - 1]))
+                act_name = chain.final_act_names[l - 1]
+                block, act = None, (copy.deepcopy(getattr(chain.blocks[l - 1], act_name)) if act_name else nn.Identity())
             proxies = {s: Proxy(self.node_chs[s], info.out_chs, info.kind) for s in spec.proxies}
             layers.append(TailoredLayer(spec, block, act, proxies))
         self.layers = nn.ModuleList(layers)
+        self.pool_mode = chain.pool_mode
         self.pools = nn.ModuleDict({
-            str(s): make_pool(s) for s in sorted({self.stride(src, l) for l, spec in enumerate(self.structure.layers, 1) for src in spec.proxies})
+            str(s): make_pool(s, self.pool_mode)
+            for s in sorted({self.stride(src, l) for l, spec in enumerate(self.structure.layers, 1) for src in spec.proxies})
         })
+        # The frozen classifier side: the family's tail (e.g. EfficientNet's conv_head) and the
+        # model's own forward_head up to its pre-logits (pooling, MobileNetV3/ConvNeXt layers).
+        self.tail = copy.deepcopy(chain.tail)
+        self.head = head_only_copy(backbone, chain)
         self.fc = nn.Linear(chain.num_features, num_classes)
         self.num_classes = num_classes
         for p in self.frozen_parameters():
@@ -247,8 +260,10 @@ class Student(nn.Module):
         return self.node_reduction[layer] // self.node_reduction[source]
 
     def frozen_parameters(self):
-        """The shared universal parameters (stem and blocks): never trained."""
+        """The shared universal parameters (stem, blocks, tail, head): never trained."""
         yield from self.stem.parameters()
+        yield from self.tail.parameters()
+        yield from self.head.parameters()
         for layer in self.layers:
             if layer.block is not None:
                 yield from layer.block.parameters()
@@ -263,8 +278,9 @@ class Student(nn.Module):
 
     def timm_name(self, key: str) -> str | None:
         """Map a student state-dict key of a universal tensor to the timm key (``None`` if task-specific)."""
-        if key.startswith("stem."):
-            return key[len("stem."):]
+        for prefix in ("stem.", "tail.", "head."):
+            if key.startswith(prefix):
+                return key[len(prefix):]
         if key.startswith("layers.") and ".block." in key:
             l, rest = key[len("layers."):].split(".block.", 1)
             return f"{self.infos[int(l)].name}.{rest}"
@@ -359,8 +375,8 @@ class Student(nn.Module):
                 out = y if out is None else out.add_(y)  # y is fresh and saved by no one: in place
             if layer.block is not None:
                 g = layer.block(nodes[l - 1])
-                # one fused pass for alpha_0 * G + (the proxies' sum)
-                out = g if out is None else torch.addcmul(out, g, a[0])
+                # alpha_0 * G added to the proxies' sum in one fused in-place pass
+                out = g if out is None else out.addcmul_(g, a[0])
             nodes[l] = layer.act(out)
             if not return_features:  # free what no later layer reads
                 for i in free:
@@ -370,7 +386,7 @@ class Student(nn.Module):
         last = nodes[-1]
         if last is None:
             raise RunError("the last layer of the student is dead; the structure is disconnected")
-        logits = self.fc(last.mean(dim=(2, 3)))
+        logits = self.fc(self.head.forward_head(self.tail(last), pre_logits=True))
         if return_features:
             return logits, nodes[1:]
         return logits
@@ -450,4 +466,4 @@ def teacher_forward(model: nn.Module, chain, x: torch.Tensor) -> tuple[torch.Ten
     for block in chain.blocks:
         h = block(h)
         feats.append(h)
-    return model.forward_head(h), feats
+    return model.forward_head(chain.tail(h)), feats

@@ -336,13 +336,14 @@ def fit(
                     "Rerun the same command with --resume to continue",
                     exit_code=code,
                 )
+            lr = opt.param_groups[0]["lr"]  # the rate this epoch trained with
             sched.step()
             train_time = time.perf_counter() - t0
             broadcast_buffers(model)  # every rank evaluates (and rank 0 saves) the same BN statistics
             val = evaluate(model, val_loader, device, amp_ctx=amp_ctx, channels_last=cfg.channels_last)
             seen_all = all_reduce_sum(torch.tensor(float(seen), device=device))
             host = (all_reduce_sum(sums) / seen_all.clamp(min=1)).tolist()
-            row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"]}
+            row = {"epoch": epoch + 1, "lr": lr}
             row.update({f"train_{t}": host[i] for i, t in enumerate(objective.terms)})
             row.update({
                 "train_loss": host[-2], "train_acc": 100.0 * host[-1],

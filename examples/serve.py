@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Classify images with every task of a nettailor export directory (one shared backbone).
+
+    python examples/serve.py EXPORT_DIR image1.png image2.jpg [--task gtsrb] [--top-k 3]
+
+The shared frozen backbone is loaded (and its sha256 checked) once; each task's adapter is
+built on the same backbone tensors. Each task's eval transform is rebuilt from the input
+settings recorded at export time (resize to img_size / crop_pct, center crop, normalise), so
+images are preprocessed exactly as during validation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from tailor_cli.adapter import load_export
+from tailor_cli.errors import TailorError
+
+INTERPOLATION = {
+    "nearest": transforms.InterpolationMode.NEAREST,
+    "bilinear": transforms.InterpolationMode.BILINEAR,
+    "bicubic": transforms.InterpolationMode.BICUBIC,
+}
+
+
+def eval_transform(input_cfg: dict) -> transforms.Compose:
+    """The validation transform recorded in an adapter's config (timm's eval transform)."""
+    size = int(input_cfg["img_size"])
+    crop_pct = float(input_cfg["crop_pct"])
+    interp = INTERPOLATION.get(str(input_cfg["interpolation"]).lower(), transforms.InterpolationMode.BILINEAR)
+    return transforms.Compose([
+        transforms.Resize(int(size / crop_pct), interpolation=interp),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=input_cfg["mean"], std=input_cfg["std"]),
+    ])
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("export_dir", type=Path, help="export directory (backbone.safetensors + one folder per task)")
+    p.add_argument("images", type=Path, nargs="+", help="image files to classify")
+    p.add_argument("--task", action="append", dest="tasks", metavar="NAME",
+                   help="only this task (repeatable; default: every task in the export)")
+    p.add_argument("--top-k", type=int, default=3, help="predictions shown per image and task (default: 3)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    t0 = time.perf_counter()
+    try:
+        backbone, tasks = load_export(args.export_dir, args.tasks, device=args.device)
+    except TailorError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", 1)
+    print(f"loaded {len(tasks)} task(s) on {backbone.config.get('name', backbone.config['architecture'])} "
+          f"({backbone.num_bytes / 1e6:.1f} MB shared) in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
+
+    images = []
+    for path in args.images:
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except OSError as err:
+            print(f"error: cannot read image '{path}': {err}", file=sys.stderr)
+            return 3
+
+    results: dict[str, list[dict]] = {}
+    for name, (model, config) in tasks.items():
+        tf = eval_transform(config["input"])
+        batch = torch.stack([tf(im) for im in images]).to(args.device)
+        with torch.inference_mode():
+            probs = model(batch).float().softmax(dim=1).cpu()
+        k = min(args.top_k, probs.shape[1])
+        top_p, top_i = probs.topk(k, dim=1)
+        results[name] = [
+            {"image": str(path), "top": [{"class": config["classes"][i], "index": int(i), "prob": round(float(p), 4)}
+                                         for p, i in zip(top_p[n].tolist(), top_i[n].tolist())]}
+            for n, path in enumerate(args.images)
+        ]
+
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for name, rows in results.items():
+        print(f"== task '{name}'")
+        for row in rows:
+            preds = ", ".join(f"{t['class']} ({100 * t['prob']:.1f}%)" for t in row["top"])
+            print(f"{row['image']}: {preds}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
