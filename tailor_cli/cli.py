@@ -70,6 +70,10 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 Device = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")]
 Amp = Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision [default: on for CUDA].")]
 AmpDtype = Annotated[str, typer.Option("--amp-dtype", help="bfloat16 or float16.")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the training forward (CUDA: faster "
+                                       "steps after a warm-up compile).")]
+ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
+                                                      help="Channels-last memory format [default: on for CUDA].")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the stage from its last checkpoint.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo the stage (and discard the stages built on it).")]
 Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
@@ -174,12 +178,14 @@ def _rank_prefix() -> str:
     return f"[rank {info().rank}] " if info().rank else ""
 
 
-def _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume, overwrite, *, lr_default, bs_default):
+def _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume, overwrite, *, lr_default,
+                bs_default, compile=False, channels_last=None):
     from .pipeline import TrainOptions
 
-    return TrainOptions(epochs=epochs, batch_size=batch_size if batch_size is not None else bs_default, lr=lr if lr is not None else lr_default,
-                        lr_step=lr_step, seed=seed, device=device, amp=amp, amp_dtype=amp_dtype, resume=resume,
-                        overwrite=overwrite)
+    return TrainOptions(epochs=epochs, batch_size=batch_size if batch_size is not None else bs_default,
+                        lr=lr if lr is not None else lr_default, lr_step=lr_step, seed=seed, device=device, amp=amp,
+                        amp_dtype=amp_dtype, resume=resume, overwrite=overwrite, compile=compile,
+                        channels_last=channels_last)
 
 
 def _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers, augment=True):
@@ -222,7 +228,8 @@ def teacher(
     download: Download = False, cache: Cache = False, hflip: Hflip = None, skip_bad: SkipBad = False,
     workers: Workers = None, augment: Augment = True, epochs: Epochs = 20, batch_size: BatchSize = None,
     lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto", amp: Amp = None,
-    amp_dtype: AmpDtype = "bfloat16", resume: Resume = False, overwrite: Overwrite = False, json_out: Json = False,
+    amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
+    channels_last: ChannelsLast = None, resume: Resume = False, overwrite: Overwrite = False, json_out: Json = False,
     debug: Debug = False,
 ):
     """Stage 1: fine-tune the whole backbone (new classifier) on the task. Defaults: lr 0.01, batch 64."""
@@ -239,7 +246,8 @@ def teacher(
                                    _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad,
                                               workers, augment),
                                    _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume,
-                                               overwrite, lr_default=0.01, bs_default=64), rep)
+                                               overwrite, lr_default=0.01, bs_default=64,
+                                               compile=compile_model, channels_last=channels_last), rep)
         finally:
             rep.close()
         _emit({"run": str(run), **result}, json_out, _render_stage)
@@ -263,7 +271,8 @@ def tailor(
     val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
     skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = 20,
     batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto",
-    amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", resume: Resume = False, overwrite: Overwrite = False,
+    amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
+    channels_last: ChannelsLast = None, resume: Resume = False, overwrite: Overwrite = False,
     json_out: Json = False, debug: Debug = False,
 ):
     """Stage 2: build the student (frozen blocks + proxies + attention) and train it. Defaults: lr 0.1, batch 32."""
@@ -283,7 +292,8 @@ def tailor(
                 run, BackboneOptions(backbone, pretrained, weights),
                 _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers, augment),
                 _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume, overwrite,
-                            lr_default=0.1, bs_default=32),
+                            lr_default=0.1, bs_default=32,
+                                               compile=compile_model, channels_last=channels_last),
                 TailorOptions(teacher=teacher_run, max_skip=max_skip, complexity_weight=complexity_weight,
                               teacher_weight=teacher_weight, teacher_train=t_train), rep)
         finally:
@@ -355,7 +365,8 @@ def finetune(
     teacher_weight: Annotated[float, typer.Option("--teacher-weight", help="g2, weight of the teacher term.")] = 10.0,
     data: Data = None, task: Task = None, cache: Cache = False, skip_bad: SkipBad = False, workers: Workers = None,
     augment: Augment = True, epochs: Epochs = 20, batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0,
-    device: Device = "auto", amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", resume: Resume = False,
+    device: Device = "auto", amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
+    channels_last: ChannelsLast = None, resume: Resume = False,
     overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False,
 ):
     """Stage 4: retrain the pruned student (complexity weight 0, teacher term on). Defaults: lr 0.01, batch 32."""
@@ -368,7 +379,8 @@ def finetune(
             result = run_finetune(run, _data_opts(data, task, None, None, False, cache, None, skip_bad, workers,
                                                   augment),
                                   _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume,
-                                              overwrite, lr_default=0.01, bs_default=32),
+                                              overwrite, lr_default=0.01, bs_default=32,
+                                               compile=compile_model, channels_last=channels_last),
                                   teacher_weight=teacher_weight, callbacks=rep)
         finally:
             rep.close()

@@ -56,6 +56,7 @@ class TrainOptions:
     amp: bool | None = None  # None: on for CUDA (bf16)
     amp_dtype: str = "bfloat16"
     channels_last: bool | None = None  # None: on for CUDA
+    compile: bool = False  # torch.compile the training forward
     resume: bool = False
     overwrite: bool = False
 
@@ -271,7 +272,8 @@ def _fit_teacher(run: Path, model: nn.Module, task, data: DataOptions, train: Tr
     train_loader, val_loader = _loaders(task, train.batch_size, device, train.seed, data.workers)
     _say_distributed(cb, train)
     model = dist.sync_batchnorm(model, device)
-    row = fit(stage="teacher", stage_dir=stage_dir, model=model, objective=TeacherObjective(model, dist.wrap(model, device)),
+    forward = _maybe_compile(dist.wrap(model, device), train.compile)
+    row = fit(stage="teacher", stage_dir=stage_dir, model=model, objective=TeacherObjective(model, forward),
               param_groups=[{"params": list(model.parameters())}], train_loader=train_loader,
               val_loader=val_loader, device=device, cfg=cfg, resume=train.resume, callbacks=cb)
     arch = model.pretrained_cfg["architecture"]
@@ -377,7 +379,8 @@ def _fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | N
             layer.logits.requires_grad_(False)
     _say_distributed(cb, train)
     student = dist.sync_batchnorm(student, device)
-    objective = StudentObjective(student, teacher, chain, complexity, g1, g2, forward=dist.wrap(student, device))
+    forward = _maybe_compile(dist.wrap(student, device), train.compile)
+    objective = StudentObjective(student, teacher, chain, complexity, g1, g2, forward=forward)
     arch = read_run(run)["backbone"]["architecture"]
     row = fit(stage=stage, stage_dir=stage_dir, model=student, objective=objective,
               param_groups=_student_groups(student, 5e-4), train_loader=train_loader, val_loader=val_loader,
@@ -391,6 +394,11 @@ def _fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | N
     write_summary(run, stage, summary)
     dist.barrier()
     return summary
+
+
+def _maybe_compile(module: nn.Module, enabled: bool) -> nn.Module:
+    """``torch.compile`` the training forward (--compile); weights stay shared with ``module``."""
+    return torch.compile(module) if enabled else module
 
 
 def _say_distributed(cb: Callbacks, train: TrainOptions) -> None:

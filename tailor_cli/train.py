@@ -70,7 +70,7 @@ class TeacherObjective:
 
     def __init__(self, model: nn.Module, forward: nn.Module | None = None):
         self.model = model
-        self.forward = forward or model  # the DDP wrapper under torchrun
+        self.forward = forward if forward is not None else model  # DDP and/or compiled wrapper
 
     def __call__(self, images, labels):
         logits = self.forward(images)
@@ -92,7 +92,7 @@ class StudentObjective:
         forward: nn.Module | None = None,
     ):
         self.student, self.teacher, self.chain = student, teacher, teacher_chain
-        self.forward = forward or student  # the DDP wrapper under torchrun
+        self.forward = forward if forward is not None else student  # DDP and/or compiled wrapper
         self.complexity = complexity
         self.g1, self.g2 = complexity_weight, teacher_weight
         if self.g2 > 0 and teacher is None:
