@@ -94,7 +94,12 @@ class Setup:
         from tailor_cli.counting import path_costs
         from tailor_cli.losses import ComplexityModel
         from tailor_cli.student import Student
-        from tailor_cli.train import StudentObjective, TeacherObjective, TrainConfig, make_optimizer
+        from tailor_cli.train import (
+            StudentObjective,
+            TeacherObjective,
+            TrainConfig,
+            make_optimizer,
+        )
 
         self.args = args
         self.device = torch.device(args.device)
@@ -127,7 +132,7 @@ class Setup:
             complexity = ComplexityModel(self.student.structure, costs).to(self.device)
             self.tailor_objective = StudentObjective(self.student, self.teacher, describe_chain(self.teacher),
                                                      complexity, COMPLEXITY_WEIGHT, TEACHER_WEIGHT)
-            logits = set(id(p) for p in self.student.attention_parameters())  # pipeline._student_groups
+            logits = {id(p) for p in self.student.attention_parameters()}  # pipeline._student_groups
             rest = [p for p in self.student.trainable_parameters() if id(p) not in logits]
             groups = [{"params": rest}, {"params": self.student.attention_parameters(), "weight_decay": 0.0}]
             self.tailor_opt, _ = make_optimizer(groups, TrainConfig(epochs=1, lr=0.1, lr_step=1))
@@ -400,9 +405,10 @@ def _loadavg() -> float | None:
 
 def format_table(res: dict) -> str:
     c, tr, inf, mem, tg = res["config"], res["train"], res["inference"], res["memory"], res["targets"]
-    lines = [f"{c['backbone']}  batch {c['batch_size']}  {c['img_size']} px  {c['device']}  amp={c['amp']}  "
-             f"channels_last={c['channels_last']}  threads={c['threads']}  median of {c['repeats']}  "
-             f"(load average {c['load_average'][0]} -> {c['load_average'][1]} on {c['cpu_count']} CPUs)",
+    header = (f"{c['backbone']}  batch {c['batch_size']}  {c['img_size']} px  {c['device']}  amp={c['amp']}  "
+              f"channels_last={c['channels_last']}  threads={c['threads']}  median of {c['repeats']}  "
+              f"(load average {c['load_average'][0]} -> {c['load_average'][1]} on {c['cpu_count']} CPUs)")
+    lines = [header,
              "",
              f"{'train step':<28}{'s/step':>10}{'cpu s':>10}{'img/s':>10}"]
     for n in ("finetune", "tailor"):
@@ -415,10 +421,11 @@ def format_table(res: dict) -> str:
         lines.append(f"  {'tailor / finetune':<26}{mem['ratio']:>10.3f}   ({mem['finetune']['method']})")
     m = res["macs"]
     s = res["pruned_structure"]
-    lines += ["", f"pruned student: {s['blocks']} blocks, {s['proxies']} proxies; MACs/image "
-              f"full {m['full'] / 1e6:.1f}M, pruned {m['pruned'] / 1e6:.1f}M (full/pruned {m['full_over_pruned']:.3f})",
+    pruned = (f"pruned student: {s['blocks']} blocks, {s['proxies']} proxies; MACs/image full {m['full'] / 1e6:.1f}M, "
+              f"pruned {m['pruned'] / 1e6:.1f}M (full/pruned {m['full_over_pruned']:.3f})")
+    lines += ["", pruned,
               f"{'inference':<28}{'full img/s':>12}{'pruned img/s':>14}{'speed-up':>10}{'/ MACs':>9}"]
-    for key, row in inf.items():
+    for row in inf.values():
         lines.append(f"  batch {row['batch_size']:<20}{row['full']['images_per_s']:>12.1f}{row['pruned']['images_per_s']:>14.1f}"
                      f"{row['speedup']:>10.3f}{row['efficiency']:>9.3f}")
     lines += ["", "targets:"]
@@ -433,13 +440,17 @@ def format_table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memory_child:
-        res = memory_child(args)
-        print(json.dumps(res))
-        return res
-    res = run(args, [a for a in argv if a != "--json"])
+    try:
+        if args.memory_child:
+            res = memory_child(args)
+            print(json.dumps(res))
+            return res
+        res = run(args, [a for a in argv if a != "--json"])
+    finally:
+        torch.set_num_threads(threads)  # main() may be called from a longer-lived process
     if args.json:
         print(json.dumps(res))
     else:

