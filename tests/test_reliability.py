@@ -254,3 +254,14 @@ def test_existing_stage_is_never_overwritten_silently(tmp_path, tailored_run, fo
 def test_debug_shows_the_traceback(tmp_path, folder_data):
     res = invoke("teacher", "--data", folder_data, "--backbone", "resnet343", "--output", tmp_path / "r", "--debug")
     assert res.exit_code == 4 and "Traceback" in res.stderr
+
+
+def test_out_of_memory_suggests_a_smaller_batch(tmp_path, folder_data, monkeypatch):
+    import tailor_cli.pipeline as pipeline
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipeline, "train_teacher", oom)
+    res = invoke("teacher", "--data", folder_data, "--output", tmp_path / "r", *FAST)
+    _assert_clean_failure(res, 6, "out of memory", "--batch-size")

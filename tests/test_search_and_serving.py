@@ -231,3 +231,18 @@ def test_block_usage_plot(three_tasks, tmp_path, suffix):
     assert not list(tmp_path.glob(".*tmp*"))
     res = invoke("report", export, "--plot", tmp_path / "usage.pdf")
     assert res.exit_code == 2 and ".png or .svg" in res.stderr
+
+
+def test_run_searches_k_by_default_and_its_export_is_served(tmp_path, folder_data):
+    run, export = tmp_path / "run", tmp_path / "export"
+    res = invoke("run", "--data", folder_data, *TINY, "--epochs", "1", "--search-epochs", "1", "--tolerance", "100",
+                 "--threshold", "0.01", "--output", run, "--out", export, "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    search = out["tasks"][0]["search"]
+    assert search["candidates_tried"] < search["k_values"]
+    assert (run / "search" / "frontier.json").is_file()
+    assert json.loads(invoke("report", export, "--json").stdout)["totals"]["tasks"] == 1
+    img = tmp_path / "x.png"
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(img)
+    assert invoke("predict", export, img, "--device", "cpu").exit_code == 0
