@@ -246,8 +246,8 @@ def teacher(
                                    _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad,
                                               workers, augment),
                                    _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume,
-                                               overwrite, lr_default=0.01, bs_default=64,
-                                               compile=compile_model, channels_last=channels_last), rep)
+                                               overwrite, lr_default=0.01, bs_default=64, compile=compile_model,
+                                               channels_last=channels_last), rep)
         finally:
             rep.close()
         _emit({"run": str(run), **result}, json_out, _render_stage)
@@ -292,8 +292,7 @@ def tailor(
                 run, BackboneOptions(backbone, pretrained, weights),
                 _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers, augment),
                 _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume, overwrite,
-                            lr_default=0.1, bs_default=32,
-                                               compile=compile_model, channels_last=channels_last),
+                            lr_default=0.1, bs_default=32, compile=compile_model, channels_last=channels_last),
                 TailorOptions(teacher=teacher_run, max_skip=max_skip, complexity_weight=complexity_weight,
                               teacher_weight=teacher_weight, teacher_train=t_train), rep)
         finally:
@@ -379,8 +378,8 @@ def finetune(
             result = run_finetune(run, _data_opts(data, task, None, None, False, cache, None, skip_bad, workers,
                                                   augment),
                                   _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume,
-                                              overwrite, lr_default=0.01, bs_default=32,
-                                               compile=compile_model, channels_last=channels_last),
+                                              overwrite, lr_default=0.01, bs_default=32, compile=compile_model,
+                                              channels_last=channels_last),
                                   teacher_weight=teacher_weight, callbacks=rep)
         finally:
             rep.close()

@@ -30,7 +30,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import torch
 import torch.utils.data
 from PIL import Image
 
+from .checkpoint import write_json
 from .errors import DataError
 
 __all__ = [
@@ -874,20 +874,6 @@ def make_split(labels: Sequence[int], val_fraction: float, seed: int,
     return sorted(train_idx), sorted(val_idx)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_split_file(split_file: Path, raw: _RawTask, skipped: list[str]) -> tuple[list[int], list[int]]:
     """Indices into ``raw.train`` of the stored split; stored items that were skipped are dropped."""
     try:
@@ -918,7 +904,7 @@ def _split(raw: _RawTask, split_file: Path | None, val_fraction: float, seed: in
         tr, va = make_split(raw.train.labels, val_fraction, seed, raw.groups)
         how = "made"
         if split_file is not None:
-            _write_json_atomic(Path(split_file), {
+            write_json(Path(split_file), {
                 "format": SPLIT_FORMAT, "layout": raw.layout, "name": raw.name, "seed": seed,
                 "val_fraction": val_fraction, "classes": raw.classes,
                 "train": [raw.train.key(i) for i in tr], "val": [raw.train.key(i) for i in va],

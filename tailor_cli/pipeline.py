@@ -521,7 +521,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
         except UsageError:
             plans[k] = {"k": k, "status": "disconnected"}
             continue
-        pruned, _ = load_student(tailor_dir, torch.device("cpu"))
+        pruned = copy.deepcopy(student)  # the tailored student is read once; each K prunes a copy
         pruned.prune_(res.structure)
         plans[k] = {"k": k, "status": "untried", "structure": res.structure, "blocks_kept": res.structure.counts()["blocks"],
                     "proxies_kept": res.structure.counts()["proxies"], "params": student_params(pruned)["total"],
@@ -536,7 +536,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
         row = plans[k]
         if row["status"] == "tried":
             return row["val_acc"]
-        cand, _ = load_student(tailor_dir, torch.device("cpu"))
+        cand = copy.deepcopy(student)
         cand.prune_(row["structure"])
         stage = f"search/k{k}"
         shutil.rmtree(run / stage, ignore_errors=True)

@@ -16,8 +16,7 @@ from .student import Student
 
 def _full_network(architecture: str, num_classes: int, img_size: int) -> dict:
     model = timm.create_model(architecture, pretrained=False, num_classes=num_classes)
-    return {"params": network_params(model), "macs": model_macs(model, img_size),
-            "blocks": len(Student(model, num_classes).layers)}
+    return {"params": network_params(model), "macs": model_macs(model, img_size)}
 
 
 def student_report(student: Student, *, task: str, architecture: str, img_size: int, accuracy: float | None,

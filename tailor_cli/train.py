@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -374,11 +373,3 @@ def _check_finite(values: torch.Tensor, names: tuple[str, ...], stage: str, epoc
             f"{stage}: non-finite loss at epoch {epoch + 1}, step {step + 1} (term: {', '.join(which)}); "
             "the last good checkpoint is kept. Try a lower --lr"
         )
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
-
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)
