@@ -241,6 +241,20 @@ def interleaved(fns: dict, *, repeats: int, warmup: int, sync, inner: int = 1) -
     return {n: out[n] for n in names} | {f"{n}_cpu": cpu[n] for n in names}
 
 
+def step_macs(step) -> int:
+    """MACs of one whole training step (forward and backward), counted by ``FlopCounterMode``.
+
+    The tailor/finetune ratio of these is the floor a step-time ratio can reach when both
+    steps run their arithmetic equally fast: the proxies add real work (at resnet34, 64 px
+    about 10%) on top of the teacher pass and the input-gradient backward.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() // 2
+
+
 def summary(times: list[float], cpu: list[float], images: int) -> dict:
     med = statistics.median(times)
     return {"seconds": med, "cpu_seconds": statistics.median(cpu), "images_per_s": images / med,
@@ -338,6 +352,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     train = {n: summary(t[n], t[f"{n}_cpu"], B) for n in ("finetune", "tailor")}
     train["ratio"] = train["tailor"]["seconds"] / train["finetune"]["seconds"]
     train["cpu_ratio"] = train["tailor"]["cpu_seconds"] / train["finetune"]["cpu_seconds"]
+    train["macs"] = {"finetune": step_macs(setup.finetune_step), "tailor": step_macs(setup.tailor_step)}
+    train["mac_ratio"] = train["macs"]["tailor"] / train["macs"]["finetune"]
 
     # -- inference
     setup.full.eval()
@@ -381,7 +397,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                    "warmup": args.warmup, "drop_blocks": setup.drop_blocks, "threads": torch.get_num_threads(),
                    "complexity_weight": COMPLEXITY_WEIGHT, "teacher_weight": TEACHER_WEIGHT,
                    "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
-                   "machine": platform.machine(), "cpu_count": os.cpu_count(),
+                   "machine": platform.machine(), "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
                    # other processes' load distorts CPU timings: 1-minute load average before/after
                    "load_average": [load_before, _loadavg()],
                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
@@ -396,6 +412,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     }
 
 
+def _cpu_model() -> str:
+    """The CPU's marketing name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _loadavg() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
@@ -407,13 +435,16 @@ def format_table(res: dict) -> str:
     c, tr, inf, mem, tg = res["config"], res["train"], res["inference"], res["memory"], res["targets"]
     header = (f"{c['backbone']}  batch {c['batch_size']}  {c['img_size']} px  {c['device']}  amp={c['amp']}  "
               f"channels_last={c['channels_last']}  threads={c['threads']}  median of {c['repeats']}  "
-              f"(load average {c['load_average'][0]} -> {c['load_average'][1]} on {c['cpu_count']} CPUs)")
+              f"(load average {c['load_average'][0]} -> {c['load_average'][1]} on {c['cpu_count']} CPUs: "
+              f"{c['cpu_model']}; OMP_WAIT_POLICY={c['omp_wait_policy'] or 'unset'})")
     lines = [header,
              "",
              f"{'train step':<28}{'s/step':>10}{'cpu s':>10}{'img/s':>10}"]
     for n in ("finetune", "tailor"):
         lines.append(f"  {n:<26}{tr[n]['seconds']:>10.4f}{tr[n]['cpu_seconds']:>10.3f}{tr[n]['images_per_s']:>10.1f}")
     lines.append(f"  {'tailor / finetune':<26}{tr['ratio']:>10.3f}{tr['cpu_ratio']:>10.3f}")
+    lines.append(f"  {'by MACs (the floor)':<26}{tr['mac_ratio']:>10.3f}"
+                 f"   ({tr['macs']['tailor'] / 1e9:.2f} vs {tr['macs']['finetune'] / 1e9:.2f} GMACs per step)")
     if mem:
         lines += ["", f"{'peak memory':<28}{'MiB':>10}"]
         for n in ("finetune", "tailor"):

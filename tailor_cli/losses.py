@@ -51,8 +51,9 @@ class _MeanSquaredError(torch.autograd.Function):
     """mean((x - t)^2) in float32, saving only ``d = x - t``; backward is one pass, ``d * (2 g / n)``.
 
     Autograd's ``sub -> square -> mean`` chain gives the same values but its backward takes
-    about three passes over full-size tensors (mean's expand, pow's ``2 * d * g``). ``t`` gets
-    no gradient and is never saved, so it may be an inference tensor.
+    about three passes over full-size tensors (mean's expand, pow's ``2 * d * g``). The forward's
+    sum of squares is a dot product: no full-size ``d**2`` is written. ``t`` gets no gradient and
+    is never saved, so it may be an inference tensor.
     """
 
     @staticmethod
@@ -60,7 +61,8 @@ class _MeanSquaredError(torch.autograd.Function):
         d = x.float() - t.float()
         ctx.save_for_backward(d)
         ctx.x_dtype = x.dtype
-        return d.square().mean()
+        flat = d.reshape(-1)
+        return torch.dot(flat, flat) / flat.numel()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -64,6 +64,13 @@ def test_benchmark_json_has_every_measurement(capsys, monkeypatch):
         assert row["seconds"] > 0 and row["images_per_s"] > 0 and len(row["all_seconds"]) == 1
         assert isinstance(row["cpu_seconds"], float)
     assert math.isclose(res["train"]["ratio"], res["train"]["tailor"]["seconds"] / res["train"]["finetune"]["seconds"])
+    # the MAC floor counts forward and backward: a fine-tuning step is about 3 forward passes
+    macs = res["train"]["macs"]
+    assert 2.5 * res["macs"]["full"] * 4 < macs["finetune"] < 3.5 * res["macs"]["full"] * 4  # batch 4
+    assert math.isclose(res["train"]["mac_ratio"], macs["tailor"] / macs["finetune"])
+    # tailor: a teacher forward and a student forward (all blocks plus proxies), then a backward
+    assert 2.0 * res["macs"]["full"] * 4 < macs["tailor"] < 4.0 * res["macs"]["full"] * 4
+    assert cfg["cpu_model"]
 
     mem = res["memory"]
     assert isinstance(mem["finetune"]["peak_bytes"], int) and isinstance(mem["tailor"]["peak_bytes"], int)
