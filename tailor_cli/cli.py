@@ -55,7 +55,8 @@ ImgSize = Annotated[Optional[int], typer.Option("--img-size", help="Training inp
 ValFraction = Annotated[Optional[float], typer.Option("--val-fraction", help="Validation fraction for data without a "
                                                       "validation split [default: 0.1].")]
 Download = Annotated[bool, typer.Option("--download", help="Download torchvision datasets.")]
-Cache = Annotated[bool, typer.Option("--cache", help="Decode and resize once, keep uint8 images in memory.")]
+Cache = Annotated[bool, typer.Option("--cache", help="Decode and resize once, keep uint8 images in memory "
+                                         "(refused if over 80% of available memory).")]
 Hflip = Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Horizontal flips in training "
                                                "[default: off for digits, characters, traffic signs].")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (and count them) instead of failing.")]

@@ -928,6 +928,8 @@ def build_cache(samples: _Samples, prep: Callable, *, skip_bad: bool = False,
 
     Decoding uses ``threads`` threads; by default 1 for small images (Python overhead dominates and
     threads fight over the GIL) and up to 4 when the first items take > 1.5 ms each to decode.
+    Items are written into one preallocated tensor as they are decoded, so the peak is the cache
+    itself (not the cache plus a list of every image).
 
     Returns:
         ``images`` uint8 ``(N, 3, H, W)``, ``targets`` int64 ``(N,)``, keys of the kept items.
@@ -940,30 +942,76 @@ def build_cache(samples: _Samples, prep: Callable, *, skip_bad: bool = False,
             return e
 
     n = len(samples)
+    images: torch.Tensor | None = None
+    bad: dict[int, BaseException] = {}
+
+    def store(i: int, item: torch.Tensor | BaseException) -> None:
+        nonlocal images
+        if not isinstance(item, torch.Tensor):
+            if not skip_bad:
+                raise DataError(_bad_image_msg(samples.describe(i), item))
+            bad[i] = item
+            return
+        if images is None:
+            images = torch.empty((n, *item.shape), dtype=torch.uint8)
+        images[i] = item
+
     t0 = time.perf_counter()
-    out = [one(i) for i in range(min(n, _CACHE_PROBE))]
-    per_item = (time.perf_counter() - t0) / max(1, len(out))
+    probe = min(n, _CACHE_PROBE)
+    for i in range(probe):
+        store(i, one(i))
+    per_item = (time.perf_counter() - t0) / max(1, probe)
     if threads is None:  # threads only pay off when decoding dominates (large files); small ones hit the GIL
         threads = max(1, min(4, os.cpu_count() or 1)) if per_item > _CACHE_THREAD_MIN_S else 1
-    rest = range(len(out), n)
+    rest = range(probe, n)
     if threads > 1 and len(rest) > 64:
         with ThreadPoolExecutor(threads) as ex:
-            out += list(ex.map(one, rest, chunksize=16))
+            for i, item in zip(rest, ex.map(one, rest, chunksize=16)):
+                store(i, item)
     else:
-        out += [one(i) for i in rest]
-    keep = [i for i, x in enumerate(out) if isinstance(x, torch.Tensor)]
-    if len(keep) != len(out):
-        bad = [i for i, x in enumerate(out) if not isinstance(x, torch.Tensor)]
-        if not skip_bad:
-            raise DataError(_bad_image_msg(samples.describe(bad[0]), out[bad[0]]))  # type: ignore[arg-type]
-        if skipped is not None:
-            skipped.extend(samples.describe(i) for i in bad)
-    if keep:
-        images = torch.stack([out[i] for i in keep])  # type: ignore[misc]
-    else:
+        for i in rest:
+            store(i, one(i))
+    keep = [i for i in range(n) if i not in bad]
+    if bad and skipped is not None:
+        skipped.extend(samples.describe(i) for i in sorted(bad))
+    if images is None:
         images = torch.empty((0, 3, 1, 1), dtype=torch.uint8)
+    elif bad:
+        images = images[torch.tensor(keep, dtype=torch.long)]
     targets = torch.tensor([samples.labels[i] for i in keep], dtype=torch.int64)
     return images, targets, [samples.key(i) for i in keep]
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can give this process without swapping (Linux ``MemAvailable``), if known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_cache_fits(items: list[tuple[int, int]], *, available: int | None = None, fraction: float = 0.8) -> int:
+    """Refuse a cache larger than ``fraction`` of the available memory; return its size in bytes.
+
+    ``items``: ``(count, side)`` per cached split, each image stored as uint8 ``(3, side, side)``.
+    """
+    need = sum(3 * count * side * side for count, side in items)
+    available = available_memory_bytes() if available is None else available
+    if available is not None and need > fraction * available:
+        gib = 2**30
+        raise DataError(
+            f"--cache needs about {need / gib:.1f} GiB ({sum(c for c, _ in items)} images) but only "
+            f"{available / gib:.1f} GiB of memory is available; drop --cache (images are then decoded "
+            "on the fly by the loader workers) or lower --img-size"
+        )
+    return need
 
 
 # --------------------------------------------------------------------------------------------
@@ -1101,6 +1149,8 @@ def _cached_splits(pre: _Preproc, train_s: _Samples, val_s: _Samples, test_s: _S
                    ) -> tuple[CachedImageDataset, CachedImageDataset, CachedImageDataset | None]:
     """Train cached at ``scale_size`` (random crop later); val/test cached as the exact eval output."""
     norm = pre.normalize()
+    check_cache_fits([(len(train_s), pre.scale_size), (len(val_s), pre.img_size),
+                      (len(test_s) if test_s is not None else 0, pre.img_size)])
     imgs, tg, keys = build_cache(train_s, pre.cache_train_prep(), skip_bad=skip_bad, skipped=skipped)
     train_ds = CachedImageDataset(imgs, tg, pre.tensor_train(), keys)
     eval_prep = pre.eval_prep()

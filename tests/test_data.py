@@ -18,6 +18,7 @@ from datagen import (class_image, make_decathlon, make_gtsrb, make_imagefolder, 
 from tailor_cli.data import (GTSRB_CLASSES, TaskData, default_num_workers, load_task_data,  # noqa: E402
                              make_loader, make_split)
 from tailor_cli.errors import DataError  # noqa: E402
+from tailor_cli import data as data_mod  # noqa: E402
 
 # timm.data.resolve_data_config({}, model=timm.create_model("test_resnet")) as a literal (fast).
 CFG = {"input_size": (3, 160, 160), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),
@@ -385,3 +386,54 @@ def test_make_loader_with_worker(gen):
 def test_gtsrb_training_folder_itself(gen):
     d = load(gen["gtsrb"] / "GTSRB" / "Training")
     assert d.layout == "gtsrb" and d.test is not None
+
+
+class _FakeSamples:
+    """``n`` items; item i decodes to a constant image of value i, except the ``bad`` ones."""
+
+    def __init__(self, n: int, bad=()):
+        self.n, self.bad = n, set(bad)
+        self.labels = [i % 3 for i in range(n)]
+
+    def __len__(self):
+        return self.n
+
+    def load(self, i):
+        if i in self.bad:
+            raise OSError("truncated")
+        return i
+
+    def key(self, i):
+        return f"k{i}"
+
+    def describe(self, i):
+        return f"item{i}.png"
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_build_cache_keeps_images_labels_and_keys_aligned_around_skipped_items(threads):
+    samples = _FakeSamples(100, bad=(0, 41, 99))
+    prep = lambda i: torch.full((3, 2, 2), i % 256, dtype=torch.uint8)  # noqa: E731
+    skipped = []
+    images, targets, keys_ = data_mod.build_cache(samples, prep, skip_bad=True, skipped=skipped, threads=threads)
+    kept = [i for i in range(100) if i not in (0, 41, 99)]
+    assert images.shape == (97, 3, 2, 2) and images.dtype == torch.uint8
+    assert images[:, 0, 0, 0].tolist() == kept
+    assert targets.tolist() == [i % 3 for i in kept] and keys_ == [f"k{i}" for i in kept]
+    assert skipped == ["item0.png", "item41.png", "item99.png"]
+    with pytest.raises(DataError, match="item41.png"):
+        data_mod.build_cache(_FakeSamples(100, bad=(41,)), prep, threads=threads)
+
+
+def test_cache_larger_than_available_memory_is_refused(gen, monkeypatch):
+    need = data_mod.check_cache_fits([(1000, 32), (10, 24)], available=10**9)
+    assert need == 3 * (1000 * 32 * 32 + 10 * 24 * 24)
+    with pytest.raises(DataError, match=r"--cache needs about .* GiB \(1010 images\).*drop --cache"):
+        data_mod.check_cache_fits([(1000, 32), (10, 24)], available=need)  # > 80% of what is free
+    monkeypatch.setattr(data_mod, "available_memory_bytes", lambda: 1000)
+    with pytest.raises(DataError, match="--cache needs"):
+        load(gen["split"], cache=True)
+    assert not load(gen["split"]).cached  # without --cache nothing is checked or cached
+    if sys.platform.startswith("linux"):
+        monkeypatch.undo()
+        assert data_mod.available_memory_bytes() > 0
