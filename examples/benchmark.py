@@ -18,7 +18,8 @@ are interleaved (A B, then B A, ...) so that a noisy machine disturbs both alike
     python examples/benchmark.py                                   # resnet34, batch 64, 64 px, CPU
     python examples/benchmark.py --backbone resnet18 --json
     python examples/benchmark.py --device cuda --amp --channels-last
-    OMP_WAIT_POLICY=PASSIVE python examples/benchmark.py   # a CPU shared with other processes
+    OMP_WAIT_POLICY=PASSIVE python examples/benchmark.py   # a CPU shared with other busy processes
+                                                           # (on an idle CPU it slows small ops down)
 
 Targets (issue 5): tailor step <= 1.1x the fine-tuning step; peak memory <= 1.25x; pruned
 inference speed-up >= 0.8x the MAC ratio, at batch 1 and batch B.
