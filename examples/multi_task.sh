@@ -4,10 +4,12 @@
 # then report the block usage of all tasks side by side.
 #
 #   bash examples/multi_task.sh
-#   EPOCHS=5 TASKS="GTSRB:10:112 SVHN:auto:64" bash examples/multi_task.sh
+#   EPOCHS=5 TASKS="torchvision:GTSRB,10,112 /data/my_parts,auto,64" bash examples/multi_task.sh
 #
-# Datasets are downloaded by torchvision into ~/.cache/nettailor/datasets (about 1 GB in all);
-# SVHN and Flowers102 need scipy to read their .mat files (pip install scipy).
+# A task is DATA,K,IMG_SIZE: DATA is torchvision:NAME (downloaded into ~/.cache/nettailor/datasets)
+# or a dataset folder of your own (any layout `nettailor` reads); the task is named after NAME
+# (lower case) or the folder. K is the number of universal blocks to drop, or "auto" to search it.
+# torchvision's SVHN and Flowers102 need scipy to read their .mat files (pip install scipy).
 # Meant for a GPU (used automatically). Re-running continues where it stopped (--resume).
 set -euo pipefail
 
@@ -15,20 +17,34 @@ BACKBONE="${BACKBONE:-resnet34}"    # every task must use the same backbone AND 
 RUNS="${RUNS:-runs/multi-${BACKBONE}}"  # one run directory per task under this folder
 OUT="${OUT:-exports/multi-${BACKBONE}}" # the shared export directory
 EPOCHS="${EPOCHS:-20}"              # epochs of each training stage
+THRESHOLD="${THRESHOLD:-0.05}"      # proxies with attention below this are removed
+DEVICE="${DEVICE:-auto}"
 WEIGHTS="${WEIGHTS:-}"              # local backbone weights (.safetensors or timm .pth); empty: timm's pretrained
-# torchvision dataset : K (universal blocks to drop, or "auto" to search it) : training image size
-TASKS="${TASKS:-GTSRB:10:112 SVHN:11:64 Flowers102:7:224}"
+# DATA,K,IMG_SIZE per task (see above)
+TASKS="${TASKS:-torchvision:GTSRB,10,112 torchvision:SVHN,11,64 torchvision:Flowers102,7,224}"
 
-if ! python -c "import scipy" 2>/dev/null; then
+if [[ "$TASKS" =~ torchvision:(SVHN|Flowers102) ]] && ! python -c "import scipy" 2>/dev/null; then
     echo "error: torchvision's SVHN and Flowers102 readers need scipy; run: pip install scipy" >&2
     exit 1
 fi
 
 for spec in $TASKS; do
-    IFS=: read -r dataset k img_size <<< "$spec"
-    task="$(echo "$dataset" | tr '[:upper:]' '[:lower:]')"
-    args=(--data "torchvision:$dataset" --download --backbone "$BACKBONE" --img-size "$img_size"
-          --epochs "$EPOCHS" --output "$RUNS/$task" --out "$OUT" --resume)
+    IFS=, read -r data k img_size <<< "$spec"
+    if [[ -z "$data" || -z "$k" || -z "$img_size" ]]; then
+        echo "error: task '$spec' is not DATA,K,IMG_SIZE (e.g. torchvision:GTSRB,10,112 or /data/parts,auto,64)" >&2
+        exit 2
+    fi
+    if [[ "$data" == torchvision:* ]]; then  # named as nettailor names it: gtsrb, or the folder's name
+        task="$(echo "${data#torchvision:}" | tr '[:upper:]' '[:lower:]')"
+    else
+        task="$(basename "$data")"
+    fi
+    args=(--data "$data" --backbone "$BACKBONE" --img-size "$img_size"
+          --epochs "$EPOCHS" --threshold "$THRESHOLD" --device "$DEVICE" --output "$RUNS/$task" --out "$OUT"
+          --resume)
+    if [[ "$data" == torchvision:* ]]; then
+        args+=(--download)
+    fi
     if [[ -n "$WEIGHTS" ]]; then
         args+=(--weights "$WEIGHTS")
     fi
