@@ -21,7 +21,9 @@ optional horizontal flip, no colour jitter / auto-augment. Eval: resize to ``img
 then center crop. With ``cache=True`` every image is decoded and resized ONCE into uint8 tensors
 ``(N, 3, H, W)`` and the per-epoch augmentation runs on tensors (``torchvision.transforms.v2``).
 
-Every problem with the data raises ``DataError`` with a one-line message. Nothing here prints.
+Every problem with the data raises ``DataError`` with a one-line message; a bad option value
+(``img_size``, ``val_fraction``, ``task`` for data that has no tasks) raises ``UsageError``.
+Nothing here prints.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ import torch.utils.data
 from PIL import Image
 
 from .checkpoint import write_json
-from .errors import DataError
+from .errors import DataError, UsageError
 
 __all__ = [
     "TaskData",
@@ -269,13 +271,15 @@ class Normalize:
 class ImageDataset(torch.utils.data.Dataset):
     """Decodes each item on access: ``prep(PIL RGB) -> uint8 (3, H, W)``, then ``post`` -> float32.
 
-    Items: ``(float32 (3, img_size, img_size), int label)``.
+    Items: ``(float32 (3, img_size, img_size), int label)``. ``skip_bad``: the data was loaded with
+    ``--skip-bad`` (so an unreadable item's message does not suggest passing it).
     """
 
-    def __init__(self, samples: _Samples, prep: Callable, post: Callable):
+    def __init__(self, samples: _Samples, prep: Callable, post: Callable, skip_bad: bool = False):
         self.samples = samples
         self.prep = prep
         self.post = post
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -288,7 +292,7 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             img = self.samples.load(i)
         except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(_bad_image_msg(self.samples.describe(i), e)) from None
+            raise DataError(_bad_image_msg(self.samples.describe(i), e, self.skip_bad)) from None
         return self.post(self.prep(img)), self.samples.labels[i]
 
 
@@ -450,8 +454,12 @@ class _RawTask:
     skipped: list[str] = field(default_factory=list)
 
 
-def _bad_image_msg(name: str, err: BaseException) -> str:
+def _bad_image_msg(name: str, err: BaseException, skip_bad: bool = False) -> str:
+    """One-line message for an unreadable image; ``skip_bad``: --skip-bad was given (do not suggest it)."""
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if skip_bad:
+        return (f"cannot read image {name} ({reason}): it is truncated or not an image and was not skipped "
+                f"(--skip-bad skips the image files that fail to decode before training); replace or delete it")
     return (f"cannot read image {name} ({reason}): it is truncated or not an image; "
             f"replace or delete it, or pass --skip-bad to skip unreadable images")
 
@@ -480,13 +488,30 @@ def _check_header(path: Path) -> BaseException | None:
         return e
 
 
+def _check_decode(samples: _FileSamples, i: int) -> BaseException | None:
+    """Full check: decode item ``i`` exactly as the loader will (``samples.load``). Returns the error."""
+    try:
+        samples.load(i)
+        return None
+    except Exception as e:  # PIL raises a zoo of types for broken files
+        return e.with_traceback(None)  # the traceback would keep the frames (and the image) alive
+
+
 def _verify_files(samples: _FileSamples, skip_bad: bool, skipped: list[str]) -> _FileSamples:
-    """Check every file up front; drop bad ones (``skip_bad``) or raise ``DataError``."""
+    """Check every file up front; drop bad ones (``skip_bad``) or raise ``DataError``.
+
+    Without ``skip_bad`` the check is cheap (header + ``verify()``; a truncated JPEG passes it and the
+    loader raises ``DataError`` naming it). With ``skip_bad`` every image is decoded once, so that every
+    file the loader could not read is skipped here, before the split and before training.
+    """
     if len(samples) == 0:
         return samples
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as ex:
-        errors = list(ex.map(_check_header, [samples.path(i) for i in range(len(samples))], chunksize=64))
+        if skip_bad:
+            errors = list(ex.map(lambda i: _check_decode(samples, i), range(len(samples)), chunksize=16))
+        else:
+            errors = list(ex.map(_check_header, [samples.path(i) for i in range(len(samples))], chunksize=64))
     bad = [i for i, e in enumerate(errors) if e is not None]
     if not bad:
         return samples
@@ -820,8 +845,10 @@ def _read_task(data: str, task: str | None, download: bool, root_for_download: P
                skip_bad: bool, skipped: list[str]) -> _RawTask:
     """Detect the layout of ``data`` and read its file lists (no image decoding)."""
     if data == "digits" and not Path(data).is_dir():
+        _check_no_task(task, data, "the embedded digits")
         return _read_digits()
     if data.startswith("torchvision:"):
+        _check_no_task(task, data, "a torchvision dataset")
         return _read_torchvision(data, download, root_for_download)
     path = Path(data).expanduser()
     if not path.exists():
@@ -833,8 +860,17 @@ def _read_task(data: str, task: str | None, download: bool, root_for_download: P
         return _read_decathlon(path, task, skip_bad, skipped)
     gtsrb = _find_gtsrb(path)
     if gtsrb is not None:
+        _check_no_task(task, data, "GTSRB data")
         return _read_gtsrb(gtsrb, skip_bad, skipped)
+    _check_no_task(task, data, "an image folder")
     return _read_imagefolder(path)
+
+
+def _check_no_task(task: str | None, data: str, kind: str) -> None:
+    """``task`` only selects a Visual Decathlon task; anywhere else it would be silently ignored."""
+    if task is not None:
+        raise UsageError(f"--task applies only to Visual Decathlon data (a folder with annotations/ and data/); "
+                         f"{data} is {kind}; drop --task {task}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -853,8 +889,7 @@ def make_split(labels: Sequence[int], val_fraction: float, seed: int,
     Returns:
         ``(train_idx, val_idx)``, each sorted.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be between 0 and 1 (got {val_fraction}); pass e.g. 0.1")
+    _check_val_fraction(val_fraction)
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels, dtype=np.int64)
     keys = list(groups) if groups is not None else [str(i) for i in range(len(labels))]
@@ -1019,14 +1054,30 @@ def check_cache_fits(items: list[tuple[int, int]], *, available: int | None = No
 # --------------------------------------------------------------------------------------------
 
 
+MIN_IMG_SIZE = 8
+
+
+def _check_img_size(img_size: int | None) -> None:
+    """An explicit ``img_size`` (``--img-size``) must be at least 8; 0 is not "default"."""
+    if img_size is not None and int(img_size) < MIN_IMG_SIZE:
+        raise UsageError(f"image size {int(img_size)} is too small; pass --img-size 32 or more")
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 < val_fraction < 1.0:  # also refuses NaN
+        raise UsageError(f"--val-fraction must be between 0 and 1, both excluded (got {val_fraction}); "
+                         f"pass e.g. 0.1")
+
+
 def _resolve_img_size(img_size: int | None, preferred: int | None, data_config: dict) -> int:
     if img_size is not None:
+        _check_img_size(img_size)
         size = int(img_size)
     elif preferred is not None:
         size = preferred
     else:
         size = int(data_config.get("input_size", (3, 224, 224))[-1])
-    if size < 8:
+    if size < MIN_IMG_SIZE:  # from the dataset or the backbone's data config
         raise DataError(f"image size {size} is too small; pass --img-size 32 or more")
     return size
 
@@ -1076,11 +1127,12 @@ def load_task_data(data: str, *, data_config: dict, img_size: int | None = None,
         data_config: timm's resolved data config of the backbone (mean, std, interpolation,
             crop_pct, crop_mode, input_size).
         img_size: output size; precedence ``img_size`` > dataset preference (digits: 32) >
-            ``data_config['input_size']``.
+            ``data_config['input_size']``. An explicit ``img_size`` below 8 (0 included) is a ``UsageError``.
         split_file: JSON file of the validation split we make (flat / train-only / GTSRB / digits /
             torchvision sets without val). Read when it exists, else created atomically.
-        task: Visual Decathlon task name.
-        val_fraction: fraction of each class (of each class's tracks for GTSRB) used for val.
+        task: Visual Decathlon task name; ``UsageError`` for any other layout (it would be ignored).
+        val_fraction: fraction of each class (of each class's tracks for GTSRB) used for val;
+            ``0 < val_fraction < 1`` (else ``UsageError``), checked even when the data has a val split.
         seed: split seed.
         download: allow torchvision to download ``torchvision:NAME`` into ``root_for_download``
             (default ``$NETTAILOR_DATA_ROOT``, else ``~/.cache/nettailor/datasets``).
@@ -1088,13 +1140,19 @@ def load_task_data(data: str, *, data_config: dict, img_size: int | None = None,
         hflip: random horizontal flips in training; None: off for digits/GTSRB/SVHN/Omniglot-like
             tasks, on otherwise.
         skip_bad: skip unreadable/missing images (listed in ``TaskData.skipped``) instead of failing.
+            To find them, every image file is decoded once up front (threaded; slower than the header
+            check ``verify`` does alone, and with ``cache`` the images are decoded a second time to fill
+            the cache), so training never meets an unreadable file.
         expected_classes: class names (in order) the run was started with; mismatch -> DataError.
         train_scale: random-resized-crop area range (default (0.35, 1); digits (0.7, 1)).
-        verify: check every image file's header up front (PIL ``verify``, CRC for PNG).
+        verify: check every image file up front: its header (PIL ``verify``, CRC for PNG), or with
+            ``skip_bad`` a full decode. ``False``: no up-front check (bad files fail in the loader).
 
     Returns:
         ``TaskData``; items of each split are ``(float32 (3, S, S), int)`` with ``S = img_size``.
     """
+    _check_img_size(img_size)  # option values first: before any (slow) reading of the data
+    _check_val_fraction(val_fraction)
     skipped: list[str] = []
     raw = _read_task(str(data), task, download, root_for_download, skip_bad, skipped)
     if len(raw.classes) < 2:
@@ -1131,9 +1189,10 @@ def load_task_data(data: str, *, data_config: dict, img_size: int | None = None,
     if use_cache:
         train_ds, val_ds, test_ds = _cached_splits(pre, train_s, val_s, raw.test, skip_bad, skipped)
     else:
-        train_ds = ImageDataset(train_s, pre.train_prep(), pre.normalize())
-        val_ds = ImageDataset(val_s, pre.eval_prep(), pre.normalize())
-        test_ds = ImageDataset(raw.test, pre.eval_prep(), pre.normalize()) if raw.test is not None else None
+        train_ds = ImageDataset(train_s, pre.train_prep(), pre.normalize(), skip_bad)
+        val_ds = ImageDataset(val_s, pre.eval_prep(), pre.normalize(), skip_bad)
+        test_ds = (ImageDataset(raw.test, pre.eval_prep(), pre.normalize(), skip_bad)
+                   if raw.test is not None else None)
     if len(train_ds) == 0 or len(val_ds) == 0:
         raise DataError(f"{raw.name}: no readable images left in the {'train' if not len(train_ds) else 'val'} "
                         f"split after skipping {len(skipped)} bad file(s); fix the data")

@@ -1,6 +1,7 @@
 """Tests of tailor_cli.data: layouts, splits, bad data, transforms, cache, loaders."""
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import shutil
@@ -17,7 +18,7 @@ from datagen import (class_image, make_decathlon, make_gtsrb, make_imagefolder, 
 
 from tailor_cli.data import (GTSRB_CLASSES, TaskData, default_num_workers, load_task_data,  # noqa: E402
                              make_loader, make_split)
-from tailor_cli.errors import DataError  # noqa: E402
+from tailor_cli.errors import DataError, UsageError  # noqa: E402
 from tailor_cli import data as data_mod  # noqa: E402
 
 # timm.data.resolve_data_config({}, model=timm.create_model("test_resnet")) as a literal (fast).
@@ -292,6 +293,69 @@ def test_skip_bad_that_empties_a_class(tmp_path):
         load(root, skip_bad=True)
 
 
+def _write_truncated_jpeg(path: Path) -> Path:
+    """A real JPEG cut to half its bytes: PIL's header ``verify()`` passes it, decoding fails."""
+    buf = io.BytesIO()
+    class_image(1, (96, 96)).save(buf, "JPEG", quality=95)  # big enough that half the bytes keep the header
+    data = buf.getvalue()
+    path.write_bytes(data[: len(data) // 2])
+    assert data_mod._check_header(path) is None  # the case that slipped through: header check passes
+    return path
+
+
+def test_skip_bad_decodes_truncated_jpeg_up_front(tmp_path):
+    root = make_imagefolder(tmp_path / "a", n_classes=2, per_class=5, size=(24, 24), split=False)
+    _write_truncated_jpeg(root / "class_1" / "97.jpg")
+    # Without --skip-bad the cheap header check passes it; the loader then names it and suggests --skip-bad.
+    d = load(root)
+    assert d.skipped == [] and len(d.train) + len(d.val) == 11
+    with pytest.raises(DataError, match=r"class_1/97\.jpg.*pass --skip-bad"):
+        [ds[i] for ds in (d.train, d.val) for i in range(len(ds))]
+    # With --skip-bad (no cache) every image is decoded up front: skipped before the split, never met later.
+    d = load(root, skip_bad=True)
+    assert d.skipped == ["class_1/97.jpg"] and not d.cached
+    assert len(d.train) + len(d.val) == 10
+    for ds in (d.train, d.val):
+        assert "class_1/97.jpg" not in keys(ds)
+        for i in range(len(ds)):
+            assert ds[i][0].shape == (3, SIZE, SIZE)
+    # cached: skipped too, and listed once
+    d = load(root, skip_bad=True, cache=True)
+    assert d.skipped == ["class_1/97.jpg"] and len(d.train) + len(d.val) == 10
+
+
+def test_loader_error_does_not_suggest_skip_bad_when_given(tmp_path):
+    root = make_imagefolder(tmp_path / "a", n_classes=2, per_class=2, size=(24, 24))
+    write_garbage(root / "val" / "class_0" / "img_0000.png")
+    d = load(root, verify=False, skip_bad=True)  # no up-front check: the loader meets the bad file
+    with pytest.raises(DataError, match="img_0000.png") as err:
+        [d.val[i] for i in range(len(d.val))]
+    assert "pass --skip-bad" not in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("fraction", [0, 0.0, 1, 1.5, -0.1, float("nan")])
+def test_bad_val_fraction_is_usage_error(gen, fraction):
+    for data in (gen["flat"], gen["split"], "digits"):  # also where the data brings its own val split
+        with pytest.raises(UsageError, match=r"--val-fraction must be between 0 and 1.*pass e\.g\. 0\.1"):
+            load(data, val_fraction=fraction)
+    assert len(load(gen["flat"], val_fraction=0.5).val) == 15
+
+
+@pytest.mark.parametrize("size", [0, -5, 7])
+def test_too_small_img_size_is_usage_error(gen, size):
+    for data in (gen["flat"], "digits"):
+        with pytest.raises(UsageError, match=rf"^image size {size} is too small; pass --img-size 32 or more$"):
+            load(data, img_size=size)
+    assert load(gen["flat"], img_size=8).val[0][0].shape == (3, 8, 8)
+
+
+def test_task_for_data_without_tasks_is_usage_error(gen, tmp_path):
+    for data in ("digits", gen["flat"], gen["split"], gen["gtsrb"], "torchvision:SVHN"):
+        with pytest.raises(UsageError, match=r"^--task applies only to Visual Decathlon data .*; drop --task foo$"):
+            load(data, task="foo", root_for_download=tmp_path)
+    assert load(gen["dec"], task="svhn").layout == "decathlon"  # still the way to pick a decathlon task
+
+
 # ---------------------------------------------------------------------------------------------
 # Transforms, cache, loaders
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +414,7 @@ def test_make_split_groups():
     tr, va = make_split(labels, 0.34, seed=0, groups=groups)
     assert {groups[i] for i in tr}.isdisjoint({groups[i] for i in va})
     assert sorted(labels[i] for i in va) == [0, 0, 1, 1]
-    with pytest.raises(DataError):
+    with pytest.raises(UsageError, match="--val-fraction"):
         make_split(labels, 1.5, seed=0)
 
 
