@@ -86,9 +86,12 @@ def export_task(run: Path, out: Path, *, task_name: str | None = None, overwrite
         existing = _validate(read_json(bb_config_path, what="backbone config"), {"sha256": str, "architecture": str},
                              bb_config_path)
         if existing["sha256"] != sha:
+            hint = ""
+            if existing.get("weights_source") == ident.get("weights_source") == "random-init":
+                hint = " (both are --no-pretrained backbones, initialised from --seed: tailor with the same --seed)"
             raise ExportError(
                 f"'{out}' holds another backbone ({existing.get('name', existing['architecture'])}, sha256 "
-                f"{existing['sha256'][:12]}); this task was tailored on {ident['name']} (sha256 {sha[:12]}). "
+                f"{existing['sha256'][:12]}); this task was tailored on {ident['name']} (sha256 {sha[:12]}){hint}. "
                 "Export it to another directory"
             )
         if not (out / BACKBONE_FILE).is_file():

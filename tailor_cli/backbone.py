@@ -84,6 +84,14 @@ def check_backbone_name(name: str) -> None:
     raise ModelError(f"unknown backbone '{name}'.{hint}")
 
 
+def _first_sentence(err: BaseException, limit: int = 200) -> str:
+    """The start of an exception's message, cut at a word boundary (no half words in an error line)."""
+    text = " ".join(str(err).split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def create_backbone(
     name: str,
     *,
@@ -106,8 +114,9 @@ def create_backbone(
     except Exception as err:  # timm raises many kinds when offline or the tag is wrong
         if use_hub:
             raise ModelError(
-                f"could not get pretrained weights for '{name}' ({type(err).__name__}: "
-                f"{str(err).splitlines()[0][:160]}); if offline, pass --weights FILE or --no-pretrained"
+                f"could not get pretrained weights for '{name}' ({type(err).__name__}: {_first_sentence(err)}); "
+                "if offline, pass --weights FILE or --no-pretrained (HF_HUB_OFFLINE=1 fails at once instead of "
+                "retrying)"
             ) from err
         raise ModelError(f"timm could not build '{name}': {err}") from err
     describe_chain(model)  # raises ModelError if the family is not supported

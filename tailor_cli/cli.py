@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -59,7 +60,7 @@ Cache = Annotated[bool, typer.Option("--cache", help="Decode and resize once, ke
                                          "(refused if over 80% of available memory).")]
 Hflip = Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Horizontal flips in training "
                                                "[default: off for digits, characters, traffic signs].")]
-SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (and count them) instead of failing.")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images instead of failing (each image is decoded once up front; the skipped ones are logged and listed in summary.json).")]
 Augment = Annotated[bool, typer.Option("--augment/--no-augment", help="Random-resized-crop (and flips) in "
                                        "training; --no-augment trains on the evaluation transform.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader workers [default: from CPU count].")]
@@ -145,32 +146,47 @@ def _emit(result: dict, as_json: bool, render: Callable[[dict], None] | None = N
         return
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        _state["emitted"] = True
     elif render is not None:
         render(result)
 
 
-def _execute(debug: bool, fn: Callable[[], None]) -> None:
-    """Run a command body: TailorError -> one line + its exit code; anything else -> exit 1."""
+_state = {"emitted": False}  # whether this command already wrote its JSON document
+
+
+def _execute(debug: bool, fn: Callable[[], None], json_out: bool = False) -> None:
+    """Run a command body: TailorError -> one line + its exit code; anything else -> exit 1.
+
+    With ``--json`` the error is also the one JSON document on stdout: ``{"error": ..., "exit_code": ...}``.
+    """
+    _state["emitted"] = False
     try:
         fn()
     except TailorError as err:
         if debug:
             traceback.print_exc()
-        err_console.print(f"error: {_rank_prefix()}{err}", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(err.exit_code)
+        _fail(f"{_rank_prefix()}{err}", err.exit_code, json_out)
     except KeyboardInterrupt:
-        err_console.print("error: interrupted", highlight=False, markup=False)
-        raise typer.Exit(EXIT_SIGINT)
+        _fail("interrupted", EXIT_SIGINT, json_out)
     except Exception as err:  # a bug, or an environment problem we did not anticipate
         if debug:
             traceback.print_exc()
         msg = str(err).splitlines()[0][:200] if str(err) else ""
         if "out of memory" in msg.lower():
-            err_console.print(f"error: out of memory ({msg}); try a smaller --batch-size", highlight=False, markup=False)
-            raise typer.Exit(EXIT_TRAINING)
-        err_console.print(f"error: internal error: {type(err).__name__}: {msg} (rerun with --debug for the traceback)",
-                          highlight=False, markup=False)
-        raise typer.Exit(EXIT_INTERNAL)
+            _fail(f"out of memory ({msg}); try a smaller --batch-size", EXIT_TRAINING, json_out)
+        _fail(f"internal error: {type(err).__name__}: {msg} (rerun with --debug for the traceback)", EXIT_INTERNAL,
+              json_out)
+
+
+def _fail(message: str, code: int, json_out: bool):
+    """One ``error:`` line on stderr (and the JSON error document on stdout with --json), then exit ``code``."""
+    from .distributed import is_main
+
+    err_console.print(f"error: {message}", highlight=False, markup=False, soft_wrap=True)
+    if json_out and is_main() and not _state["emitted"]:  # exit 7 follows its result document: no second one
+        sys.stdout.write(json.dumps({"error": message, "exit_code": code}) + "\n")
+        sys.stdout.flush()
+    raise typer.Exit(code)
 
 
 def _rank_prefix() -> str:
@@ -253,7 +269,7 @@ def teacher(
             rep.close()
         _emit({"run": str(run), **result}, json_out, _render_stage)
 
-    _execute(debug, body)
+    _execute(debug, body, json_out)
 
 
 @app.command()
@@ -300,7 +316,7 @@ def tailor(
             rep.close()
         _emit({"run": str(run), **result}, json_out, _render_stage)
 
-    _execute(debug, body)
+    _execute(debug, body, json_out)
 
 
 @app.command()
@@ -327,6 +343,8 @@ def prune(
     def body():
         from .pipeline import SearchOptions, auto_prune, prune as run_prune
 
+        if auto and drop_blocks:
+            raise _usage("--auto searches K itself; drop --drop-blocks (or drop --auto to prune exactly K blocks)")
         rep = Reporter()
         if not auto:
             result = run_prune(run, threshold=threshold, drop_blocks=drop_blocks, overwrite=overwrite, callbacks=rep)
@@ -338,13 +356,13 @@ def prune(
         try:
             result = auto_prune(run, d, mk(search_epochs), mk(epochs),
                                 SearchOptions(tolerance=tolerance, max_macs=max_macs, search_epochs=search_epochs,
-                                              threshold=threshold), callbacks=rep)
+                                              threshold=threshold), overwrite=overwrite, callbacks=rep)
         finally:
             rep.close()
         _emit(result, json_out, _render_search)
         _fail_on_tolerance(result)
 
-    _execute(debug, body)
+    _execute(debug, body, json_out)
 
 
 def _render_search(result: dict) -> None:
@@ -386,7 +404,7 @@ def finetune(
             rep.close()
         _emit({"run": str(run), **result}, json_out, _render_stage)
 
-    _execute(debug, body)
+    _execute(debug, body, json_out)
 
 
 @app.command()
@@ -409,14 +427,14 @@ def export(
             f"exported task '{r['task']}' ({r['stage']}) to {r['export_dir']}: adapter {r['adapter_bytes'] / 1e6:.2f} MB, "
             f"shared backbone {r['backbone_bytes'] / 1e6:.1f} MB ({'reused' if r['backbone_reused'] else 'written'})"))
 
-    _execute(debug, body)
+    _execute(debug, body, json_out)
 
 
 @app.command()
 def report(
     path: Annotated[Path, typer.Argument(help="A run directory or an export directory.")],
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the block-usage diagram to FILE.png or "
-                                                 "FILE.svg (needs matplotlib: pip install 'nettailor[plot]').")] = None,
+                                                 "FILE.svg (needs matplotlib: pip install matplotlib).")] = None,
     json_out: Json = False, debug: Debug = False,
 ):
     """Stage 6: per-task block usage (blocks, proxies, attention), params, MACs, accuracy."""
@@ -431,7 +449,7 @@ def report(
             result["plot"] = str(plot_block_usage(result, plot))
         _emit(result, json_out, render_report)
 
-    _execute(debug, body)
+    _execute(debug, body, json_out)
 
 
 @app.command()
@@ -461,7 +479,7 @@ def predict(
 
         _emit(result, json_out, render)
 
-    _execute(debug, body)
+    _execute(debug, body, json_out)
 
 
 @app.command()
@@ -480,8 +498,10 @@ def run(
     max_macs: Annotated[Optional[float], typer.Option("--max-macs", help="MACs budget instead of a tolerance.")] = None,
     search_epochs: Annotated[int, typer.Option("--search-epochs")] = 2,
     max_skip: Annotated[int, typer.Option("--max-skip")] = 3,
-    seed: Seed = 0, device: Device = "auto", amp: Amp = None, resume: Resume = False, json_out: Json = False,
-    debug: Debug = False,
+    seed: Seed = 0, device: Device = "auto", amp: Amp = None, resume: Resume = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run again: remove what nettailor wrote "
+                                            "in its directory first.")] = False,
+    json_out: Json = False, debug: Debug = False,
 ):
     """The whole pipeline in one command: teacher, tailor, prune, finetune, export, report."""
 
@@ -491,10 +511,20 @@ def run(
         from .pipeline import prune as run_prune, tailor as run_tailor
         from .report import report_run
 
+        from .runs import reset_run
+
         if data is None:
             raise _usage("--data is required (a dataset folder, torchvision:NAME, or 'digits')")
+        if resume and overwrite:
+            raise _usage("--resume and --overwrite exclude each other")
+        if drop_blocks is not None and max_macs is not None:
+            raise _usage("--max-macs chooses K itself; drop --drop-blocks (or drop --max-macs to use exactly K)")
         run_dir = output or _default_output(data, backbone)
         export_dir = out or run_dir / "export"
+        if resume:
+            _check_run_resume(run_dir, threshold, drop_blocks, tolerance, max_macs)
+        if overwrite:
+            reset_run(run_dir)
         d = _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers)
         mk = lambda lr, bs: TrainOptions(epochs=epochs, batch_size=bs, lr=lr, seed=seed, device=device, amp=amp,
                                          resume=resume)
@@ -510,7 +540,8 @@ def run(
             if drop_blocks is None and not (resume and stage_done(run_dir, "finetune")):
                 searched = auto_prune(run_dir, d, mk(0.01, 32), mk(0.01, 32),
                                       SearchOptions(tolerance=tolerance, max_macs=max_macs,
-                                                    search_epochs=search_epochs, threshold=threshold), callbacks=rep)
+                                                    search_epochs=search_epochs, threshold=threshold),
+                                      overwrite=True, callbacks=rep)
             elif drop_blocks is not None:
                 if not (resume and stage_done(run_dir, "prune")):
                     run_prune(run_dir, threshold=threshold, drop_blocks=drop_blocks, overwrite=True, callbacks=rep)
@@ -525,7 +556,41 @@ def run(
         if searched is not None:
             _fail_on_tolerance(searched)
 
-    _execute(debug, body)
+    _execute(debug, body, json_out)
+
+
+def _check_run_resume(run_dir: Path, threshold: float, drop_blocks: int | None, tolerance: float,
+                      max_macs: float | None) -> None:
+    """``run --resume`` keeps a finished prune (or K search) only if it was made with the same options."""
+    from .checkpoint import read_json
+    from .runs import SUMMARY, stage_done
+
+    if not stage_done(run_dir, "prune"):
+        return
+    pruned = read_json(run_dir / "prune" / SUMMARY, what="prune summary")
+    frontier = run_dir / "search" / "frontier.json"
+    search = read_json(frontier, what="search frontier") if frontier.is_file() else None
+    diffs = []
+    if pruned.get("threshold") != threshold:
+        diffs.append(f"--threshold {pruned.get('threshold')} -> {threshold}")
+    if drop_blocks is not None:
+        if search is not None:
+            diffs.append(f"K was searched (K={search.get('chosen_k')}) -> --drop-blocks {drop_blocks}")
+        elif pruned.get("drop_blocks") != drop_blocks:
+            diffs.append(f"--drop-blocks {pruned.get('drop_blocks')} -> {drop_blocks}")
+    elif search is None:
+        diffs.append(f"--drop-blocks {pruned.get('drop_blocks')} -> K searched")
+    elif max_macs is not None:
+        budget = max_macs * search["full_macs"] if max_macs <= 1 else max_macs
+        if search.get("mode") != "budget" or abs(search["max_macs"] - budget) > 1e-6 * budget:
+            diffs.append(f"--max-macs {search.get('max_macs')} -> {budget:.0f} MACs")
+    elif search.get("mode") != "tolerance" or search.get("tolerance") != tolerance:
+        was = f"--max-macs {search.get('max_macs'):.0f} MACs" if search.get("mode") == "budget" \
+            else f"--tolerance {search.get('tolerance')}"
+        diffs.append(f"{was} -> --tolerance {tolerance}")
+    if diffs:
+        raise _usage(f"'{run_dir}' was pruned with other options ({'; '.join(diffs)}); rerun with them to resume, "
+                     "or pass --overwrite to start again")
 
 
 def _usage(message: str) -> TailorError:
@@ -548,13 +613,23 @@ def _fmt_acc(a) -> str:
     return f"{a:.2f}" if isinstance(a, (int, float)) else "-"
 
 
+def _stdout_console() -> Console:
+    """Rich on a terminal; on a pipe or file plain ASCII, never wrapped (so ``grep`` finds whole lines)."""
+    if sys.stdout.isatty():
+        return Console(file=sys.stdout)
+    return Console(file=sys.stdout, width=10_000, no_color=True, highlight=False, emoji=False, soft_wrap=True)
+
+
+def _table(title: str) -> Table:
+    return Table(title=title, title_justify="left", box=box.HEAVY_HEAD if sys.stdout.isatty() else box.ASCII)
+
+
 def render_report(result: dict) -> None:
-    """Rich tables on a terminal; the same content as plain text when stdout is a pipe or file."""
-    console = Console(file=sys.stdout, force_terminal=None, width=None if sys.stdout.isatty() else 120)
+    """Rich tables on a terminal; the same content as plain ASCII text when stdout is a pipe or file."""
+    console = _stdout_console()
     for rep in result["tasks"]:
         t = rep["totals"]
-        table = Table(title=f"task '{rep['task']}' ({rep['stage']}, {rep['backbone']} @ {rep['img_size']}px)",
-                      title_justify="left")
+        table = _table(f"task '{rep['task']}' ({rep['stage']}, {rep['backbone']} @ {rep['img_size']}px)")
         for col in ("layer", "block", "universal", "alpha", "proxies (from node: alpha)", "params", "MACs"):
             table.add_column(col, justify="right" if col in ("layer", "params", "MACs", "alpha") else "left")
         for l in rep["layers"]:
@@ -573,12 +648,17 @@ def render_report(result: dict) -> None:
             + (f"; adapter {t['adapter_bytes'] / 1e6:.2f} MB" if t.get("adapter_bytes") else ""),
             highlight=False,
         )
+    if "export" in result:  # `run`: where the adapter went
+        e = result["export"]
+        console.print(f"exported task '{e['task']}' to {e['export_dir']}: adapter {e['adapter_bytes'] / 1e6:.2f} MB, "
+                      f"shared backbone {e['backbone_bytes'] / 1e6:.1f} MB", highlight=False)
     for rep in result["tasks"]:
         if rep.get("search"):
             render_frontier(rep["search"], console)
     m = result["matrix"]
     if len(m["tasks"]) > 1:
-        table = Table(title="block usage (B = universal block runs, +n = proxies entering)", title_justify="left")
+        console.print("block usage: B = the universal block runs, +n = n proxies enter the layer, . = neither")
+        table = _table("block usage")
         table.add_column("block")
         for name in m["tasks"]:
             table.add_column(name, justify="center")
@@ -597,9 +677,9 @@ def render_report(result: dict) -> None:
 
 
 def render_frontier(search: dict, console: Console | None = None) -> None:
-    console = console or Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120)
-    table = Table(title=f"architecture search ({search['mode']}; tried {search['candidates_tried']} of "
-                        f"{search['k_values']} K values; teacher {search['teacher_val_acc']:.2f}%)", title_justify="left")
+    console = console or _stdout_console()
+    table = _table(f"architecture search ({search['mode']}; tried {search['candidates_tried']} of "
+                   f"{search['k_values']} K values; teacher {search['teacher_val_acc']:.2f}%)")
     for col in ("K", "blocks kept", "proxies", "params", "MACs", "of full", "val acc", ""):
         table.add_column(col, justify="right")
     for row in search["frontier"]:
@@ -624,9 +704,33 @@ def main() -> None:
               file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
     try:
-        app(prog_name="nettailor")
+        code = _invoke(sys.argv[1:])
     finally:
         cleanup()
+    raise SystemExit(code)
+
+
+def _invoke(argv: list[str]) -> int:
+    """Run the app; click's own parsing errors become one ``error:`` line and exit 2, like ours."""
+    try:
+        code = app(args=argv, prog_name="nettailor", standalone_mode=False)
+    except typer.Abort:
+        err_console.print("error: interrupted", highlight=False, markup=False)
+        return EXIT_SIGINT
+    except Exception as err:
+        # click's exceptions (typer vendors click in recent versions, so match by shape, not class)
+        if not (hasattr(err, "format_message") and isinstance(getattr(err, "exit_code", None), int)):
+            raise
+        if type(err).__name__ == "NoArgsIsHelpError":  # `nettailor` alone prints the help
+            err.show()
+            return err.exit_code
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        try:
+            _fail(err.format_message() + hint, EXIT_USAGE if err.exit_code == 2 else err.exit_code, "--json" in argv)
+        except typer.Exit as exit_:
+            return exit_.exit_code
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

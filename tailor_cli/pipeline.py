@@ -69,6 +69,8 @@ class TrainOptions:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
+        if self.amp_dtype not in ("bfloat16", "float16"):
+            raise UsageError(f"--amp-dtype must be bfloat16 or float16, got '{self.amp_dtype}'")
 
     def config(self, device: torch.device) -> TrainConfig:
         amp = self.amp if self.amp is not None else device.type == "cuda"
@@ -85,6 +87,26 @@ class BackboneOptions:
     name: str = "resnet34"
     pretrained: bool = True
     weights: Path | None = None
+
+
+# Options that change how fast a stage runs, not what it computes: a stage may resume with others.
+RUNTIME_OPTIONS = ("device", "compile", "channels_last", "resume", "overwrite", "download", "cache", "workers")
+
+
+def stage_settings(train: TrainOptions, data: DataOptions | None = None, bb: BackboneOptions | None = None,
+                   **extra) -> dict:
+    """What a stage's result depends on: recorded in its config.json, compared on --resume.
+
+    ``None`` values (options not given, inherited from the run) match anything.
+    """
+    out = {k: v for k, v in asdict(train).items() if k not in RUNTIME_OPTIONS}
+    if data is not None:
+        out |= {k: v for k, v in asdict(data).items() if k not in RUNTIME_OPTIONS}
+        out["data"] = _data_path(data.data) if data.data else None
+    if bb is not None:
+        out |= {"backbone": bb.name, "pretrained": bb.pretrained,
+                "weights": str(Path(bb.weights).resolve()) if bb.weights else None}
+    return out | extra
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -110,7 +132,7 @@ def _load_data(run_meta: dict | None, opts: DataOptions, data_config: dict, run:
     return load_task_data(
         data,
         data_config=data_config,
-        img_size=opts.img_size or saved.get("img_size"),
+        img_size=opts.img_size if opts.img_size is not None else saved.get("img_size"),
         split_file=run / "split.json",
         task=opts.task or saved.get("task"),
         val_fraction=opts.val_fraction if opts.val_fraction is not None else saved.get("val_fraction", 0.1),
@@ -122,6 +144,13 @@ def _load_data(run_meta: dict | None, opts: DataOptions, data_config: dict, run:
         expected_classes=(run_meta or {}).get("classes"),
         augment=opts.augment,
     )
+
+
+def _say_skipped(cb: Callbacks, task) -> None:
+    """--skip-bad: say how many unreadable images were left out, and which."""
+    if task.skipped:
+        shown = ", ".join(task.skipped[:3]) + (", ..." if len(task.skipped) > 3 else "")
+        cb.on_message(f"data: skipped {len(task.skipped)} unreadable image(s) (--skip-bad): {shown}")
 
 
 def _data_path(data: str) -> str:
@@ -212,6 +241,16 @@ def _resolve_teacher_dir(path: Path) -> Path:
     raise RunError(f"'{path}' holds no finished teacher (expected {path}/teacher/{MODEL}); run `nettailor teacher` first")
 
 
+def _check_teacher_data(teacher_dir: Path, data: DataOptions) -> None:
+    """Before any split is made: the teacher must have been trained on this data."""
+    saved = read_run(teacher_dir.parent)["data"]
+    if data.data is not None and saved.get("path") not in (None, _data_path(data.data)):
+        raise UsageError(
+            f"teacher '{teacher_dir}' was fine-tuned on '{saved.get('given') or saved['path']}', but --data is "
+            f"'{data.data}'; pass the teacher's data, or omit --teacher to train one on this data"
+        )
+
+
 def _check_teacher(teacher_dir: Path, backbone_id: dict, classes: list[str]) -> dict:
     run_meta = read_run(teacher_dir.parent)
     tb = run_meta["backbone"]
@@ -221,10 +260,13 @@ def _check_teacher(teacher_dir: Path, backbone_id: dict, classes: list[str]) -> 
             "pass a teacher of the same backbone, or omit --teacher to train one"
         )
     if tb["sha256"] != backbone_id["sha256"]:
+        random_init = tb["weights_source"] == backbone_id["weights_source"] == "random-init"
+        fix = (f"a --no-pretrained backbone is initialised from --seed: pass the teacher's --seed "
+               f"{run_meta['data'].get('seed')}" if random_init else "use the same --weights/--pretrained")
         raise RunError(
             f"teacher '{teacher_dir}' was fine-tuned from other {tb['architecture']} weights "
             f"({tb['weights_source']}, sha256 {tb['sha256'][:12]}) than this run's ({backbone_id['weights_source']}, "
-            f"sha256 {backbone_id['sha256'][:12]}); use the same --weights/--pretrained"
+            f"sha256 {backbone_id['sha256'][:12]}); {fix}"
         )
     if run_meta["classes"] != classes:
         raise RunError(
@@ -242,7 +284,8 @@ def train_teacher(run: Path, bb: BackboneOptions, data: DataOptions, train: Trai
     train.validate()
     device = resolve_device(train.device)
     check_writable(run)
-    done = prepare_stage(run, "teacher", resume=train.resume, overwrite=train.overwrite)
+    settings = stage_settings(train, data, bb)
+    done = prepare_stage(run, "teacher", resume=train.resume, overwrite=train.overwrite, settings=settings)
     if done:
         cb.on_message(f"teacher: already complete in {run}")
         return read_summary(run, "teacher")
@@ -257,19 +300,21 @@ def train_teacher(run: Path, bb: BackboneOptions, data: DataOptions, train: Trai
                         "task_name": task.name})
     elif run_meta["backbone"]["sha256"] != identity["sha256"]:
         raise RunError(f"run '{run}' was made with other backbone weights; use another --output or --overwrite")
-    return _fit_teacher(run, model, task, data, train, device, cb)
+    return _fit_teacher(run, model, task, data, train, device, cb, settings)
 
 
 def _fit_teacher(run: Path, model: nn.Module, task, data: DataOptions, train: TrainOptions,
-                 device: torch.device, cb: Callbacks) -> dict:
+                 device: torch.device, cb: Callbacks, settings: dict) -> dict:
     cfg = train.config(device)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     stage_dir = run / "teacher"
     write_json(stage_dir / "config.json", {"stage": "teacher", "train": asdict(train), "resolved": asdict(cfg),
-                                           "data": asdict(data) | {"data": data.data}, "device": str(device)})
+                                           "data": asdict(data) | {"data": data.data}, "device": str(device),
+                                           "settings": settings})
     train_loader, val_loader = _loaders(task, train.batch_size, device, train.seed, data.workers)
+    _say_skipped(cb, task)
     _say_distributed(cb, train)
     model = dist.sync_batchnorm(model, device)
     forward = _maybe_compile(dist.wrap(model, device), train.compile)
@@ -280,7 +325,8 @@ def _fit_teacher(run: Path, model: nn.Module, task, data: DataOptions, train: Tr
     write_safetensors(stage_dir / MODEL, model.state_dict(),
                       {"stage": "teacher", "architecture": arch, "num_classes": len(task.classes)})
     summary = {"stage": "teacher", "val_acc": row["val_acc"], "best_val_acc": row["best_val_acc"],
-               "epochs": row["epoch"], "params": network_params(model), "macs": model_macs(model, task.img_size)}
+               "epochs": row["epoch"], "params": network_params(model), "macs": model_macs(model, task.img_size),
+               "skipped_images": list(task.skipped)}
     write_summary(run, "teacher", summary)
     dist.barrier()  # other ranks may read the teacher next
     return summary
@@ -310,12 +356,17 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
         raise UsageError("--complexity-weight and --teacher-weight must be >= 0")
     device = resolve_device(train.device)
     check_writable(run)
-    done = prepare_stage(run, "tailor", resume=train.resume, overwrite=train.overwrite)
+    teacher_dir = _resolve_teacher_dir(opts.teacher) if opts.teacher else None
+    settings = stage_settings(train, data, bb, max_skip=opts.max_skip, complexity_weight=opts.complexity_weight,
+                              teacher_weight=opts.teacher_weight,
+                              teacher=str(teacher_dir.resolve()) if teacher_dir is not None else None)
+    done = prepare_stage(run, "tailor", resume=train.resume, overwrite=train.overwrite, settings=settings)
     if done:
         cb.on_message(f"tailor: already complete in {run}")
         return read_summary(run, "tailor")
     run_meta = read_run(run) if (run / "run.json").exists() else None
-    teacher_dir = _resolve_teacher_dir(opts.teacher) if opts.teacher else None
+    if teacher_dir is not None and run_meta is None:
+        _check_teacher_data(teacher_dir, data)
     with _new_run_guard(run):
         check_backbone_name(bb.name)
         if teacher_dir is not None and run_meta is None and (teacher_dir.parent / "split.json").exists():
@@ -339,9 +390,10 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
             cb.on_message(f"tailor: no --teacher given; fine-tuning one first in {teacher_dir}")
             t_opts = opts.teacher_train
             t_opts.resume = train.resume
-            prepare_stage(run, "teacher", resume=train.resume, overwrite=False)
             t_opts.device = train.device
-            _fit_teacher(run, copy.deepcopy(backbone), task, data, t_opts, device, cb)
+            t_settings = stage_settings(t_opts, data, bb)
+            prepare_stage(run, "teacher", resume=train.resume, overwrite=False, settings=t_settings)
+            _fit_teacher(run, copy.deepcopy(backbone), task, data, t_opts, device, cb, t_settings)
     meta = read_run(run)
     inside = teacher_dir.resolve() == (run / "teacher").resolve()
     meta["teacher"] = "teacher" if inside else str(teacher_dir.resolve())
@@ -354,7 +406,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
     return _fit_student(run, "tailor", student, teacher, task, data, train, device, cb,
                         complexity=ComplexityModel(student.structure, costs),
                         g1=opts.complexity_weight, g2=opts.teacher_weight,
-                        extra={"max_skip": opts.max_skip, "complexity_weight": opts.complexity_weight,
+                        extra={"settings": settings, "max_skip": opts.max_skip, "complexity_weight": opts.complexity_weight,
                                "teacher_weight": opts.teacher_weight, "teacher": str(teacher_dir),
                                "path_costs": costs, "backbone_macs": backbone_macs})
 
@@ -373,6 +425,8 @@ def _fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | N
     write_json(stage_dir / "config.json", {"stage": stage, "train": asdict(train), "resolved": asdict(cfg),
                                            "data": asdict(data), "device": str(device), **extra})
     train_loader, val_loader = _loaders(task, train.batch_size, device, train.seed, data.workers)
+    if "/" not in stage:  # not once per search candidate
+        _say_skipped(cb, task)
     chain = describe_chain(teacher) if teacher is not None else None
     for layer in student.layers:  # a softmax over one path is the constant 1: nothing to learn
         if layer.alive and layer.logits.numel() == 1:
@@ -389,7 +443,7 @@ def _fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | N
     write_safetensors(stage_dir / MODEL, student.state_dict(), _student_meta(student, arch, stage))
     summary = {"stage": stage, "val_acc": row["val_acc"], "best_val_acc": row["best_val_acc"], "epochs": row["epoch"],
                "structure": student.structure.counts(), "params": student_params(student),
-               "macs": student_macs(student, task.img_size).total,
+               "macs": student_macs(student, task.img_size).total, "skipped_images": list(task.skipped),
                "attention": [a.tolist() if a is not None else None for a in student.attention()]}
     write_summary(run, stage, summary)
     dist.barrier()
@@ -455,7 +509,8 @@ def finetune(run: Path, data: DataOptions, train: TrainOptions, *, teacher_weigh
     device = resolve_device(train.device)
     run_meta = read_run(run)
     prune_dir = require_stage(run, "prune", "finetune")
-    done = prepare_stage(run, "finetune", resume=train.resume, overwrite=train.overwrite)
+    settings = stage_settings(train, data, teacher_weight=teacher_weight)
+    done = prepare_stage(run, "finetune", resume=train.resume, overwrite=train.overwrite, settings=settings)
     if done:
         cb.on_message(f"finetune: already complete in {run}")
         return read_summary(run, "finetune")
@@ -465,7 +520,7 @@ def finetune(run: Path, data: DataOptions, train: TrainOptions, *, teacher_weigh
     if teacher_weight > 0:
         teacher = load_teacher(locate_teacher(run, run_meta), device).eval().requires_grad_(False)
     return _fit_student(run, "finetune", student, teacher, task, data, train, device, cb, complexity=None,
-                        g1=0.0, g2=teacher_weight, extra={"teacher_weight": teacher_weight})
+                        g1=0.0, g2=teacher_weight, extra={"settings": settings, "teacher_weight": teacher_weight})
 
 
 # --------------------------------------------------------------------------- automatic architecture
@@ -478,7 +533,8 @@ class SearchOptions:
 
 
 def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_train: TrainOptions,
-               opts: SearchOptions, *, teacher_weight: float = 10.0, callbacks: Callbacks | None = None) -> dict:
+               opts: SearchOptions, *, teacher_weight: float = 10.0, overwrite: bool = False,
+               callbacks: Callbacks | None = None) -> dict:
     """Choose K (blocks to drop) automatically, then prune and fine-tune the chosen network fully.
 
     Tolerance mode: the leanest network whose validation accuracy is within ``tolerance`` points
@@ -498,6 +554,8 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
         raise UsageError(f"--search-epochs must be positive, got {opts.search_epochs}")
     run_meta = read_run(run)
     tailor_dir = require_stage(run, "tailor", "prune --auto")
+    if stage_done(run, "prune") and not overwrite:
+        raise RunError(f"'{run}' is already pruned; pass --overwrite to search again (this also discards 'finetune')")
     device = resolve_device(search_train.device)
     student, _ = load_student(tailor_dir, torch.device("cpu"))
     num_blocks = sum(s.block for s in student.structure.layers)

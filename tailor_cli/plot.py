@@ -23,7 +23,7 @@ def plot_block_usage(report: dict, out: Path) -> Path:
         import matplotlib.pyplot as plt
         from matplotlib.patches import FancyArrowPatch, Rectangle
     except ImportError as err:
-        raise UsageError("--plot needs matplotlib: pip install 'nettailor[plot]'") from err
+        raise UsageError("--plot needs matplotlib: pip install matplotlib (or the package's [plot] extra)") from err
 
     tasks = report["tasks"]
     n_layers = len(tasks[0]["layers"])

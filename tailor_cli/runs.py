@@ -16,6 +16,7 @@ half a file.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -29,6 +30,8 @@ STAGES = ("teacher", "tailor", "prune", "finetune")
 DOWNSTREAM = {"teacher": ("tailor", "prune", "finetune"), "tailor": ("prune", "finetune"), "prune": ("finetune",), "finetune": ()}
 MODEL = "model.safetensors"
 SUMMARY = "summary.json"
+CONFIG = "config.json"
+CHECKPOINT = "checkpoint.safetensors"  # as train.CHECKPOINT (runs must not import the training loop)
 
 
 def stage_done(run: Path, stage: str) -> bool:
@@ -52,22 +55,25 @@ def check_writable(path: Path) -> None:
         raise RunError(f"output directory '{path}' is not writable ({err.strerror}); choose another --output") from err
 
 
-def prepare_stage(run: Path, stage: str, *, resume: bool, overwrite: bool) -> bool:
+def prepare_stage(run: Path, stage: str, *, resume: bool, overwrite: bool, settings: dict | None = None) -> bool:
     """Decide what to do with ``run/stage``. Returns True when the stage is already complete.
 
     Never overwrites silently: an existing stage needs ``--resume`` or ``--overwrite``.
-    ``--overwrite`` also removes the stages built on this one. Under torchrun every rank
-    decides before rank 0 writes anything.
+    ``--overwrite`` also removes the stages built on this one. A stage that stopped before
+    its first checkpoint holds nothing to resume and simply starts again. ``settings`` (what
+    the stage's result depends on, see :func:`check_settings`) must equal the recorded ones
+    to resume or reuse a stage. Under torchrun every rank decides before rank 0 writes anything.
     """
     from .distributed import barrier, is_main
 
     try:
-        return _prepare_stage(run, stage, resume=resume, overwrite=overwrite, main=is_main())
+        return _prepare_stage(run, stage, resume=resume, overwrite=overwrite, settings=settings, main=is_main())
     finally:
         barrier()
 
 
-def _prepare_stage(run: Path, stage: str, *, resume: bool, overwrite: bool, main: bool) -> bool:
+def _prepare_stage(run: Path, stage: str, *, resume: bool, overwrite: bool, settings: dict | None,
+                   main: bool) -> bool:
     stage_dir = run / stage
     if overwrite:
         if main:
@@ -78,17 +84,59 @@ def _prepare_stage(run: Path, stage: str, *, resume: bool, overwrite: bool, main
         return False
     if stage_done(run, stage):
         if resume:
+            check_settings(run, stage, settings, done=True)
             return True
         raise RunError(
-            f"stage '{stage}' is already done in '{run}'; pass --overwrite to redo it, or choose another --output"
+            f"stage '{stage}' is already done in '{run}'; pass --resume to keep it, --overwrite to redo it, "
+            "or choose another --output"
         )
-    if resume:
+    if not (stage_dir / CHECKPOINT).is_file():  # stopped before its first epoch ended: nothing to keep
+        if main:
+            shutil.rmtree(stage_dir, ignore_errors=True)
         return False
-    if any(stage_dir.iterdir()):
-        raise RunError(
-            f"'{stage_dir}' holds an unfinished '{stage}' stage; pass --resume to continue it or --overwrite to restart"
+    if resume:
+        check_settings(run, stage, settings, done=False)
+        return False
+    raise RunError(
+        f"'{stage_dir}' holds an unfinished '{stage}' stage; pass --resume to continue it or --overwrite to restart"
+    )
+
+
+def check_settings(run: Path, stage: str, settings: dict | None, *, done: bool) -> None:
+    """Refuse to resume or reuse ``run/stage`` with settings other than those it was made with.
+
+    ``settings`` maps option names to values; ``None`` means "not given" (inherited from the run)
+    and matches anything. Stages written without recorded settings are not checked.
+    """
+    path = run / stage / CONFIG
+    if settings is None or not path.is_file():
+        return
+    old = read_json(path, what=f"{stage} config").get("settings")
+    if not isinstance(old, dict):
+        return
+    new = json.loads(json.dumps(settings, default=str))
+    diffs = [f"{key} {old[key]!r} -> {value!r}" for key, value in new.items()
+             if value is not None and key in old and old[key] != value]
+    if diffs:
+        from .errors import UsageError
+
+        raise UsageError(
+            f"stage '{stage}' in '{run}' was {'trained' if done else 'started'} with other settings "
+            f"({'; '.join(diffs)}); rerun with its settings to {'reuse' if done else 'resume'} it, "
+            "pass --overwrite to redo it, or choose another --output"
         )
-    return False
+
+
+def reset_run(run: Path) -> None:
+    """Remove everything nettailor wrote in a run directory (``run --overwrite``); nothing else."""
+    from .distributed import barrier, is_main
+
+    if is_main() and (run / "run.json").is_file():
+        for name in STAGES + ("search", "export"):
+            shutil.rmtree(run / name, ignore_errors=True)
+        for name in ("split.json", "run.json"):
+            (run / name).unlink(missing_ok=True)
+    barrier()
 
 
 def read_run(run: Path) -> dict:

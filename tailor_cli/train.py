@@ -27,7 +27,7 @@ from torch import nn
 
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, is_main
 from .checkpoint import append_jsonl, read_jsonl, read_safetensors, write_safetensors
-from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunError, TrainingError
+from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, TrainingError, UsageError
 from .losses import ComplexityModel, teacher_term
 from .student import Student, teacher_forward
 
@@ -140,9 +140,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise RunError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps") from err
+        raise UsageError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError("--device cuda requested but CUDA is not available; use --device cpu")
+        raise UsageError(f"--device {name} requested but CUDA is not available; use --device cpu (or auto)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {name} requested but MPS is not available; use --device cpu (or auto)")
     return device
 
 

@@ -164,9 +164,23 @@ def test_pickled_object_in_pth_is_refused(tmp_path, folder_data):
     assert res.exit_code == 4 and "Traceback" not in res.output
 
 
-def test_teacher_for_other_classes_is_refused(tmp_path, tailored_run):
+def test_teacher_trained_on_other_data_is_refused_before_any_split(tmp_path, tailored_run):
     other = make_imagefolder(tmp_path / "five", n_classes=5, per_class=6, size=(36, 36))
     res = invoke("tailor", "--data", other, "--teacher", tailored_run, "--output", tmp_path / "s", *FAST)
+    _assert_clean_failure(res, 2, "fine-tuned on", "five", "omit --teacher")
+    assert not (tmp_path / "s").exists()
+
+
+def test_teacher_for_other_classes_is_refused(tmp_path, tailored_run):
+    """Same data path, other classes (the folder changed since the teacher was trained)."""
+    other = make_imagefolder(tmp_path / "five", n_classes=5, per_class=6, size=(36, 36))
+    teacher_run = tmp_path / "teacher_run"
+    teacher_run.mkdir()
+    shutil.copytree(tailored_run / "teacher", teacher_run / "teacher")
+    meta = json.loads((tailored_run / "run.json").read_text())
+    meta["data"]["path"] = str(other.resolve())
+    (teacher_run / "run.json").write_text(json.dumps(meta))
+    res = invoke("tailor", "--data", other, "--teacher", teacher_run, "--output", tmp_path / "s", *FAST)
     _assert_clean_failure(res, 5, "classes")
     assert not (tmp_path / "s").exists()
 
@@ -265,3 +279,135 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path, folder_data, monkeypat
     monkeypatch.setattr(pipeline, "train_teacher", oom)
     res = invoke("teacher", "--data", folder_data, "--output", tmp_path / "r", *FAST)
     _assert_clean_failure(res, 6, "out of memory", "--batch-size")
+
+
+# --------------------------------------------------------------------------- resume, rerun, overwrite
+TAILOR_ARGS = ["--epochs", "2", "--teacher-epochs", "2"]  # what the tailored_run fixture was made with
+RUN_FAST = [a for i, a in enumerate(FAST) if "--batch-size" not in FAST[max(i - 1, 0):i + 1]]  # `run` has no --batch-size
+
+
+def test_resume_reuses_a_finished_stage_only_with_its_settings(tmp_path, tailored_run, folder_data):
+    run = tmp_path / "run"
+    shutil.copytree(tailored_run, run)
+    before = (run / "tailor" / "model.safetensors").read_bytes()
+    same = invoke("tailor", "--data", folder_data, "--output", run, *TAILOR_ARGS, *FAST, "--resume")
+    assert same.exit_code == 0 and "already complete" in same.stderr, same.output
+
+    other_epochs = invoke("tailor", "--data", folder_data, "--output", run, "--epochs", "3", "--teacher-epochs", "2",
+                          *FAST, "--resume")
+    _assert_clean_failure(other_epochs, 2, "other settings", "epochs 2 -> 3", "--overwrite")
+    other = make_imagefolder(tmp_path / "other", n_classes=3, per_class=4, size=(36, 36))
+    other_data = invoke("tailor", "--data", other, "--output", run, *TAILOR_ARGS, *FAST, "--resume")
+    _assert_clean_failure(other_data, 2, "other settings", str(other.resolve()))
+    other_bb = invoke("tailor", "--data", folder_data, "--output", run, *TAILOR_ARGS, "--resume",
+                      *[a if a != "test_resnet" else "resnet18" for a in FAST])
+    _assert_clean_failure(other_bb, 2, "backbone 'test_resnet' -> 'resnet18'")
+    assert (run / "tailor" / "model.safetensors").read_bytes() == before
+
+
+def test_interrupted_stage_resumes_only_with_its_settings(tmp_path, tailored_run, folder_data):
+    run = tmp_path / "run"
+    shutil.copytree(tailored_run, run)
+    (run / "tailor" / "model.safetensors").unlink()  # as if killed after an epoch's checkpoint
+    res = invoke("tailor", "--data", folder_data, "--output", run, "--epochs", "2", "--teacher-epochs", "2",
+                 "--lr", "0.05", *FAST, "--resume")
+    _assert_clean_failure(res, 2, "was started with other settings", "lr 0.1 -> 0.05")
+    config = json.loads((run / "tailor" / "config.json").read_text())
+    assert config["settings"]["lr"] == 0.1  # the record is not rewritten by the refused command
+
+
+def test_stage_that_died_before_its_first_checkpoint_restarts_without_flags(tmp_path, folder_data):
+    run = tmp_path / "run"
+    res = invoke("teacher", "--data", folder_data, "--output", run, "--epochs", "1", *FAST)
+    assert res.exit_code == 0, res.output
+    for name in ("model.safetensors", "summary.json", "checkpoint.safetensors", "metrics.jsonl"):
+        (run / "teacher" / name).unlink()  # only config.json is left, as after a failure in epoch 1
+    again = invoke("teacher", "--data", folder_data, "--output", run, "--epochs", "1", *FAST)
+    assert again.exit_code == 0, again.output
+    assert (run / "teacher" / "model.safetensors").is_file()
+
+
+def test_prune_auto_refuses_to_discard_finished_work_and_a_fixed_k(tmp_path, tailored_run):
+    run = tmp_path / "run"
+    shutil.copytree(tailored_run, run)
+    assert invoke("prune", run, "--threshold", "0.01", "--drop-blocks", "1").exit_code == 0
+    before = (run / "prune" / "model.safetensors").read_bytes()
+    _assert_clean_failure(invoke("prune", run, "--auto", "--drop-blocks", "2"), 2, "--auto", "--drop-blocks")
+    _assert_clean_failure(invoke("prune", run, "--auto", "--epochs", "1", "--device", "cpu"), 5,
+                          "already pruned", "--overwrite")
+    assert (run / "prune" / "model.safetensors").read_bytes() == before
+
+
+def test_run_overwrite_resume_and_conflicting_options(tmp_path, folder_data):
+    run = tmp_path / "run"
+    args = ["run", "--data", folder_data, "--output", run, "--epochs", "1", "--threshold", "0.01", *RUN_FAST]
+    first = invoke(*args, "--drop-blocks", "1")
+    assert first.exit_code == 0, first.output
+    assert f"exported task 'shapes' to {run / 'export'}" in first.stdout  # the text report says where it went
+    assert first.stdout.isascii()  # piped: plain ASCII tables
+    _assert_clean_failure(invoke(*args, "--drop-blocks", "1"), 5, "already done", "--resume", "--overwrite")
+    resumed = invoke(*args, "--drop-blocks", "1", "--resume", "--json")
+    assert resumed.exit_code == 0 and json.loads(resumed.stdout)["tasks"][0]["totals"]["blocks_kept"] == 3
+    _assert_clean_failure(invoke(*args, "--drop-blocks", "2", "--resume"), 2, "--drop-blocks 1 -> 2", "--overwrite")
+    _assert_clean_failure(invoke(*args, "--resume"), 2, "K searched")
+    _assert_clean_failure(invoke(*args, "--drop-blocks", "1", "--max-macs", "0.5"), 2, "--max-macs", "--drop-blocks")
+    (run / "notes.txt").write_text("mine")
+    redone = invoke(*args, "--drop-blocks", "2", "--overwrite", "--json")
+    assert redone.exit_code == 0, redone.output
+    assert json.loads(redone.stdout)["tasks"][0]["totals"]["blocks_kept"] == 2
+    assert (run / "notes.txt").read_text() == "mine"  # --overwrite removes only what nettailor wrote
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--amp", "--amp-dtype", "foo"], "--amp-dtype must be bfloat16 or float16"),
+    (["--device", "tpu"], "unknown --device 'tpu'"),
+])
+def test_bad_option_values_are_usage_errors(tmp_path, folder_data, args, needle):
+    fast = [a for a in FAST]
+    i = fast.index("--device")
+    del fast[i:i + 2]
+    res = invoke("teacher", "--data", folder_data, "--output", tmp_path / "r", *fast, *args)
+    _assert_clean_failure(res, 2, needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_option_parsing_errors_are_one_line_and_json_gets_an_error_document(capsys, tmp_path):
+    from tailor_cli.cli import _invoke
+
+    assert _invoke(["teacher", "--data", "digits", "--bogus"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().count("\n") == 0
+    assert err.startswith("error: No such option: --bogus") and "nettailor teacher --help" in err
+
+    assert _invoke(["teacher", "--epochs", "many", "--json"]) == 2
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert doc["exit_code"] == 2 and "--epochs" in doc["error"] and err.startswith("error: ")
+
+    assert _invoke(["report", str(tmp_path / "nowhere"), "--json"]) == 5  # an error of ours, as JSON too
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"error": err.strip()[len("error: "):], "exit_code": 5}
+
+    assert _invoke(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("nettailor ")
+
+
+def test_offline_errors_are_cut_at_a_word():
+    from tailor_cli.backbone import _first_sentence
+
+    err = OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them "
+                  "in the cached files.\nCheck your connection " + "and try again " * 20)
+    text = _first_sentence(err)
+    assert len(text) <= 204 and text.endswith(" ...") and "\n" not in text
+    assert text.split()[-2] in err.args[0].split()  # the last word shown is a whole word
+    assert _first_sentence(ValueError("short")) == "short"
+
+
+def test_skip_bad_reports_what_it_skipped(tmp_path):
+    data = make_imagefolder(tmp_path / "d", n_classes=3, per_class=6, size=(36, 36), split=False)
+    (data / "class_1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a header, no image
+    res = invoke("teacher", "--data", data, "--output", tmp_path / "r", "--epochs", "1", *FAST, "--skip-bad")
+    assert res.exit_code == 0, res.output
+    assert "skipped 1 unreadable image(s) (--skip-bad): class_1/broken.png" in res.stderr
+    summary = json.loads((tmp_path / "r" / "teacher" / "summary.json").read_text())
+    assert summary["skipped_images"] == ["class_1/broken.png"]
