@@ -17,7 +17,7 @@ are interleaved (A B, then B A, ...) so that a noisy machine disturbs both alike
 
     python examples/benchmark.py                                   # resnet34, batch 64, 64 px, CPU
     python examples/benchmark.py --backbone resnet18 --json
-    python examples/benchmark.py --device cuda --amp --channels-last
+    python examples/benchmark.py --device cuda --amp --channels-last [--compile]
     OMP_WAIT_POLICY=PASSIVE python examples/benchmark.py   # a CPU shared with other busy processes
                                                            # (on an idle CPU it slows small ops down)
 
@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast for training and inference")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forwards of both steps, as the CLI's --compile does")
     p.add_argument("--drop-blocks", type=int, default=None,
                    help="universal blocks the pruned student drops (default: half of them)")
     p.add_argument("--batch1-iters", type=int, default=10,
@@ -122,8 +124,9 @@ class Setup:
         cfg = TrainConfig(epochs=1, lr=0.01, lr_step=1)
         if "finetune" in need or "full_infer" in need:
             self.full = prepare(new_model())  # the fine-tuned network (and the inference baseline)
+        compile_ = torch.compile if args.compile else (lambda m: m)
         if "finetune" in need:
-            self.ft_objective = TeacherObjective(self.full)
+            self.ft_objective = TeacherObjective(self.full, compile_(self.full))
             self.ft_opt, _ = make_optimizer([{"params": list(self.full.parameters())}], cfg)
         if "tailor" in need:
             self.teacher = prepare(new_model()).eval().requires_grad_(False)
@@ -132,7 +135,8 @@ class Setup:
             self.student = prepare(self.student)
             complexity = ComplexityModel(self.student.structure, costs).to(self.device)
             self.tailor_objective = StudentObjective(self.student, self.teacher, describe_chain(self.teacher),
-                                                     complexity, COMPLEXITY_WEIGHT, TEACHER_WEIGHT)
+                                                     complexity, COMPLEXITY_WEIGHT, TEACHER_WEIGHT,
+                                                     forward=compile_(self.student))
             logits = {id(p) for p in self.student.attention_parameters()}  # pipeline._student_groups
             rest = [p for p in self.student.trainable_parameters() if id(p) not in logits]
             groups = [{"params": rest}, {"params": self.student.attention_parameters(), "weight_decay": 0.0}]
@@ -158,6 +162,19 @@ class Setup:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+    @contextlib.contextmanager
+    def eager(self):
+        """The objectives run their plain forwards (no ``--compile``): for ``FlopCounterMode``."""
+        saved = [(self.ft_objective, self.ft_objective.forward, self.full),
+                 (self.tailor_objective, self.tailor_objective.forward, self.student)]
+        for objective, _, plain in saved:
+            objective.forward = plain
+        try:
+            yield
+        finally:
+            for objective, forward, _ in saved:
+                objective.forward = forward
 
     def finetune_step(self) -> None:
         self._step(self.ft_objective, self.ft_opt)
@@ -353,7 +370,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     train = {n: summary(t[n], t[f"{n}_cpu"], B) for n in ("finetune", "tailor")}
     train["ratio"] = train["tailor"]["seconds"] / train["finetune"]["seconds"]
     train["cpu_ratio"] = train["tailor"]["cpu_seconds"] / train["finetune"]["cpu_seconds"]
-    train["macs"] = {"finetune": step_macs(setup.finetune_step), "tailor": step_macs(setup.tailor_step)}
+    with setup.eager():
+        train["macs"] = {"finetune": step_macs(setup.finetune_step), "tailor": step_macs(setup.tailor_step)}
     train["mac_ratio"] = train["macs"]["tailor"] / train["macs"]["finetune"]
 
     # -- inference
@@ -394,7 +412,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
     return {
         "config": {"backbone": args.backbone, "batch_size": B, "img_size": S, "device": str(setup.device),
-                   "amp": bool(args.amp), "channels_last": bool(args.channels_last), "repeats": args.repeats,
+                   "amp": bool(args.amp), "channels_last": bool(args.channels_last), "compile": bool(args.compile),
+                   "repeats": args.repeats,
                    "warmup": args.warmup, "drop_blocks": setup.drop_blocks, "threads": torch.get_num_threads(),
                    "complexity_weight": COMPLEXITY_WEIGHT, "teacher_weight": TEACHER_WEIGHT,
                    "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
@@ -435,7 +454,8 @@ def _loadavg() -> float | None:
 def format_table(res: dict) -> str:
     c, tr, inf, mem, tg = res["config"], res["train"], res["inference"], res["memory"], res["targets"]
     header = (f"{c['backbone']}  batch {c['batch_size']}  {c['img_size']} px  {c['device']}  amp={c['amp']}  "
-              f"channels_last={c['channels_last']}  threads={c['threads']}  median of {c['repeats']}  "
+              f"channels_last={c['channels_last']}  compile={c['compile']}  threads={c['threads']}  "
+              f"median of {c['repeats']}  "
               f"(load average {c['load_average'][0]} -> {c['load_average'][1]} on {c['cpu_count']} CPUs: "
               f"{c['cpu_model']}; OMP_WAIT_POLICY={c['omp_wait_policy'] or 'unset'})")
     lines = [header,
