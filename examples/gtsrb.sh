@@ -39,8 +39,15 @@ nettailor tailor "${DATA[@]}" "${MODEL[@]}" --teacher "$TEACHER" --epochs "$EPOC
     --output "$RUN" --resume
 
 echo "== 3/6 prune: proxies below $THRESHOLD and the $K weakest blocks" >&2
-if [[ -f "$RUN/prune/model.safetensors" ]]; then
-    echo "prune: already done in $RUN (nettailor prune $RUN --overwrite ... to redo it)" >&2
+if [[ -f "$RUN/prune/summary.json" ]]; then
+    if ! python3 -c 'import json, sys; s = json.load(open(sys.argv[1]))
+sys.exit(s["drop_blocks"] != int(sys.argv[2]) or abs(s["threshold"] - float(sys.argv[3])) > 1e-12)' \
+            "$RUN/prune/summary.json" "$K" "$THRESHOLD"; then
+        echo "error: $RUN was pruned with another K or THRESHOLD; rerun with those, or redo it with:" \
+             "nettailor prune $RUN --threshold $THRESHOLD --drop-blocks $K --overwrite" >&2
+        exit 2
+    fi
+    echo "prune: already done in $RUN with K=$K, threshold $THRESHOLD" >&2
 else
     nettailor prune "$RUN" --threshold "$THRESHOLD" --drop-blocks "$K"
 fi

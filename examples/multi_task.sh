@@ -23,7 +23,7 @@ WEIGHTS="${WEIGHTS:-}"              # local backbone weights (.safetensors or ti
 # DATA,K,IMG_SIZE per task (see above)
 TASKS="${TASKS:-torchvision:GTSRB,10,112 torchvision:SVHN,11,64 torchvision:Flowers102,7,224}"
 
-if [[ "$TASKS" =~ torchvision:(SVHN|Flowers102) ]] && ! python -c "import scipy" 2>/dev/null; then
+if [[ "$TASKS" =~ torchvision:(SVHN|Flowers102) ]] && ! python3 -c "import scipy" 2>/dev/null; then
     echo "error: torchvision's SVHN and Flowers102 readers need scipy; run: pip install scipy" >&2
     exit 1
 fi

@@ -66,6 +66,9 @@ def test_gtsrb_script_runs_every_stage_and_resumes(tmp_path, weights):
     assert "prune: already done" in again.stderr
     assert json.loads((run / "report.json").read_text()) == report
 
+    other_k = _bash("gtsrb.sh", data, env={**env, "K": "2"}, cwd=tmp_path)  # never a stale network silently
+    assert other_k.returncode == 2 and "another K or THRESHOLD" in other_k.stderr
+
 
 def test_multi_task_script_shares_one_backbone_and_serve_matches_predict(tmp_path, weights):
     shapes = make_imagefolder(tmp_path / "data" / "Shapes", n_classes=3, per_class=10, size=(36, 36), split=False)
