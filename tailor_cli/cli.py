@@ -522,7 +522,7 @@ def run(
         run_dir = output or _default_output(data, backbone)
         export_dir = out or run_dir / "export"
         if resume:
-            _check_run_resume(run_dir, threshold, drop_blocks, tolerance, max_macs)
+            _check_run_resume(run_dir, threshold, drop_blocks, tolerance, max_macs, search_epochs)
         if overwrite:
             reset_run(run_dir)
         d = _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers)
@@ -537,7 +537,9 @@ def run(
             from .runs import stage_done
 
             searched = None
-            if drop_blocks is None and not (resume and stage_done(run_dir, "finetune")):
+            if drop_blocks is None and resume and stage_done(run_dir, "prune"):
+                run_finetune(run_dir, d, mk(0.01, 32), callbacks=rep)  # K was searched (checked above): go on
+            elif drop_blocks is None:
                 searched = auto_prune(run_dir, d, mk(0.01, 32), mk(0.01, 32),
                                       SearchOptions(tolerance=tolerance, max_macs=max_macs,
                                                     search_epochs=search_epochs, threshold=threshold),
@@ -560,7 +562,7 @@ def run(
 
 
 def _check_run_resume(run_dir: Path, threshold: float, drop_blocks: int | None, tolerance: float,
-                      max_macs: float | None) -> None:
+                      max_macs: float | None, search_epochs: int) -> None:
     """``run --resume`` keeps a finished prune (or K search) only if it was made with the same options."""
     from .checkpoint import read_json
     from .runs import SUMMARY, stage_done
@@ -580,14 +582,18 @@ def _check_run_resume(run_dir: Path, threshold: float, drop_blocks: int | None, 
             diffs.append(f"--drop-blocks {pruned.get('drop_blocks')} -> {drop_blocks}")
     elif search is None:
         diffs.append(f"--drop-blocks {pruned.get('drop_blocks')} -> K searched")
-    elif max_macs is not None:
-        budget = max_macs * search["full_macs"] if max_macs <= 1 else max_macs
-        if search.get("mode") != "budget" or abs(search["max_macs"] - budget) > 1e-6 * budget:
-            diffs.append(f"--max-macs {search.get('max_macs')} -> {budget:.0f} MACs")
-    elif search.get("mode") != "tolerance" or search.get("tolerance") != tolerance:
-        was = f"--max-macs {search.get('max_macs'):.0f} MACs" if search.get("mode") == "budget" \
-            else f"--tolerance {search.get('tolerance')}"
-        diffs.append(f"{was} -> --tolerance {tolerance}")
+    else:
+        was_budget = search.get("mode") == "budget" and isinstance(search.get("max_macs"), (int, float))
+        was = f"--max-macs {search['max_macs'] / 1e6:.2f}M MACs" if was_budget else f"--tolerance {search.get('tolerance')}"
+        if max_macs is not None:
+            full = search.get("full_macs") or 0
+            budget = max_macs * full if max_macs <= 1 else max_macs
+            if not was_budget or abs(search["max_macs"] - budget) > 1e-6 * max(budget, 1):
+                diffs.append(f"{was} -> --max-macs {budget / 1e6:.2f}M MACs")
+        elif was_budget or search.get("tolerance") != tolerance:
+            diffs.append(f"{was} -> --tolerance {tolerance}")
+        if search.get("search_epochs") != search_epochs:
+            diffs.append(f"--search-epochs {search.get('search_epochs')} -> {search_epochs}")
     if diffs:
         raise _usage(f"'{run_dir}' was pruned with other options ({'; '.join(diffs)}); rerun with them to resume, "
                      "or pass --overwrite to start again")

@@ -24,8 +24,8 @@ from .counting import network_params, path_costs, student_macs, student_params, 
 from .errors import RunError, UsageError, DataError
 from .losses import ComplexityModel
 from .pruning import plan as plan_pruning
-from .runs import (MODEL, check_writable, prepare_stage, read_run, read_summary, require_stage, stage_done,
-                   locate_teacher, write_run, write_summary)
+from .runs import (MODEL, check_settings, check_writable, locate_teacher, prepare_stage, read_run, read_summary,
+                   require_stage, reset_run, stage_done, write_run, write_summary)
 from .student import Structure, Student
 from .train import Callbacks, StudentObjective, TeacherObjective, TrainConfig, fit, resolve_device
 
@@ -89,24 +89,43 @@ class BackboneOptions:
     weights: Path | None = None
 
 
-# Options that change how fast a stage runs, not what it computes: a stage may resume with others.
-RUNTIME_OPTIONS = ("device", "compile", "channels_last", "resume", "overwrite", "download", "cache", "workers")
+def stage_settings(train: TrainOptions, device: torch.device, data: DataOptions | None = None,
+                   bb: BackboneOptions | None = None, run_meta: dict | None = None, **extra) -> dict:
+    """What a stage's result depends on, resolved: recorded in its config.json, compared on --resume.
 
-
-def stage_settings(train: TrainOptions, data: DataOptions | None = None, bb: BackboneOptions | None = None,
-                   **extra) -> dict:
-    """What a stage's result depends on: recorded in its config.json, compared on --resume.
-
-    ``None`` values (options not given, inherited from the run) match anything.
+    Options not given take the run's values (``run.json``) and defaults are resolved (``lr_step``,
+    ``amp`` for the device), so naming a value the run already uses is no change. Options that
+    only change speed (device, workers, cache, compile, channels-last) are left out.
     """
-    out = {k: v for k, v in asdict(train).items() if k not in RUNTIME_OPTIONS}
+    cfg = train.config(device)
+    out = {"epochs": train.epochs, "batch_size": train.batch_size, "lr": train.lr, "lr_step": cfg.lr_step,
+           "seed": train.seed, "amp": cfg.amp, "amp_dtype": cfg.amp_dtype if cfg.amp else None}
     if data is not None:
-        out |= {k: v for k, v in asdict(data).items() if k not in RUNTIME_OPTIONS}
-        out["data"] = _data_path(data.data) if data.data else None
+        saved = (run_meta or {}).get("data", {})
+        out |= {
+            "data": _data_path(data.data) if data.data else saved.get("path"),
+            "task": data.task if data.task is not None else saved.get("task"),
+            "img_size": data.img_size if data.img_size is not None else saved.get("img_size"),
+            "val_fraction": data.val_fraction if data.val_fraction is not None else saved.get("val_fraction", 0.1),
+            "hflip": data.hflip if data.hflip is not None else saved.get("hflip"),
+            "augment": data.augment, "skip_bad": data.skip_bad,
+        }
     if bb is not None:
         out |= {"backbone": bb.name, "pretrained": bb.pretrained,
                 "weights": str(Path(bb.weights).resolve()) if bb.weights else None}
     return out | extra
+
+
+def _check_run_data(run: Path, run_meta: dict | None, data: DataOptions) -> None:
+    """Every stage of a run trains on the run's data (a later --data must name the same)."""
+    if run_meta is None or data.data is None:
+        return
+    saved = run_meta["data"]
+    if saved.get("path") not in (None, _data_path(data.data)):
+        raise UsageError(
+            f"run '{run}' was made on '{saved.get('given') or saved['path']}', not '{data.data}'; pass that --data, "
+            "choose another --output, or start the run over (teacher/run --overwrite)"
+        )
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -284,12 +303,15 @@ def train_teacher(run: Path, bb: BackboneOptions, data: DataOptions, train: Trai
     train.validate()
     device = resolve_device(train.device)
     check_writable(run)
-    settings = stage_settings(train, data, bb)
+    if train.overwrite:  # the first stage: redoing it starts the run over (other data allowed)
+        reset_run(run)
+    run_meta = read_run(run) if (run / "run.json").exists() else None
+    _check_run_data(run, run_meta, data)
+    settings = stage_settings(train, device, data, bb, run_meta)
     done = prepare_stage(run, "teacher", resume=train.resume, overwrite=train.overwrite, settings=settings)
     if done:
         cb.on_message(f"teacher: already complete in {run}")
         return read_summary(run, "teacher")
-    run_meta = read_run(run) if (run / "run.json").exists() else None
     with _new_run_guard(run):
         check_backbone_name(bb.name)
         task = _load_data(run_meta, data, _data_config(bb.name), run, train.seed)
@@ -300,7 +322,7 @@ def train_teacher(run: Path, bb: BackboneOptions, data: DataOptions, train: Trai
                         "task_name": task.name})
     elif run_meta["backbone"]["sha256"] != identity["sha256"]:
         raise RunError(f"run '{run}' was made with other backbone weights; use another --output or --overwrite")
-    return _fit_teacher(run, model, task, data, train, device, cb, settings)
+    return _fit_teacher(run, model, task, data, train, device, cb, stage_settings(train, device, data, bb, read_run(run)))
 
 
 def _fit_teacher(run: Path, model: nn.Module, task, data: DataOptions, train: TrainOptions,
@@ -356,17 +378,24 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
         raise UsageError("--complexity-weight and --teacher-weight must be >= 0")
     device = resolve_device(train.device)
     check_writable(run)
+    run_meta = read_run(run) if (run / "run.json").exists() else None
+    _check_run_data(run, run_meta, data)
     teacher_dir = _resolve_teacher_dir(opts.teacher) if opts.teacher else None
-    settings = stage_settings(train, data, bb, max_skip=opts.max_skip, complexity_weight=opts.complexity_weight,
-                              teacher_weight=opts.teacher_weight,
-                              teacher=str(teacher_dir.resolve()) if teacher_dir is not None else None)
-    done = prepare_stage(run, "tailor", resume=train.resume, overwrite=train.overwrite, settings=settings)
+    if teacher_dir is None and run_meta is not None and run_meta.get("teacher") not in (None, "teacher"):
+        teacher_dir = locate_teacher(run, run_meta)  # the external teacher this run was started with
+
+    teacher_setting = "teacher" if teacher_dir is None else str(teacher_dir.resolve())  # in the run: relative
+
+    def settings_now(meta):
+        return stage_settings(train, device, data, bb, meta, max_skip=opts.max_skip, teacher=teacher_setting,
+                              complexity_weight=opts.complexity_weight, teacher_weight=opts.teacher_weight)
+
+    done = prepare_stage(run, "tailor", resume=train.resume, overwrite=train.overwrite, settings=settings_now(run_meta))
     if done:
         cb.on_message(f"tailor: already complete in {run}")
         return read_summary(run, "tailor")
-    run_meta = read_run(run) if (run / "run.json").exists() else None
-    if teacher_dir is not None and run_meta is None:
-        _check_teacher_data(teacher_dir, data)
+    if teacher_dir is not None:
+        _check_teacher_data(teacher_dir, data if data.data else DataOptions(data=(run_meta or {}).get("data", {}).get("path")))
     with _new_run_guard(run):
         check_backbone_name(bb.name)
         if teacher_dir is not None and run_meta is None and (teacher_dir.parent / "split.json").exists():
@@ -386,13 +415,15 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
 
     if teacher_dir is None:
         teacher_dir = run / "teacher"
-        if not stage_done(run, "teacher"):
+        t_opts = opts.teacher_train
+        t_opts.device = train.device
+        t_opts.resume = train.resume or train.overwrite  # --overwrite redoes the tailor stage, not its teacher
+        t_settings = stage_settings(t_opts, device, data, bb, read_run(run))
+        if stage_done(run, "teacher"):
+            check_settings(run, "teacher", t_settings, done=True)
+        else:
             cb.on_message(f"tailor: no --teacher given; fine-tuning one first in {teacher_dir}")
-            t_opts = opts.teacher_train
-            t_opts.resume = train.resume
-            t_opts.device = train.device
-            t_settings = stage_settings(t_opts, data, bb)
-            prepare_stage(run, "teacher", resume=train.resume, overwrite=False, settings=t_settings)
+            prepare_stage(run, "teacher", resume=t_opts.resume, overwrite=False, settings=t_settings)
             _fit_teacher(run, copy.deepcopy(backbone), task, data, t_opts, device, cb, t_settings)
     meta = read_run(run)
     inside = teacher_dir.resolve() == (run / "teacher").resolve()
@@ -406,7 +437,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
     return _fit_student(run, "tailor", student, teacher, task, data, train, device, cb,
                         complexity=ComplexityModel(student.structure, costs),
                         g1=opts.complexity_weight, g2=opts.teacher_weight,
-                        extra={"settings": settings, "max_skip": opts.max_skip, "complexity_weight": opts.complexity_weight,
+                        extra={"settings": settings_now(read_run(run)), "max_skip": opts.max_skip, "complexity_weight": opts.complexity_weight,
                                "teacher_weight": opts.teacher_weight, "teacher": str(teacher_dir),
                                "path_costs": costs, "backbone_macs": backbone_macs})
 
@@ -509,7 +540,8 @@ def finetune(run: Path, data: DataOptions, train: TrainOptions, *, teacher_weigh
     device = resolve_device(train.device)
     run_meta = read_run(run)
     prune_dir = require_stage(run, "prune", "finetune")
-    settings = stage_settings(train, data, teacher_weight=teacher_weight)
+    _check_run_data(run, run_meta, data)
+    settings = stage_settings(train, device, data, run_meta=run_meta, teacher_weight=teacher_weight)
     done = prepare_stage(run, "finetune", resume=train.resume, overwrite=train.overwrite, settings=settings)
     if done:
         cb.on_message(f"finetune: already complete in {run}")
@@ -556,6 +588,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     tailor_dir = require_stage(run, "tailor", "prune --auto")
     if stage_done(run, "prune") and not overwrite:
         raise RunError(f"'{run}' is already pruned; pass --overwrite to search again (this also discards 'finetune')")
+    _check_run_data(run, run_meta, data)
     device = resolve_device(search_train.device)
     student, _ = load_student(tailor_dir, torch.device("cpu"))
     num_blocks = sum(s.block for s in student.structure.layers)

@@ -131,6 +131,8 @@ def reset_run(run: Path) -> None:
     """Remove everything nettailor wrote in a run directory (``run --overwrite``); nothing else."""
     from .distributed import barrier, is_main
 
+    if (run / "run.json").is_file():
+        read_run(run)  # refuses a directory whose run.json nettailor did not write: nothing is removed
     if is_main() and (run / "run.json").is_file():
         for name in STAGES + ("search", "export"):
             shutil.rmtree(run / name, ignore_errors=True)

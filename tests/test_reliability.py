@@ -298,7 +298,7 @@ def test_resume_reuses_a_finished_stage_only_with_its_settings(tmp_path, tailore
     _assert_clean_failure(other_epochs, 2, "other settings", "epochs 2 -> 3", "--overwrite")
     other = make_imagefolder(tmp_path / "other", n_classes=3, per_class=4, size=(36, 36))
     other_data = invoke("tailor", "--data", other, "--output", run, *TAILOR_ARGS, *FAST, "--resume")
-    _assert_clean_failure(other_data, 2, "other settings", str(other.resolve()))
+    _assert_clean_failure(other_data, 2, "was made on", str(other), "choose another --output")
     other_bb = invoke("tailor", "--data", folder_data, "--output", run, *TAILOR_ARGS, "--resume",
                       *[a if a != "test_resnet" else "resnet18" for a in FAST])
     _assert_clean_failure(other_bb, 2, "backbone 'test_resnet' -> 'resnet18'")
@@ -411,3 +411,78 @@ def test_skip_bad_reports_what_it_skipped(tmp_path):
     assert "skipped 1 unreadable image(s) (--skip-bad): class_1/broken.png" in res.stderr
     summary = json.loads((tmp_path / "r" / "teacher" / "summary.json").read_text())
     assert summary["skipped_images"] == ["class_1/broken.png"]
+
+
+def _unfinish(stage_dir: Path) -> None:
+    """Make a finished stage look killed after its last checkpoint."""
+    (stage_dir / "model.safetensors").unlink()
+    (stage_dir / "summary.json").unlink()
+
+
+def test_run_overwrite_never_deletes_a_directory_nettailor_did_not_make(tmp_path, folder_data):
+    foreign = tmp_path / "project"
+    (foreign / "export").mkdir(parents=True)
+    (foreign / "run.json").write_text('{"name": "my project"}')
+    (foreign / "export" / "data.csv").write_text("1,2")
+    res = invoke("run", "--data", folder_data, "--output", foreign, "--epochs", "1", "--drop-blocks", "1",
+                 *RUN_FAST, "--overwrite")
+    _assert_clean_failure(res, 5, "not written by nettailor")
+    assert (foreign / "export" / "data.csv").read_text() == "1,2" and (foreign / "run.json").is_file()
+
+
+def test_resumed_tailor_keeps_its_external_teacher(tmp_path, folder_data):
+    teacher = tmp_path / "t"
+    assert invoke("teacher", "--data", folder_data, "--output", teacher, "--epochs", "1", *FAST).exit_code == 0
+    run = tmp_path / "r"
+    args = ["tailor", "--data", folder_data, "--output", run, "--epochs", "1", *FAST]
+    assert invoke(*args, "--teacher", teacher).exit_code == 0
+    _unfinish(run / "tailor")
+    res = invoke(*args, "--resume")  # no --teacher: the run's own record says which
+    assert res.exit_code == 0, res.output
+    assert "fine-tuning one first" not in res.stderr and not (run / "teacher").exists()
+    assert json.loads((run / "run.json").read_text())["teacher"] == str(teacher.resolve() / "teacher")
+
+
+def test_in_run_teacher_is_checked_and_continued_by_tailor(tmp_path, tailored_run, folder_data):
+    run = tmp_path / "run"
+    shutil.copytree(tailored_run, run)
+    _unfinish(run / "tailor")
+    res = invoke("tailor", "--data", folder_data, "--output", run, "--epochs", "2", "--teacher-epochs", "3",
+                 *FAST, "--resume")
+    _assert_clean_failure(res, 2, "stage 'teacher'", "epochs 2 -> 3")
+
+    shutil.rmtree(run / "tailor")
+    _unfinish(run / "teacher")  # the teacher was killed after its last epoch's checkpoint
+    res = invoke("tailor", "--data", folder_data, "--output", run, *TAILOR_ARGS, *FAST, "--overwrite")
+    assert res.exit_code == 0, res.output  # --overwrite redoes tailor; the unfinished teacher is continued
+    assert "teacher: resuming after epoch 2" in res.stderr
+
+
+def test_resume_compares_resolved_values(tmp_path, folder_data):
+    run = tmp_path / "run"
+    args = ["teacher", "--data", folder_data, "--output", run, "--epochs", "2", *FAST]
+    assert invoke(*args).exit_code == 0
+    _unfinish(run / "teacher")
+    settings = json.loads((run / "teacher" / "config.json").read_text())["settings"]
+    hflip = "--hflip" if settings["hflip"] else "--no-hflip"
+    lr_step = str(settings["lr_step"])
+    # the run's own values, now named explicitly: no change
+    res = invoke(*args, "--val-fraction", "0.1", hflip, "--lr-step", lr_step, "--resume")
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "teacher" / "config.json").read_text())["settings"] == settings
+    _unfinish(run / "teacher")
+    _assert_clean_failure(invoke(*args, "--amp", "--resume"), 2, "amp False -> True")
+    _assert_clean_failure(invoke(*args, "--no-hflip" if hflip == "--hflip" else "--hflip", "--resume"), 2, "hflip")
+
+
+def test_run_resume_after_a_search_continues_the_finetune(tmp_path, folder_data):
+    run = tmp_path / "run"
+    args = ["run", "--data", folder_data, "--output", run, "--epochs", "1", "--threshold", "0.01",
+            "--search-epochs", "1", "--tolerance", "100", *RUN_FAST]
+    assert invoke(*args).exit_code == 0
+    _unfinish(run / "finetune")
+    res = invoke(*args, "--resume")
+    assert res.exit_code == 0, res.output
+    assert "search:" not in res.stderr and "finetune: resuming after epoch 1" in res.stderr
+    more_epochs = [a if a != "1" or args[i - 1] != "--search-epochs" else "2" for i, a in enumerate(args)]
+    _assert_clean_failure(invoke(*more_epochs, "--resume"), 2, "--search-epochs 1 -> 2")
