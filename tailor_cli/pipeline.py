@@ -19,7 +19,7 @@ from torch import nn
 from . import __version__
 from . import distributed as dist
 from .backbone import backbone_identity, check_backbone_name, create_backbone, describe_chain
-from .checkpoint import read_safetensors, write_json, write_safetensors
+from .checkpoint import read_json, read_safetensors, write_json, write_safetensors
 from .counting import network_params, path_costs, student_macs, student_params, model_macs
 from .errors import RunError, UsageError, DataError
 from .losses import ComplexityModel
@@ -27,7 +27,7 @@ from .pruning import plan as plan_pruning
 from .runs import (MODEL, check_settings, check_writable, locate_teacher, prepare_stage, read_run, read_summary,
                    require_stage, reset_run, stage_done, write_run, write_summary)
 from .student import Structure, Student
-from .train import Callbacks, StudentObjective, TeacherObjective, TrainConfig, fit, resolve_device
+from .train import CHECKPOINT, Callbacks, StudentObjective, TeacherObjective, TrainConfig, fit, resolve_device
 
 
 # --------------------------------------------------------------------------- options
@@ -114,6 +114,9 @@ def stage_settings(train: TrainOptions, device: torch.device, data: DataOptions 
         out |= {"backbone": bb.name, "pretrained": bb.pretrained,
                 "weights": str(Path(bb.weights).resolve()) if bb.weights else None}
     return out | extra
+
+
+_REDO_TEACHER = "`nettailor teacher --output {run} --overwrite` redoes it (and the run)"
 
 
 def _check_run_data(run: Path, run_meta: dict | None, data: DataOptions) -> None:
@@ -326,7 +329,7 @@ def train_teacher(run: Path, bb: BackboneOptions, data: DataOptions, train: Trai
 
 
 def _fit_teacher(run: Path, model: nn.Module, task, data: DataOptions, train: TrainOptions,
-                 device: torch.device, cb: Callbacks, settings: dict) -> dict:
+                 device: torch.device, cb: Callbacks, settings: dict, made_by: str = "teacher") -> dict:
     cfg = train.config(device)
     model = model.to(device)
     if cfg.channels_last:
@@ -334,7 +337,7 @@ def _fit_teacher(run: Path, model: nn.Module, task, data: DataOptions, train: Tr
     stage_dir = run / "teacher"
     write_json(stage_dir / "config.json", {"stage": "teacher", "train": asdict(train), "resolved": asdict(cfg),
                                            "data": asdict(data) | {"data": data.data}, "device": str(device),
-                                           "settings": settings})
+                                           "settings": settings, "made_by": made_by})
     train_loader, val_loader = _loaders(task, train.batch_size, device, train.seed, data.workers)
     _say_skipped(cb, task)
     _say_distributed(cb, train)
@@ -419,12 +422,18 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
         t_opts.device = train.device
         t_opts.resume = train.resume or train.overwrite  # --overwrite redoes the tailor stage, not its teacher
         t_settings = stage_settings(t_opts, device, data, bb, read_run(run))
+        made_by_tailor = (read_json(teacher_dir / "config.json", what="teacher config").get("made_by") == "tailor"
+                          if (teacher_dir / "config.json").is_file() else True)
         if stage_done(run, "teacher"):
-            check_settings(run, "teacher", t_settings, done=True)
+            if made_by_tailor:  # one from `nettailor teacher` is used as it is
+                check_settings(run, "teacher", t_settings, done=True, redo=_REDO_TEACHER.format(run=run))
         else:
+            if not made_by_tailor and (teacher_dir / CHECKPOINT).is_file():
+                raise RunError(f"'{teacher_dir}' is an unfinished `nettailor teacher` stage; finish it first with "
+                               f"`nettailor teacher --output {run} --resume` and its options")
             cb.on_message(f"tailor: no --teacher given; fine-tuning one first in {teacher_dir}")
             prepare_stage(run, "teacher", resume=t_opts.resume, overwrite=False, settings=t_settings)
-            _fit_teacher(run, copy.deepcopy(backbone), task, data, t_opts, device, cb, t_settings)
+            _fit_teacher(run, copy.deepcopy(backbone), task, data, t_opts, device, cb, t_settings, made_by="tailor")
     meta = read_run(run)
     inside = teacher_dir.resolve() == (run / "teacher").resolve()
     meta["teacher"] = "teacher" if inside else str(teacher_dir.resolve())

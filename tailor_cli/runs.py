@@ -102,7 +102,8 @@ def _prepare_stage(run: Path, stage: str, *, resume: bool, overwrite: bool, sett
     )
 
 
-def check_settings(run: Path, stage: str, settings: dict | None, *, done: bool) -> None:
+def check_settings(run: Path, stage: str, settings: dict | None, *, done: bool,
+                   redo: str = "pass --overwrite to redo it") -> None:
     """Refuse to resume or reuse ``run/stage`` with settings other than those it was made with.
 
     ``settings`` maps option names to values; ``None`` means "not given" (inherited from the run)
@@ -123,7 +124,7 @@ def check_settings(run: Path, stage: str, settings: dict | None, *, done: bool) 
         raise UsageError(
             f"stage '{stage}' in '{run}' was {'trained' if done else 'started'} with other settings "
             f"({'; '.join(diffs)}); rerun with its settings to {'reuse' if done else 'resume'} it, "
-            "pass --overwrite to redo it, or choose another --output"
+            f"{redo}, or choose another --output"
         )
 
 

@@ -486,3 +486,11 @@ def test_run_resume_after_a_search_continues_the_finetune(tmp_path, folder_data)
     assert "search:" not in res.stderr and "finetune: resuming after epoch 1" in res.stderr
     more_epochs = [a if a != "1" or args[i - 1] != "--search-epochs" else "2" for i, a in enumerate(args)]
     _assert_clean_failure(invoke(*more_epochs, "--resume"), 2, "--search-epochs 1 -> 2")
+
+
+def test_tailor_uses_a_teacher_trained_by_the_teacher_command_in_the_same_run(tmp_path, folder_data):
+    run = tmp_path / "run"
+    assert invoke("teacher", "--data", folder_data, "--output", run, "--epochs", "1", *FAST).exit_code == 0
+    res = invoke("tailor", "--data", folder_data, "--output", run, "--epochs", "1", *FAST)
+    assert res.exit_code == 0, res.output  # its own options, not tailor's --teacher-*, made that teacher
+    assert "fine-tuning one first" not in res.stderr
