@@ -554,6 +554,8 @@ def run(
         result = report_run(run_dir)
         result["export"] = exported
         result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        if searched is not None and searched.get("error"):
+            result["error"] = searched["error"]  # exit 7 below: the document says why, as prune --auto's does
         _emit(result, json_out, render_report)
         if searched is not None:
             _fail_on_tolerance(searched)

@@ -494,3 +494,19 @@ def test_tailor_uses_a_teacher_trained_by_the_teacher_command_in_the_same_run(tm
     res = invoke("tailor", "--data", folder_data, "--output", run, "--epochs", "1", *FAST)
     assert res.exit_code == 0, res.output  # its own options, not tailor's --teacher-*, made that teacher
     assert "fine-tuning one first" not in res.stderr
+
+
+def test_run_that_misses_the_tolerance_exits_7_with_one_document_saying_why(tmp_path, folder_data, monkeypatch):
+    import tailor_cli.pipeline as pipeline
+
+    def missed(run, data, search_train, final_train, opts, **kwargs):  # a search whose choice misses
+        pipeline.prune(run, threshold=0.01, drop_blocks=1, overwrite=True)
+        final = pipeline.finetune(run, data, final_train)
+        return {**final, "error": "the chosen network (K=1) reaches 40.00%, more than 0.5 points below"}
+
+    monkeypatch.setattr(pipeline, "auto_prune", missed)
+    res = invoke("run", "--data", folder_data, "--output", tmp_path / "r", "--epochs", "1", *RUN_FAST, "--json")
+    assert res.exit_code == 7, res.output
+    doc = json.loads(res.stdout)  # exactly one document: the report, with the reason
+    assert doc["error"].startswith("the chosen network (K=1)") and doc["tasks"][0]["totals"]["blocks_kept"] == 3
+    assert res.stderr.strip().splitlines()[-1].startswith("error: the chosen network")
