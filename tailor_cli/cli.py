@@ -511,6 +511,7 @@ def run(
         from .pipeline import prune as run_prune, tailor as run_tailor
         from .report import report_run
 
+        from .pipeline import check_run_resume
         from .runs import reset_run
 
         if data is None:
@@ -522,7 +523,7 @@ def run(
         run_dir = output or _default_output(data, backbone)
         export_dir = out or run_dir / "export"
         if resume:
-            _check_run_resume(run_dir, threshold, drop_blocks, tolerance, max_macs, search_epochs)
+            check_run_resume(run_dir, threshold, drop_blocks, tolerance, max_macs, search_epochs)
         if overwrite:
             reset_run(run_dir)
         d = _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers)
@@ -544,7 +545,7 @@ def run(
                                       SearchOptions(tolerance=tolerance, max_macs=max_macs,
                                                     search_epochs=search_epochs, threshold=threshold),
                                       overwrite=True, callbacks=rep)
-            elif drop_blocks is not None:
+            else:
                 if not (resume and stage_done(run_dir, "prune")):
                     run_prune(run_dir, threshold=threshold, drop_blocks=drop_blocks, overwrite=True, callbacks=rep)
                 run_finetune(run_dir, d, mk(0.01, 32), callbacks=rep)
@@ -561,44 +562,6 @@ def run(
             _fail_on_tolerance(searched)
 
     _execute(debug, body, json_out)
-
-
-def _check_run_resume(run_dir: Path, threshold: float, drop_blocks: int | None, tolerance: float,
-                      max_macs: float | None, search_epochs: int) -> None:
-    """``run --resume`` keeps a finished prune (or K search) only if it was made with the same options."""
-    from .checkpoint import read_json
-    from .runs import SUMMARY, stage_done
-
-    if not stage_done(run_dir, "prune"):
-        return
-    pruned = read_json(run_dir / "prune" / SUMMARY, what="prune summary")
-    frontier = run_dir / "search" / "frontier.json"
-    search = read_json(frontier, what="search frontier") if frontier.is_file() else None
-    diffs = []
-    if pruned.get("threshold") != threshold:
-        diffs.append(f"--threshold {pruned.get('threshold')} -> {threshold}")
-    if drop_blocks is not None:
-        if search is not None:
-            diffs.append(f"K was searched (K={search.get('chosen_k')}) -> --drop-blocks {drop_blocks}")
-        elif pruned.get("drop_blocks") != drop_blocks:
-            diffs.append(f"--drop-blocks {pruned.get('drop_blocks')} -> {drop_blocks}")
-    elif search is None:
-        diffs.append(f"--drop-blocks {pruned.get('drop_blocks')} -> K searched")
-    else:
-        was_budget = search.get("mode") == "budget" and isinstance(search.get("max_macs"), (int, float))
-        was = f"--max-macs {search['max_macs'] / 1e6:.2f}M MACs" if was_budget else f"--tolerance {search.get('tolerance')}"
-        if max_macs is not None:
-            full = search.get("full_macs") or 0
-            budget = max_macs * full if max_macs <= 1 else max_macs
-            if not was_budget or abs(search["max_macs"] - budget) > 1e-6 * max(budget, 1):
-                diffs.append(f"{was} -> --max-macs {budget / 1e6:.2f}M MACs")
-        elif was_budget or search.get("tolerance") != tolerance:
-            diffs.append(f"{was} -> --tolerance {tolerance}")
-        if search.get("search_epochs") != search_epochs:
-            diffs.append(f"--search-epochs {search.get('search_epochs')} -> {search_epochs}")
-    if diffs:
-        raise _usage(f"'{run_dir}' was pruned with other options ({'; '.join(diffs)}); rerun with them to resume, "
-                     "or pass --overwrite to start again")
 
 
 def _usage(message: str) -> TailorError:

@@ -24,10 +24,10 @@ from .counting import network_params, path_costs, student_macs, student_params, 
 from .errors import RunError, UsageError, DataError
 from .losses import ComplexityModel
 from .pruning import plan as plan_pruning
-from .runs import (MODEL, check_settings, check_writable, locate_teacher, prepare_stage, read_run, read_summary,
+from .runs import (CHECKPOINT, MODEL, check_settings, check_writable, locate_teacher, prepare_stage, read_run, read_summary,
                    require_stage, reset_run, stage_done, write_run, write_summary)
 from .student import Structure, Student
-from .train import CHECKPOINT, Callbacks, StudentObjective, TeacherObjective, TrainConfig, fit, resolve_device
+from .train import Callbacks, StudentObjective, TeacherObjective, TrainConfig, fit, resolve_device
 
 
 # --------------------------------------------------------------------------- options
@@ -119,16 +119,20 @@ def stage_settings(train: TrainOptions, device: torch.device, data: DataOptions 
 _REDO_TEACHER = "`nettailor teacher --output {run} --overwrite` redoes it (and the run)"
 
 
+def _other_data(saved: dict, given: str | None) -> bool:
+    """Whether ``given`` (a --data) names other data than a run's record ``saved`` (run.json "data")."""
+    return given is not None and saved.get("path") not in (None, _data_path(given))
+
+
 def _check_run_data(run: Path, run_meta: dict | None, data: DataOptions) -> None:
     """Every stage of a run trains on the run's data (a later --data must name the same)."""
-    if run_meta is None or data.data is None:
+    if run_meta is None or not _other_data(run_meta["data"], data.data):
         return
     saved = run_meta["data"]
-    if saved.get("path") not in (None, _data_path(data.data)):
-        raise UsageError(
-            f"run '{run}' was made on '{saved.get('given') or saved['path']}', not '{data.data}'; pass that --data, "
-            "choose another --output, or start the run over (teacher/run --overwrite)"
-        )
+    raise UsageError(
+        f"run '{run}' was made on '{saved.get('given') or saved['path']}', not '{data.data}'; pass that --data, "
+        "choose another --output, or start the run over (teacher/run --overwrite)"
+    )
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -263,13 +267,13 @@ def _resolve_teacher_dir(path: Path) -> Path:
     raise RunError(f"'{path}' holds no finished teacher (expected {path}/teacher/{MODEL}); run `nettailor teacher` first")
 
 
-def _check_teacher_data(teacher_dir: Path, data: DataOptions) -> None:
-    """Before any split is made: the teacher must have been trained on this data."""
+def _check_teacher_data(teacher_dir: Path, data: str | None) -> None:
+    """Before any split is made: the teacher must have been trained on this data (a --data or a run's path)."""
     saved = read_run(teacher_dir.parent)["data"]
-    if data.data is not None and saved.get("path") not in (None, _data_path(data.data)):
+    if _other_data(saved, data):
         raise UsageError(
             f"teacher '{teacher_dir}' was fine-tuned on '{saved.get('given') or saved['path']}', but --data is "
-            f"'{data.data}'; pass the teacher's data, or omit --teacher to train one on this data"
+            f"'{data}'; pass the teacher's data, or omit --teacher to train one on this data"
         )
 
 
@@ -319,6 +323,7 @@ def train_teacher(run: Path, bb: BackboneOptions, data: DataOptions, train: Trai
         check_backbone_name(bb.name)
         task = _load_data(run_meta, data, _data_config(bb.name), run, train.seed)
         model = _build_backbone(bb, len(task.classes), train.seed)
+    _say_skipped(cb, task)
     identity = backbone_identity(model, name=bb.name, weights=bb.weights, pretrained=bb.pretrained)
     if run_meta is None:
         write_run(run, {"backbone": identity, "data": _data_record(task, data, train.seed), "classes": task.classes,
@@ -339,7 +344,6 @@ def _fit_teacher(run: Path, model: nn.Module, task, data: DataOptions, train: Tr
                                            "data": asdict(data) | {"data": data.data}, "device": str(device),
                                            "settings": settings, "made_by": made_by})
     train_loader, val_loader = _loaders(task, train.batch_size, device, train.seed, data.workers)
-    _say_skipped(cb, task)
     _say_distributed(cb, train)
     model = dist.sync_batchnorm(model, device)
     forward = _maybe_compile(dist.wrap(model, device), train.compile)
@@ -398,7 +402,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
         cb.on_message(f"tailor: already complete in {run}")
         return read_summary(run, "tailor")
     if teacher_dir is not None:
-        _check_teacher_data(teacher_dir, data if data.data else DataOptions(data=(run_meta or {}).get("data", {}).get("path")))
+        _check_teacher_data(teacher_dir, data.data or (run_meta or {}).get("data", {}).get("path"))
     with _new_run_guard(run):
         check_backbone_name(bb.name)
         if teacher_dir is not None and run_meta is None and (teacher_dir.parent / "split.json").exists():
@@ -406,6 +410,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
             shutil.copyfile(teacher_dir.parent / "split.json", run / "split.json")
         task = _load_data(run_meta, data, _data_config(bb.name), run, train.seed)
         backbone = _build_backbone(bb, len(task.classes), train.seed)
+        _say_skipped(cb, task)
         identity = backbone_identity(backbone, name=bb.name, weights=bb.weights, pretrained=bb.pretrained)
         if teacher_dir is not None:
             _check_teacher(teacher_dir, identity, task.classes)
@@ -465,8 +470,6 @@ def _fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | N
     write_json(stage_dir / "config.json", {"stage": stage, "train": asdict(train), "resolved": asdict(cfg),
                                            "data": asdict(data), "device": str(device), **extra})
     train_loader, val_loader = _loaders(task, train.batch_size, device, train.seed, data.workers)
-    if "/" not in stage:  # not once per search candidate
-        _say_skipped(cb, task)
     chain = describe_chain(teacher) if teacher is not None else None
     for layer in student.layers:  # a softmax over one path is the constant 1: nothing to learn
         if layer.alive and layer.logits.numel() == 1:
@@ -556,12 +559,48 @@ def finetune(run: Path, data: DataOptions, train: TrainOptions, *, teacher_weigh
         cb.on_message(f"finetune: already complete in {run}")
         return read_summary(run, "finetune")
     task = _load_data(run_meta, data, _data_config(run_meta["backbone"]["architecture"]), run, train.seed)
+    _say_skipped(cb, task)
     student, _ = load_student(prune_dir, device)
     teacher = None
     if teacher_weight > 0:
         teacher = load_teacher(locate_teacher(run, run_meta), device).eval().requires_grad_(False)
     return _fit_student(run, "finetune", student, teacher, task, data, train, device, cb, complexity=None,
                         g1=0.0, g2=teacher_weight, extra={"settings": settings, "teacher_weight": teacher_weight})
+
+
+def check_run_resume(run_dir: Path, threshold: float, drop_blocks: int | None, tolerance: float,
+                     max_macs: float | None, search_epochs: int) -> None:
+    """``run --resume`` keeps a finished prune (or K search) only if it was made with the same options."""
+    if not stage_done(run_dir, "prune"):
+        return
+    pruned = read_summary(run_dir, "prune")
+    frontier = run_dir / "search" / "frontier.json"
+    search = read_json(frontier, what="search frontier") if frontier.is_file() else None
+    diffs = []
+    if pruned.get("threshold") != threshold:
+        diffs.append(f"--threshold {pruned.get('threshold')} -> {threshold}")
+    if drop_blocks is not None:
+        if search is not None:
+            diffs.append(f"K was searched (K={search.get('chosen_k')}) -> --drop-blocks {drop_blocks}")
+        elif pruned.get("drop_blocks") != drop_blocks:
+            diffs.append(f"--drop-blocks {pruned.get('drop_blocks')} -> {drop_blocks}")
+    elif search is None:
+        diffs.append(f"--drop-blocks {pruned.get('drop_blocks')} -> K searched")
+    else:
+        was_budget = search.get("mode") == "budget" and isinstance(search.get("max_macs"), (int, float))
+        was = f"--max-macs {search['max_macs'] / 1e6:.2f}M MACs" if was_budget else f"--tolerance {search.get('tolerance')}"
+        if max_macs is not None:
+            full = search.get("full_macs") or 0
+            budget = max_macs * full if max_macs <= 1 else max_macs
+            if not was_budget or abs(search["max_macs"] - budget) > 1e-6 * max(budget, 1):
+                diffs.append(f"{was} -> --max-macs {budget / 1e6:.2f}M MACs")
+        elif was_budget or search.get("tolerance") != tolerance:
+            diffs.append(f"{was} -> --tolerance {tolerance}")
+        if search.get("search_epochs") != search_epochs:
+            diffs.append(f"--search-epochs {search.get('search_epochs')} -> {search_epochs}")
+    if diffs:
+        raise UsageError(f"'{run_dir}' was pruned with other options ({'; '.join(diffs)}); rerun with them to resume, "
+                         "or pass --overwrite to start again")
 
 
 # --------------------------------------------------------------------------- automatic architecture

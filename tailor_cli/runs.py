@@ -31,7 +31,7 @@ DOWNSTREAM = {"teacher": ("tailor", "prune", "finetune"), "tailor": ("prune", "f
 MODEL = "model.safetensors"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
-CHECKPOINT = "checkpoint.safetensors"  # as train.CHECKPOINT (runs must not import the training loop)
+CHECKPOINT = "checkpoint.safetensors"  # model + optimiser state, written each epoch by train.fit
 
 
 def stage_done(run: Path, stage: str) -> bool:

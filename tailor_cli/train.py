@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, is_main
+from .runs import CHECKPOINT
 from .checkpoint import append_jsonl, read_jsonl, read_safetensors, write_safetensors
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, TrainingError, UsageError
 from .losses import ComplexityModel, teacher_term
 from .student import Student, teacher_forward
 
-CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 
 

@@ -25,11 +25,14 @@ def invoke(*args):
 
 
 # --------------------------------------------------------------------------- search
+AUTO = ["--threshold", "0.01", "--search-epochs", "1", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+        "--device", "cpu", "--json"]  # prune --auto on the tiny fixture run, with --tolerance or --max-macs
+
+
 def test_auto_prune_bisects_and_writes_the_frontier(tmp_path, tailored_run):
     run = tmp_path / "run"
     shutil.copytree(tailored_run, run)
-    res = invoke("prune", run, "--auto", "--tolerance", "100", "--threshold", "0.01", "--search-epochs", "1",
-                 "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--json")
+    res = invoke("prune", run, "--auto", "--tolerance", "100", *AUTO)
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     search = out["search"]
@@ -53,8 +56,7 @@ def test_auto_prune_bisects_and_writes_the_frontier(tmp_path, tailored_run):
 def test_auto_prune_under_a_macs_budget(tmp_path, tailored_run):
     run = tmp_path / "run"
     shutil.copytree(tailored_run, run)
-    res = invoke("prune", run, "--auto", "--max-macs", "0.8", "--threshold", "0.01", "--search-epochs", "1",
-                 "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--json")
+    res = invoke("prune", run, "--auto", "--max-macs", "0.8", *AUTO)
     assert res.exit_code == 0, res.output
     search = json.loads(res.stdout)["search"]
     chosen = next(r for r in search["frontier"] if r["chosen"])
@@ -70,8 +72,7 @@ def test_missed_tolerance_exits_7(tmp_path, tailored_run):
     summary = json.loads((run / "teacher" / "summary.json").read_text())
     summary["val_acc"] = 101.0  # an unreachable teacher
     (run / "teacher" / "summary.json").write_text(json.dumps(summary))
-    res = invoke("prune", run, "--auto", "--tolerance", "0.5", "--threshold", "0.01", "--search-epochs", "1",
-                 "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--json")
+    res = invoke("prune", run, "--auto", "--tolerance", "0.5", *AUTO)
     assert res.exit_code == 7, res.output
     assert "below the teacher" in res.stderr
     json.loads(res.stdout)  # the result is still reported
