@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .weights import convert_state_dict, resolve_weights_path
 
 SUPPORTED_FAMILIES = (
     "ResNet (resnet18/26/34/50/101/152 and their d/t/s variants, seresnet*, resnext*, test_resnet), "
@@ -121,13 +122,13 @@ def create_backbone(
         raise ModelError(f"timm could not build '{name}': {err}") from err
     describe_chain(model)  # raises ModelError if the family is not supported
     if weights is not None:
-        load_backbone_weights(model, read_weights_file(weights), source=str(weights))
+        load_backbone_weights(model, read_weights_file(resolve_weights_path(weights)), source=str(weights))
     return model
 
 
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict from safetensors, or a ``.pth``/``.pt``/``.bin`` without unpickling code."""
-    path = Path(path)
+    path = resolve_weights_path(path)
     if not path.is_file():
         raise ModelError(f"weights file '{path}' does not exist")
     if path.suffix == ".safetensors":
@@ -155,6 +156,7 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], *, s
     """Load everything but the classifier; refuse weights that do not fit the model."""
     classifier = model.pretrained_cfg.get("classifier", "fc")
     own = model.state_dict()
+    state = convert_state_dict(state, own, source=source, classifier=classifier)  # e.g. the EfficientNet-PyTorch key layout
     body = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
     missing = [k for k in own if not k.startswith(classifier + ".") and k not in body]
     unexpected = [k for k in body if k not in own]
@@ -337,7 +339,7 @@ def backbone_identity(model: nn.Module, *, name: str, weights: Path | None, pret
     """What an adapter records about its base model (PEFT's ``base_model_name_or_path``)."""
     cfg = model.pretrained_cfg
     if weights is not None:
-        source = f"file:{Path(weights).name}"
+        source = str(weights) if str(weights).startswith("pkg:") else f"file:{Path(weights).name}"
     elif pretrained:
         source = f"timm:{cfg.get('architecture')}.{cfg.get('tag')}" if cfg.get("tag") else f"timm:{cfg.get('architecture')}"
     else:

