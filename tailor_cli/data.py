@@ -2,9 +2,11 @@
 
 Supported ``data`` values (``load_task_data`` detects the layout and records it in ``TaskData.layout``):
 
-* ``"digits"``: the embedded 8x8 UCI digits (package asset), always in memory.
-* ``imagefolder``: ``data/train/<class>/*`` plus ``data/val/`` (or ``valid/``; ``test/`` is used as
-  val when there is no val folder). With ``train/`` only, we make the validation split.
+* ``"digits"``: the embedded 8x8 UCI digits (package asset), always in memory; a fixed 20% of
+  each class (359 images) is the test split, validation is carved from the other 1,438.
+* ``imagefolder``: ``data/train/<class>/*`` plus ``data/val/`` (or ``valid/``) and ``data/test/``, each
+  optional. Without a val folder we carve the validation split from ``train/``; ``test/`` is only
+  ever evaluated and reported, never used for a choice.
 * ``imagefolder-flat``: ``data/<class>/*``; we make a stratified, seeded validation split.
 * ``gtsrb``: torchvision's GTSRB layout (``GTSRB/Training/000NN/*.ppm`` + per-class CSV,
   ``GTSRB/Final_Test/Images`` + ``GT-final_test.csv``); the validation split is made BY TRACK.
@@ -66,6 +68,8 @@ DEFAULT_TRAIN_SCALE = (0.35, 1.0)
 DIGITS_TRAIN_SCALE = (0.7, 1.0)
 TRAIN_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 DIGITS_IMG_SIZE = 32
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_TEST_SEED = 20190601  # fixed: the digits test split never depends on the run's --seed
 
 GTSRB_CLASSES = [
     "Speed limit (20km/h)", "Speed limit (30km/h)", "Speed limit (50km/h)", "Speed limit (60km/h)",
@@ -543,8 +547,12 @@ def _read_digits() -> _RawTask:
     with ref.open("rb") as f:
         npz = np.load(io.BytesIO(f.read()))
         images, labels = np.asarray(npz["images"], dtype=np.uint8), np.asarray(npz["labels"], dtype=np.int64)
+    # A fixed held-out test split (the same for every --seed and --val-fraction), reported only:
+    # 20% of each class, 359 of the 1,797 images. Validation is carved from the other 1,438.
+    samples = _ArraySamples(images, labels.tolist())
+    rest, test = make_split(samples.labels, DIGITS_TEST_FRACTION, DIGITS_TEST_SEED)
     return _RawTask(name="digits", layout="digits", classes=[str(i) for i in range(10)],
-                    train=_ArraySamples(images, labels.tolist()), val=None,
+                    train=samples.subset(rest), val=None, test=samples.subset(test),
                     preferred_size=DIGITS_IMG_SIZE, crop_pct=1.0, interpolation="bilinear",
                     scale=DIGITS_TRAIN_SCALE, source="embedded")
 
@@ -582,9 +590,8 @@ def _read_imagefolder(path: Path) -> _RawTask:
         classes, files = _class_folders(train_dir, f"{path.name}/train")
         train = _folder_samples(path, files)
         val_dir = next((path / n for n in ("val", "valid", "validation") if (path / n).is_dir()), None)
-        test_dir = path / "test" if (path / "test").is_dir() else None
-        if val_dir is None and test_dir is not None:
-            val_dir, test_dir = test_dir, None
+        test_dir = path / "test" if (path / "test").is_dir() else None  # reported only; with no val/,
+        # the validation split is carved from train/ (choices never read test/)
         val = _split_folder(path, val_dir, classes) if val_dir is not None else None
         test = _split_folder(path, test_dir, classes) if test_dir is not None else None
         return _RawTask(name=name, layout="imagefolder", classes=classes, train=train, val=val, test=test,

@@ -63,8 +63,12 @@ def test_digits_embedded():
     x, y = d.train[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
     assert d.val[0][0].shape == (3, 32, 32)
-    assert len(d.train) + len(d.val) == 1797
-    assert set(d.val.labels) == set(range(10))  # stratified
+    assert len(d.train) + len(d.val) + len(d.test) == 1797 and len(d.test) == 359
+    assert set(d.val.labels) == set(range(10)) and set(d.test.labels) == set(range(10))  # stratified
+    # the test split is fixed: the same images whatever the seed and validation fraction, never in train/val
+    other = load_task_data("digits", data_config=CFG, seed=7, val_fraction=0.3)
+    assert d.test.keys == other.test.keys
+    assert not set(d.test.keys) & (set(other.train.keys) | set(other.val.keys))
     # img_size argument beats the dataset's preferred size
     assert load_task_data("digits", data_config=CFG, img_size=20).val[0][0].shape == (3, 20, 20)
 
@@ -78,13 +82,15 @@ def test_imagefolder_split_layout(gen):
     assert d.summary()["val"] == 6 and json.dumps(d.summary())
 
 
-def test_imagefolder_valid_and_test_as_val(tmp_path):
+def test_imagefolder_valid_and_a_test_folder_that_is_never_validation(tmp_path):
     root = make_imagefolder(tmp_path / "a", n_classes=2, per_class=4, size=(16, 16))
     (root / "val").rename(root / "valid")
     assert len(load(root).val) == 4
     (root / "valid").rename(root / "test")
     d = load(root)
-    assert len(d.val) == 4 and d.test is None
+    # with only train/ and test/, validation is carved from train/ and test/ stays the test split
+    assert d.split == "made" and len(d.test) == 4
+    assert len(d.train) + len(d.val) == 8 and len(d.val) == 2
 
 
 def test_imagefolder_train_only_makes_split(tmp_path):
