@@ -1,7 +1,10 @@
 """Pruning (METHOD.md, "Pruning"): a pure function from attention to a smaller structure.
 
-1. drop every proxy whose alpha < threshold;
-2. drop the ``drop_blocks`` universal blocks with the lowest alpha;
+1. drop every path whose alpha < threshold: proxies, and universal blocks too (a block the
+   attention already left contributes almost nothing, so dropping it is free; the paper's step 1
+   covers proxies only, and K then had to be large enough to catch such blocks);
+2. drop the ``drop_blocks`` universal blocks with the lowest alpha (those of step 1 are the lowest,
+   so they count towards K: a block count of ``max(K, blocks under the threshold)``);
 3. to a fixpoint: a node with no incoming path is dead (paths reading it go), a
    node other than the last that nobody reads is dead (paths into it go).
 The last node must survive, or the classifier would be disconnected.
@@ -22,7 +25,8 @@ class PruneError(UsageError):
 class PruneResult:
     structure: Structure
     removed_proxies: list[tuple[int, int]]  # (layer, source) under the threshold
-    removed_blocks: list[int]  # layers whose block was among the K lowest
+    removed_blocks: list[int]  # layers whose block was under the threshold or among the K lowest
+    free_blocks: list[int]  # layers whose block was under the threshold (removed whatever K)
     orphaned: list[str]  # paths removed by the fixpoint, e.g. "layer 3 proxy1"
     rounds: int
 
@@ -56,7 +60,8 @@ def plan(structure: Structure, alphas: list[list[float]], *, threshold: float, d
         if spec.block:
             block_alpha.append((weights["block"], l))
         layers.append(LayerSpec(spec.block, keep))
-    removed_blocks = sorted(l for _, l in sorted(block_alpha)[:drop_blocks])
+    free_blocks = sorted(l for a, l in block_alpha if a < threshold)
+    removed_blocks = sorted(set(free_blocks) | {l for _, l in sorted(block_alpha)[:drop_blocks]})
     for l in removed_blocks:
         layers[l - 1].block = False
 
@@ -92,4 +97,4 @@ def plan(structure: Structure, alphas: list[list[float]], *, threshold: float, d
             f"this pruning disconnects the classifier (no path reaches layer {L}); "
             "use a lower --threshold or fewer --drop-blocks"
         )
-    return PruneResult(Structure(layers), removed_proxies, removed_blocks, orphaned, rounds)
+    return PruneResult(Structure(layers), removed_proxies, removed_blocks, free_blocks, orphaned, rounds)

@@ -15,7 +15,7 @@ def _uniform_alphas(structure, block=0.9):
     return out
 
 
-def test_threshold_removes_only_proxies_under_it():
+def test_threshold_removes_the_proxies_under_it():
     s = Structure.full(4, 2)
     alphas = [[0.9, 0.1], [0.8, 0.15, 0.05], [0.7, 0.01, 0.29], [0.5, 0.3, 0.2]]
     res = plan(s, alphas, threshold=0.1, drop_blocks=0)
@@ -23,6 +23,20 @@ def test_threshold_removes_only_proxies_under_it():
     assert res.structure.layers[0].proxies == [0]  # 0.1 is not < 0.1
     assert res.structure.layers[2].proxies == [1]
     assert all(spec.block for spec in res.structure.layers)
+
+
+def test_blocks_the_attention_left_are_pruned_for_free_and_count_towards_k():
+    s = Structure.full(4, 1)
+    alphas = [[0.9, 0.1], [0.01, 0.99], [0.8, 0.2], [0.3, 0.7]]  # layer 2's block is under the threshold
+    res = plan(s, alphas, threshold=0.05, drop_blocks=0)
+    assert res.free_blocks == [2] and res.removed_blocks == [2]
+    assert [spec.block for spec in res.structure.layers] == [True, False, True, True]
+    # K = 1 names the same (lowest) block: still one block removed, not two
+    assert plan(s, alphas, threshold=0.05, drop_blocks=1).removed_blocks == [2]
+    # K = 2 adds the next lowest
+    assert plan(s, alphas, threshold=0.05, drop_blocks=2).removed_blocks == [2, 4]
+    # threshold 0 keeps the paper's rule (no free block)
+    assert plan(s, alphas, threshold=0.0, drop_blocks=0).removed_blocks == []
 
 
 def test_drop_blocks_removes_the_k_lowest_attention_blocks():
