@@ -47,34 +47,60 @@ class ComplexityModel(nn.Module):
         return (self.cost * (alpha - p_in[self.src] - p_out[self.tgt])).sum()
 
 
-class _MeanSquaredError(torch.autograd.Function):
-    """mean((x - t)^2) in float32, saving only ``d = x - t``; backward is one pass, ``d * (2 g / n)``.
+class _SquaredError(torch.autograd.Function):
+    """``sum((x - t)^2) * scale`` in float32, saving only ``d = x - t``; backward is one pass, ``d * 2 g scale``.
 
-    Autograd's ``sub -> square -> mean`` chain gives the same values but its backward takes
-    about three passes over full-size tensors (mean's expand, pow's ``2 * d * g``). The forward's
-    sum of squares is a dot product: no full-size ``d**2`` is written. ``t`` gets no gradient and
-    is never saved, so it may be an inference tensor.
+    ``scale`` is ``1 / numel`` (the mean squared error) or, with ``relative``,
+    ``2 / (sum(x^2) + sum(t^2))`` taken as a constant (see :func:`relative_se`).
+    Autograd's ``sub -> square -> mean`` chain gives the same values but its backward takes about
+    three passes over full-size tensors. The sums of squares are dot products: no full-size ``d**2``
+    is written. ``t`` gets no gradient and is never saved, so it may be an inference tensor.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, t: torch.Tensor, relative: bool) -> torch.Tensor:
         d = x.float() - t.float()
-        ctx.save_for_backward(d)
-        ctx.x_dtype = x.dtype
         flat = d.reshape(-1)
-        return torch.dot(flat, flat) / flat.numel()
+        if relative:
+            target, own = t.float().reshape(-1), x.float().reshape(-1)
+            scale = 2.0 / (torch.dot(target, target) + torch.dot(own, own)).clamp_min(1e-12)
+        else:
+            scale = torch.full((), 1.0 / flat.numel(), device=d.device)
+        ctx.save_for_backward(d, scale)
+        ctx.x_dtype = x.dtype
+        return torch.dot(flat, flat) * scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (d,) = ctx.saved_tensors
-        return (d * (grad * (2.0 / d.numel()))).to(ctx.x_dtype), None
+        d, scale = ctx.saved_tensors
+        return (d * (grad * 2.0 * scale)).to(ctx.x_dtype), None, None
 
 
 def mse(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Mean squared error (float32) that never saves ``t`` for backward (``t`` may be an inference tensor)."""
     if t.requires_grad:  # not the teacher term's case; keep autograd's general path
         return (x.float() - t.float()).square().mean()
-    return _MeanSquaredError.apply(x, t)
+    return _SquaredError.apply(x, t, False)
+
+
+def relative_se(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``||x - t||^2 / D`` with ``D = (||x||^2 + ||t||^2) / 2`` held constant (no gradient through it).
+
+    Near the target ``D`` is ``||t||^2``, so this is the squared error relative to the teacher's
+    energy at that layer (the MSE over the teacher's mean square). It is scale-free: multiplying
+    ``x`` and ``t`` by any constant leaves it unchanged, so the teacher weight means the same on
+    every backbone family. Taking the student's energy into ``D`` bounds it (at most 4) and bounds
+    the gradient relative to the activations, even where the teacher's output is near zero (a
+    random-init or dying layer): the plain ``||x - t||^2 / ||t||^2`` diverged there at lr 0.1.
+    """
+    if t.requires_grad:
+        t32, x32 = t.float(), x.float()
+        energy = (t32.square().sum() + x32.detach().square().sum()) / 2
+        return (x32 - t32).square().sum() / energy.clamp_min(1e-12)
+    return _SquaredError.apply(x, t, True)
+
+
+TEACHER_LOSSES = ("relative", "mse")
 
 
 def teacher_term(
@@ -82,10 +108,22 @@ def teacher_term(
     feats: list[torch.Tensor | None],
     teacher_logits: torch.Tensor,
     teacher_feats: list[torch.Tensor],
+    *,
+    kind: str = "relative",
 ) -> torch.Tensor:
-    """Omega = (MSE(logits) + sum_l MSE(x_l, t_l)) / L, skipping layers removed by pruning."""
-    total = mse(logits, teacher_logits)
+    """Omega = (D(logits) + sum_l D(x_l, t_l)) / L, skipping layers removed by pruning.
+
+    ``kind="mse"`` is the paper's D = MSE (mean over elements). Its size follows the backbone's
+    activation magnitudes: on an ImageNet EfficientNet-Lite0 it was 99% of the whole loss (a teacher
+    term of 19.5 x g2 = 10 next to a cross-entropy of 0.55), which leaves the complexity term no say.
+    ``kind="relative"`` (the default) divides each MSE by the teacher's mean square at that layer
+    (in this batch), so every layer weighs the same on every family and g2 keeps one meaning.
+    """
+    if kind not in TEACHER_LOSSES:
+        raise ValueError(f"unknown teacher loss {kind!r}; expected one of {TEACHER_LOSSES}")
+    dist = relative_se if kind == "relative" else mse
+    total = dist(logits, teacher_logits)
     for x, t in zip(feats, teacher_feats):
         if x is not None:
-            total = total + mse(x, t)
+            total = total + dist(x, t)
     return total / len(feats)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tailor_cli.backbone import describe_chain
-from tailor_cli.losses import mse, teacher_term
+from tailor_cli.losses import mse, relative_se, teacher_term
 from tailor_cli.student import (
     MaxPool2d,
     Structure,
@@ -219,7 +219,7 @@ def test_student_forward_and_gradients_equal_the_plain_formula(name, size, monke
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-10, atol=1e-12)
     for g, w in zip(got_feats, want_feats):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
-    teacher_term(got_logits, got_feats, t_logits, t_feats).backward()
+    teacher_term(got_logits, got_feats, t_logits, t_feats, kind="mse").backward()
     want_omega = (F.mse_loss(want_logits.float(), t_logits.float())
                   + sum(F.mse_loss(w.float(), t.float()) for w, t in zip(want_feats, t_feats))) / len(want_feats)
     want_omega.backward()
@@ -254,3 +254,22 @@ def test_mse_matches_autograd_and_accepts_inference_targets():
     xb = x.detach().bfloat16().requires_grad_()
     mse(xb, t).backward()
     assert xb.grad.dtype == torch.bfloat16
+
+
+def test_relative_error_matches_autograd_and_ignores_the_activation_scale():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    with torch.inference_mode():
+        t = torch.randn(3, 4, 5, 5) + 0.5
+    y = x.detach().clone().requires_grad_()
+    got = relative_se(x, t)
+    want = (y - t.clone()).square().sum() / ((t.clone().square().sum() + y.detach().square().sum()) / 2)
+    torch.testing.assert_close(got, want)
+    (got * 3).backward()
+    (want * 3).backward()
+    torch.testing.assert_close(x.grad, y.grad)
+    # the same relative error whatever the family's activation magnitudes: x100 changes nothing
+    with torch.inference_mode():
+        t100 = t * 100
+    torch.testing.assert_close(relative_se(x.detach() * 100, t100), got.detach())
+    assert mse(x.detach() * 100, t100).item() > 1000 * mse(x.detach(), t).item()

@@ -94,8 +94,15 @@ def test_teacher_term_is_zero_for_a_perfect_student_and_skips_pruned_layers():
     feats = [torch.randn(4, 8, 4, 4) for _ in range(3)]
     assert teacher_term(logits, feats, logits.clone(), [f.clone() for f in feats]).item() == 0.0
     other = [f + 1.0 for f in feats]
-    # each layer contributes MSE = 1, divided by L = 3
-    full = teacher_term(logits, feats, logits, other).item()
-    pruned = teacher_term(logits, [feats[0], None, feats[2]], logits, other).item()
+    # the paper's form: each layer contributes MSE = 1, divided by L = 3
+    full = teacher_term(logits, feats, logits, other, kind="mse").item()
+    pruned = teacher_term(logits, [feats[0], None, feats[2]], logits, other, kind="mse").item()
     assert abs(full - 3 / 3) < 1e-6
     assert abs(pruned - 2 / 3) < 1e-6
+    # the relative form: each layer contributes ||1||^2 / ((||x||^2 + ||t||^2) / 2)
+    rel = [(torch.ones_like(t).square().sum() / ((t.square().sum() + f.square().sum()) / 2)).item()
+           for f, t in zip(feats, other)]
+    full = teacher_term(logits, feats, logits, other).item()
+    pruned = teacher_term(logits, [feats[0], None, feats[2]], logits, other).item()
+    assert abs(full - sum(rel) / 3) < 1e-5
+    assert abs(pruned - (rel[0] + rel[2]) / 3) < 1e-5
