@@ -110,7 +110,7 @@ def export_task(run: Path, out: Path, *, task_name: str | None = None, overwrite
         raise ExportError(f"task '{task}' already exists in '{out}'; pass --overwrite or --task-name NAME")
     data = run_meta["data"]
     summary = read_summary(run, stage)
-    teacher_acc = _teacher_acc(run, run_meta)
+    teacher = _teacher_summary(run, run_meta)
     img_size = int(data["img_size"])
     full_model = timm.create_model(ident["architecture"], pretrained=False, num_classes=len(run_meta["classes"]))
     config = {
@@ -126,7 +126,9 @@ def export_task(run: Path, out: Path, *, task_name: str | None = None, overwrite
         "structure": student.structure.to_json(),
         "stage": stage,
         "metrics": {
-            "val_acc": summary.get("val_acc"), "teacher_val_acc": teacher_acc,
+            "val_acc": summary.get("val_acc"), "teacher_val_acc": teacher.get("val_acc"),
+            "test_acc": summary.get("test_acc"), "teacher_test_acc": teacher.get("test_acc"),
+            "split_sizes": summary.get("split_sizes"),
             "params": student_params(student), "macs": student_macs(student, img_size).total,
             "full_params": network_params(full_model), "full_macs": model_macs(full_model, img_size),
         },
@@ -141,12 +143,12 @@ def export_task(run: Path, out: Path, *, task_name: str | None = None, overwrite
             "backbone_bytes": (out / BACKBONE_FILE).stat().st_size, "sha256": sha}
 
 
-def _teacher_acc(run: Path, run_meta: dict) -> float | None:
+def _teacher_summary(run: Path, run_meta: dict) -> dict:
     teacher = locate_teacher(run, run_meta)
     try:
-        return read_json(teacher / "summary.json", what="teacher summary").get("val_acc")
+        return read_json(teacher / "summary.json", what="teacher summary")
     except RunError:
-        return None
+        return {}
 
 
 def _validate(obj: dict, fields: dict, where: Path | str) -> dict:

@@ -78,6 +78,9 @@ ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-chan
                                                       help="Channels-last memory format [default: on for CUDA].")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the stage from its last checkpoint.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo the stage (and discard the stages built on it).")]
+TeacherLoss = Annotated[str, typer.Option("--teacher-loss", help="Teacher term: 'relative' (each layer's MSE over "
+                                          "the teacher's mean square: the same meaning on every backbone) or "
+                                          "'mse' (the paper's plain MSE).")]
 Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
@@ -215,7 +218,11 @@ def _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_
 def _render_stage(result: dict) -> None:
     parts = [f"{result['stage']} done"]
     if result.get("val_acc") is not None:
-        parts.append(f"val_acc {result['val_acc']:.2f}%")
+        kept = f" (epoch {result['kept_epoch']} of {result['epochs']}, best on validation)" if (
+            result.get("kept_epoch") and result.get("kept_epoch") != result.get("epochs")) else ""
+        parts.append(f"val_acc {result['val_acc']:.2f}%{kept}")
+    if result.get("test_acc") is not None:
+        parts.append(f"test_acc {result['test_acc']:.2f}% (held out)")
     if isinstance(result.get("macs"), int):
         parts.append(f"{result['macs'] / 1e6:.1f} MMACs")
     if "run" in result:
@@ -284,6 +291,7 @@ def tailor(
                                                           "in this run [default: --epochs].")] = None,
     teacher_lr: Annotated[float, typer.Option("--teacher-lr")] = 0.01,
     teacher_batch_size: Annotated[Optional[int], typer.Option("--teacher-batch-size")] = None,
+    teacher_loss: TeacherLoss = "relative",
     pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
     val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
     skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = 20,
@@ -311,7 +319,7 @@ def tailor(
                 _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume, overwrite,
                             lr_default=0.1, bs_default=32, compile=compile_model, channels_last=channels_last),
                 TailorOptions(teacher=teacher_run, max_skip=max_skip, complexity_weight=complexity_weight,
-                              teacher_weight=teacher_weight, teacher_train=t_train), rep)
+                              teacher_weight=teacher_weight, teacher_loss=teacher_loss, teacher_train=t_train), rep)
         finally:
             rep.close()
         _emit({"run": str(run), **result}, json_out, _render_stage)
@@ -498,6 +506,7 @@ def run(
     max_macs: Annotated[Optional[float], typer.Option("--max-macs", help="MACs budget instead of a tolerance.")] = None,
     search_epochs: Annotated[int, typer.Option("--search-epochs")] = 2,
     max_skip: Annotated[int, typer.Option("--max-skip")] = 3,
+    teacher_loss: TeacherLoss = "relative",
     seed: Seed = 0, device: Device = "auto", amp: Amp = None, resume: Resume = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run again: remove what nettailor wrote "
                                             "in its directory first.")] = False,
@@ -533,7 +542,7 @@ def run(
         t0 = time.perf_counter()
         try:
             run_tailor(run_dir, BackboneOptions(backbone, pretrained, weights), d, mk(0.1, 32),
-                       TailorOptions(max_skip=max_skip, teacher_train=mk(0.01, 64)), rep)
+                       TailorOptions(max_skip=max_skip, teacher_loss=teacher_loss, teacher_train=mk(0.01, 64)), rep)
             from .pipeline import SearchOptions, auto_prune
             from .runs import stage_done
 
@@ -615,7 +624,7 @@ def render_report(result: dict) -> None:
             f"params: shared {_fmt_n(t['params_shared'])} + task {_fmt_n(t['params_task'])} = {_fmt_n(t['params_total'])} "
             f"({100 * t['params_total'] / t['params_full']:.1f}% of the fine-tuned network's {_fmt_n(t['params_full'])}); "
             f"MACs {_fmt_n(t['macs'])} ({100 * t['macs_fraction']:.1f}% of {_fmt_n(t['macs_full'])}); "
-            f"accuracy {_fmt_acc(rep['accuracy']['student'])} vs teacher {_fmt_acc(rep['accuracy']['teacher'])}"
+            + _accuracy_line(rep["accuracy"], rep.get("split_sizes"))
             + (f"; adapter {t['adapter_bytes'] / 1e6:.2f} MB" if t.get("adapter_bytes") else ""),
             highlight=False,
         )
@@ -647,21 +656,47 @@ def render_report(result: dict) -> None:
         )
 
 
+def _accuracy_line(acc: dict, sizes: dict | None) -> str:
+    """``accuracy val 98.61% vs teacher 99.17% (287 images, chose K and epochs); test ...`` (reported only)."""
+    sizes = sizes or {}
+
+    def split(name: str, role: str) -> str:
+        n = sizes.get(name)
+        where = f"{n} images, {role}" if n else role
+        return f"{name} {_fmt_acc(acc.get(name))}% vs teacher {_fmt_acc(acc.get('teacher_' + name))}% ({where})"
+
+    text = "accuracy " + split("val", "used for choices")
+    if acc.get("test") is not None or acc.get("teacher_test") is not None:
+        text += "; " + split("test", "held out, reported only")
+    return text
+
+
 def render_frontier(search: dict, console: Console | None = None) -> None:
+    """The K search: every K, the network it gives, and for those tried the paired comparison."""
     console = console or _stdout_console()
-    table = _table(f"architecture search ({search['mode']}; tried {search['candidates_tried']} of "
-                   f"{search['k_values']} K values; teacher {search['teacher_val_acc']:.2f}%)")
-    for col in ("K", "blocks kept", "proxies", "params", "MACs", "of full", "val acc", ""):
+    ref = search.get("reference_k")
+    basis = (f"each candidate vs K={ref} after {search['search_epochs']} epochs on {search.get('val_images', '?')} "
+             f"validation images; tolerance {search['tolerance']} points + noise" if ref is not None else "budget")
+    table = _table(f"architecture search (tried {search['candidates_tried']} of "
+                   f"{search.get('distinct_networks', search['k_values'])} distinct networks; {basis})")
+    for col in ("K", "blocks kept", "proxies", "params", "MACs", "of full", "val acc", "vs ref (allowed)", ""):
         table.add_column(col, justify="right")
     for row in search["frontier"]:
         if row["status"] == "disconnected":
-            table.add_row(str(row["k"]), "-", "-", "-", "-", "-", "disconnected", "")
+            table.add_row(str(row["k"]), "-", "-", "-", "-", "-", "disconnected", "", "")
             continue
+        cmp = row.get("comparison")
+        vs = f"{cmp['diff']:+.2f} (>= {-(cmp['tolerance'] + cmp['margin']):.2f})" if cmp and row["k"] != ref else ""
+        status = {"tried": _fmt_acc(row.get("val_acc")), "same": f"= K={row.get('same_as')}"}.get(row["status"], "not tried")
+        verdict = "chosen" if row["chosen"] else ("rejected" if cmp and not cmp["accepted"] else "")
         table.add_row(str(row["k"]), str(row["blocks_kept"]), str(row["proxies_kept"]), _fmt_n(row["params"]),
-                      _fmt_n(row["macs"]), f"{100 * row['macs_fraction']:.0f}%",
-                      _fmt_acc(row.get("val_acc")) if row["status"] == "tried" else "not tried",
-                      "chosen" if row["chosen"] else "")
+                      _fmt_n(row["macs"]), f"{100 * row['macs_fraction']:.0f}%", status, vs, verdict)
     console.print(table)
+    final = search.get("final_vs_teacher")
+    if final:
+        console.print(f"final network vs teacher on validation: {final['candidate_acc']:.2f}% vs {final['reference_acc']:.2f}% "
+                      f"({final['diff']:+.2f} points; allowed {-(final['tolerance'] + final['margin']):.2f}): "
+                      + ("within tolerance" if final["accepted"] else "MISSED"), highlight=False)
 
 
 def main() -> None:

@@ -47,9 +47,10 @@ def plot_block_usage(report: dict, out: Path) -> Path:
                                       linewidth=0.5 + 2.5 * proxy["alpha"])
                 ax.add_patch(arc)
         t = rep["totals"]
-        acc = rep["accuracy"]["student"]
+        acc = rep["accuracy"]["test"] if rep["accuracy"].get("test") is not None else rep["accuracy"]["val"]
+        split = "test" if rep["accuracy"].get("test") is not None else "val"
         ax.text(x0 + 0.6, n_layers + 0.3, f"{rep['task']}\n{t['blocks_kept']}/{t['blocks_total']} blocks, "
-                f"{100 * t['macs_fraction']:.0f}% MACs" + (f"\nacc {acc:.1f}%" if isinstance(acc, (int, float)) else ""),
+                f"{100 * t['macs_fraction']:.0f}% MACs" + (f"\n{split} acc {acc:.1f}%" if isinstance(acc, (int, float)) else ""),
                 ha="center", va="bottom", fontsize=7)
     ax.set_xlim(-0.4, 2.2 * len(tasks))
     ax.set_ylim(-1.2, n_layers + 1.6)

@@ -19,9 +19,13 @@ def _full_network(architecture: str, num_classes: int, img_size: int) -> dict:
     return {"params": network_params(model), "macs": model_macs(model, img_size)}
 
 
-def student_report(student: Student, *, task: str, architecture: str, img_size: int, accuracy: float | None,
-                   teacher_accuracy: float | None, stage: str, adapter_bytes: int | None = None) -> dict:
-    """Per layer: block kept?, its alpha, kept proxies with alphas, params and MACs; plus totals."""
+def student_report(student: Student, *, task: str, architecture: str, img_size: int, accuracy: dict,
+                   stage: str, adapter_bytes: int | None = None) -> dict:
+    """Per layer: block kept?, its alpha, kept proxies with alphas, params and MACs; plus totals.
+
+    ``accuracy``: ``{"val": ..., "test": ..., "teacher_val": ..., "teacher_test": ...}`` in %
+    (``None`` where not measured: a pruned, not yet fine-tuned network; data without a test split).
+    """
     cost = student_macs(student, img_size)
     alphas = student.attention()
     layers = []
@@ -55,7 +59,8 @@ def student_report(student: Student, *, task: str, architecture: str, img_size: 
             "macs": cost.total, "macs_full": full["macs"], "macs_fraction": cost.total / full["macs"],
             "adapter_bytes": adapter_bytes,
         },
-        "accuracy": {"student": accuracy, "teacher": teacher_accuracy},
+        "accuracy": {key: accuracy.get(key) for key in ("val", "test", "teacher_val", "teacher_test")},
+        "split_sizes": accuracy.get("split_sizes"),
     }
 
 
@@ -69,13 +74,13 @@ def report_run(run: Path) -> dict:
     student, _ = load_student(run / stage, torch.device("cpu"))
     summary = read_summary(run, stage)
     teacher = locate_teacher(run, meta)
-    teacher_acc = None
-    if (teacher / "summary.json").is_file():
-        teacher_acc = read_json(teacher / "summary.json").get("val_acc")
-    acc = summary.get("val_acc") if stage != "prune" else None
+    t_summary = read_json(teacher / "summary.json") if (teacher / "summary.json").is_file() else {}
+    trained = stage != "prune"  # a pruned network is not evaluated before it is fine-tuned
+    accuracy = {"val": summary.get("val_acc") if trained else None, "test": summary.get("test_acc") if trained else None,
+                "teacher_val": t_summary.get("val_acc"), "teacher_test": t_summary.get("test_acc"),
+                "split_sizes": summary.get("split_sizes") or t_summary.get("split_sizes")}
     report = student_report(student, task=meta.get("task_name", run.name), architecture=meta["backbone"]["architecture"],
-                            img_size=int(meta["data"]["img_size"]), accuracy=acc, teacher_accuracy=teacher_acc,
-                            stage=stage)
+                            img_size=int(meta["data"]["img_size"]), accuracy=accuracy, stage=stage)
     report["run"] = str(run)
     if (run / "search" / "frontier.json").is_file():
         report["search"] = read_json(run / "search" / "frontier.json", what="search frontier")
@@ -91,7 +96,9 @@ def report_export(export_dir: Path) -> dict:
         m = config["metrics"]
         reports.append(student_report(
             student, task=name, architecture=config["base_model"]["architecture"],
-            img_size=config["input"]["img_size"], accuracy=m.get("val_acc"), teacher_accuracy=m.get("teacher_val_acc"),
+            img_size=config["input"]["img_size"],
+            accuracy={"val": m.get("val_acc"), "test": m.get("test_acc"), "teacher_val": m.get("teacher_val_acc"),
+                      "teacher_test": m.get("teacher_test_acc"), "split_sizes": m.get("split_sizes")},
             stage=config.get("stage", "?"), adapter_bytes=(export_dir / name / "adapter.safetensors").stat().st_size,
         ))
     backbone_bytes = (export_dir / BACKBONE_FILE).stat().st_size

@@ -33,6 +33,7 @@ from .losses import ComplexityModel, teacher_term
 from .student import Student, teacher_forward
 
 METRICS = "metrics.jsonl"
+BEST = "best.safetensors"  # weights of the best validation epoch so far (keep="best")
 
 
 @dataclass
@@ -89,11 +90,13 @@ class StudentObjective:
         complexity_weight: float,
         teacher_weight: float,
         forward: nn.Module | None = None,
+        teacher_loss: str = "relative",
     ):
         self.student, self.teacher, self.chain = student, teacher, teacher_chain
         self.forward = forward if forward is not None else student  # DDP and/or compiled wrapper
         self.complexity = complexity
         self.g1, self.g2 = complexity_weight, teacher_weight
+        self.teacher_loss = teacher_loss
         if self.g2 > 0 and teacher is None:
             raise ValueError("a teacher is required when teacher_weight > 0")
         if self.g1 > 0 and complexity is None:
@@ -116,7 +119,7 @@ class StudentObjective:
             loss = loss + self.g1 * ec
             terms["complexity"] = ec
         if use_teacher:
-            omega = teacher_term(logits, feats, t_logits, t_feats)
+            omega = teacher_term(logits, feats, t_logits, t_feats, kind=self.teacher_loss)
             loss = loss + self.g2 * omega
             terms["teacher"] = omega
         return loss, logits, terms
@@ -182,6 +185,28 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp_ctx=contextl
     return {"acc": 100.0 * correct / count, "loss": loss_sum / count, "n": count}
 
 
+@torch.inference_mode()
+def correct_mask(model: nn.Module, loader, device: torch.device, *, amp_ctx=contextlib.nullcontext,
+                 channels_last=False) -> torch.Tensor:
+    """Per item of ``loader`` (in its order): was the top-1 prediction right? A bool tensor on the CPU.
+
+    For paired comparisons of two networks on the same images (:mod:`tailor_cli.selection`);
+    the loader must not shuffle and must cover the whole split (no sharding).
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with amp_ctx():
+            logits = model(images)
+        out.append((logits.argmax(1).cpu() == labels))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
 class StopFlag:
     """SIGINT/SIGTERM set a flag checked between steps; a second Ctrl-C aborts at once."""
 
@@ -232,11 +257,13 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(path: Path, model: nn.Module, opt, sched, *, epoch: int, best: float, extra: dict) -> None:
+def save_checkpoint(path: Path, model: nn.Module, opt, sched, *, epoch: int, best: float, best_epoch: int,
+                    extra: dict) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = _optimizer_tensors(opt)
     tensors.update(opt_tensors)
-    meta = {"epoch": epoch, "best_acc": best, "scheduler": sched.state_dict(), "optimizer": opt_meta, **extra}
+    meta = {"epoch": epoch, "best_acc": best, "best_epoch": best_epoch, "scheduler": sched.state_dict(),
+            "optimizer": opt_meta, **extra}
     write_safetensors(path, tensors, meta)
 
 
@@ -265,27 +292,39 @@ def fit(
     callbacks: Callbacks | None = None,
     checkpoint_extra: dict | None = None,
     train_mode: Callable[[], None] | None = None,
+    keep: str = "last",
 ) -> dict:
-    """Train ``model`` for ``cfg.epochs`` epochs; return the final metrics row.
+    """Train ``model`` for ``cfg.epochs`` epochs; return the metrics row of the epoch kept.
 
+    ``keep="last"`` leaves the model as the last epoch made it. ``keep="best"`` ends with the
+    weights of the epoch with the highest validation accuracy (ties: the lower validation loss,
+    then the later epoch), saved to ``stage_dir/best.safetensors`` whenever one is beaten; the
+    returned row is that epoch's, with ``kept_epoch`` set. Only validation data decides.
     ``train_mode`` puts the model(s) into training mode (default ``model.train()``;
     the tailor stage keeps its teacher in eval mode).
     """
+    if keep not in ("last", "best"):
+        raise ValueError(f"keep must be 'last' or 'best', got {keep!r}")
     cb = callbacks or Callbacks()
     stage_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = stage_dir / CHECKPOINT, stage_dir / METRICS
     opt, sched = make_optimizer(param_groups, cfg)
-    start_epoch, best = 0, float("-inf")
+    best_path = stage_dir / BEST
+    start_epoch, best, best_key, best_epoch = 0, float("-inf"), None, 0
     if resume and ckpt_path.exists():
         meta = load_checkpoint(ckpt_path, model, opt, sched, device)
         start_epoch, best = int(meta["epoch"]), float(meta["best_acc"])
+        best_epoch = int(meta.get("best_epoch", start_epoch))
         rows = [r for r in read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
         if is_main():
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         barrier()
+        kept = next((r for r in rows if r["epoch"] == best_epoch), None)
+        best_key = _rank(kept) if kept is not None else None
         cb.on_message(f"{stage}: resuming after epoch {start_epoch}/{cfg.epochs} from {ckpt_path}")
     elif is_main():
         metrics_path.unlink(missing_ok=True)
+        best_path.unlink(missing_ok=True)
 
     amp_ctx = contextlib.nullcontext
     if cfg.amp and device.type in ("cuda", "cpu", "mps"):
@@ -354,17 +393,33 @@ def fit(
             if isinstance(model, Student):
                 row["attention"] = [a.tolist() if a is not None else None for a in model.attention()]
             best = max(best, val["acc"])
+            if best_key is None or _rank(row) >= best_key:
+                best_key, best_epoch = _rank(row), epoch + 1
+                if keep == "best" and is_main():
+                    write_safetensors(best_path, model.state_dict(), {"epoch": epoch + 1})
             # checkpoint first: a metrics line never names an epoch whose checkpoint is missing
-            save_checkpoint(ckpt_path, model, opt, sched, epoch=epoch + 1, best=best, extra=checkpoint_extra or {})
+            save_checkpoint(ckpt_path, model, opt, sched, epoch=epoch + 1, best=best, best_epoch=best_epoch,
+                            extra=checkpoint_extra or {})
             append_jsonl(metrics_path, row)
             cb.on_epoch_end(stage, row)
-    if not row:  # nothing left to do (resumed a finished stage)
-        rows = read_jsonl(metrics_path)
-        row = rows[-1] if rows else {"epoch": start_epoch}
     barrier()
+    rows = read_jsonl(metrics_path)
+    if not row:  # nothing left to do (resumed a finished stage)
+        row = rows[-1] if rows else {"epoch": start_epoch}
+    if keep == "best" and best_epoch and best_epoch != row.get("epoch"):
+        tensors, _ = read_safetensors(best_path, what="best-epoch weights", device=str(device) if device.type != "mps" else "cpu")
+        model.load_state_dict(tensors)
+        row = next(r for r in rows if r["epoch"] == best_epoch)
     row = dict(row)
+    row["epochs_trained"] = max([r["epoch"] for r in rows] + [int(row.get("epoch", 0))])
+    row["kept_epoch"] = row.get("epoch")
     row["best_val_acc"] = best
     return row
+
+
+def _rank(row: dict) -> tuple[float, float, int]:
+    """Order of epochs for keep="best": higher val accuracy, then lower val loss, then later."""
+    return (row["val_acc"], -row["val_loss"], row["epoch"])
 
 
 def _check_finite(values: torch.Tensor, names: tuple[str, ...], stage: str, epoch: int, step: int) -> None:

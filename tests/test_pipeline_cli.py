@@ -141,7 +141,7 @@ def test_report_on_run_and_export_as_json_and_text(tmp_path, finished_run):
     assert task["stage"] == "finetune" and len(task["layers"]) == 4
     assert sum(l["block_kept"] for l in task["layers"]) == task["totals"]["blocks_kept"] == 3
     assert task["totals"]["macs"] < task["totals"]["macs_full"] * 1.5
-    assert task["accuracy"]["teacher"] is not None
+    assert task["accuracy"]["teacher_val"] is not None and task["accuracy"]["val"] is not None
     res = invoke("report", finished_run)
     assert res.exit_code == 0 and "blocks kept 3/4" in res.stdout
     out = tmp_path / "export"

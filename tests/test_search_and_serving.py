@@ -66,16 +66,25 @@ def test_auto_prune_under_a_macs_budget(tmp_path, tailored_run):
     assert search["candidates_tried"] == 1
 
 
-def test_missed_tolerance_exits_7(tmp_path, tailored_run):
+def test_missed_tolerance_exits_7(tmp_path, tailored_run, monkeypatch):
+    import tailor_cli.train as train_module
+    from tailor_cli.student import Student
+
     run = tmp_path / "run"
     shutil.copytree(tailored_run, run)
-    summary = json.loads((run / "teacher" / "summary.json").read_text())
-    summary["val_acc"] = 101.0  # an unreachable teacher
-    (run / "teacher" / "summary.json").write_text(json.dumps(summary))
+    real = train_module.correct_mask
+
+    def rigged(model, loader, device, **kw):  # a teacher right on every image, students wrong on every one
+        got = real(model, loader, device, **kw)
+        return torch.zeros_like(got) if isinstance(model, Student) else torch.ones_like(got)
+
+    monkeypatch.setattr(train_module, "correct_mask", rigged)
     res = invoke("prune", run, "--auto", "--tolerance", "0.5", *AUTO)
     assert res.exit_code == 7, res.output
     assert "below the teacher" in res.stderr
-    json.loads(res.stdout)  # the result is still reported
+    out = json.loads(res.stdout)  # the result is still reported
+    check = out["search"]["final_vs_teacher"]
+    assert check["accepted"] is False and check["diff"] == -100.0
 
 
 # --------------------------------------------------------------------------- many tasks

@@ -1,0 +1,65 @@
+"""Honest numbers: the test split is evaluated and reported, and never decides anything."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from datagen import make_imagefolder
+from tailor_cli.cli import app
+
+runner = CliRunner()
+TINY = ["--backbone", "test_resnet", "--no-pretrained", "--img-size", "32", "--workers", "0", "--device", "cpu",
+        "--epochs", "3", "--search-epochs", "1", "--threshold", "0.01", "--tolerance", "5"]
+
+
+def _run(data: Path, out: Path) -> dict:
+    res = runner.invoke(app, ["run", "--data", str(data), "--output", str(out), *TINY, "--json"])
+    assert res.exit_code in (0, 7), res.output
+    return json.loads(res.stdout)
+
+
+def _choices(run: Path) -> dict:
+    """Everything that was chosen, and the validation numbers it was chosen on."""
+    out = {}
+    for stage in ("teacher", "tailor", "finetune"):
+        s = json.loads((run / stage / "summary.json").read_text())
+        out[stage] = (s["kept_epoch"], round(s["val_acc"], 6))
+    search = json.loads((run / "search" / "frontier.json").read_text())
+    out["k"] = search["chosen_k"]
+    out["tried"] = [(r["k"], r.get("val_acc")) for r in search["frontier"] if r["status"] == "tried"]
+    return out
+
+
+def test_the_test_split_is_reported_everywhere_and_never_changes_a_choice(tmp_path):
+    data = make_imagefolder(tmp_path / "data", n_classes=3, per_class=10, size=(36, 36))
+    shutil.copytree(data / "val", data / "test")
+    first = _run(data, tmp_path / "a")
+    task = first["tasks"][0]
+    assert task["accuracy"]["test"] is not None and task["accuracy"]["teacher_test"] is not None
+    assert task["split_sizes"]["test"] == 9
+    config = json.loads((tmp_path / "a" / "export" / "data" / "adapter_config.json").read_text())
+    assert config["metrics"]["test_acc"] == task["accuracy"]["test"]
+    assert config["metrics"]["teacher_test_acc"] == task["accuracy"]["teacher_test"]
+
+    # Relabel the whole test split (every image into class_0): test accuracy changes, no choice may
+    for k in (1, 2):
+        for img in (data / "test" / f"class_{k}").iterdir():
+            img.rename(data / "test" / "class_0" / f"from{k}_{img.name}")
+        (data / "test" / f"class_{k}").rmdir()
+    second = _run(data, tmp_path / "b")
+    assert _choices(tmp_path / "a") == _choices(tmp_path / "b")
+    assert second["tasks"][0]["accuracy"]["val"] == task["accuracy"]["val"]
+    assert second["tasks"][0]["accuracy"]["test"] != task["accuracy"]["test"]
+
+
+def test_data_with_only_a_test_folder_gets_validation_carved_from_train(tmp_path):
+    data = make_imagefolder(tmp_path / "data", n_classes=2, per_class=10, size=(36, 36))
+    (data / "val").rename(data / "test")
+    out = _run(data, tmp_path / "run")
+    sizes = out["tasks"][0]["split_sizes"]
+    assert sizes["test"] == 6 and sizes["train"] + sizes["val"] == 20
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert not any("test/" in str(k) for k in split["train"] + split["val"])
