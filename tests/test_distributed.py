@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from datagen import make_imagefolder
@@ -58,3 +59,41 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     ra = json.loads((two / "teacher" / "metrics.jsonl").read_text())
     rb = json.loads((one / "teacher" / "metrics.jsonl").read_text())
     assert ra["val_acc"] == rb["val_acc"]
+
+
+# --------------------------------------------------------------------------- BatchNorm conversion
+def _randomised_stats(model):
+    """Non-trivial BN statistics, so a conversion that re-initialised them would show."""
+    import torch
+
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])  # the CUDA converter runs on CPU tensors in eval mode
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet"])
+def test_sync_batchnorm_keeps_every_activation_and_syncs_every_batchnorm(monkeypatch, name, device):
+    import copy
+
+    import timm
+    import torch
+    from timm.layers import BatchNormAct2d
+
+    from tailor_cli import distributed
+
+    monkeypatch.setattr(distributed, "_INFO", distributed.DistInfo(rank=0, world_size=2))  # a stand-in torchrun
+    model = _randomised_stats(timm.create_model(name, pretrained=False, num_classes=3)).eval()
+    converted = distributed.sync_batchnorm(copy.deepcopy(model), torch.device(device)).eval()
+    assert converted.state_dict().keys() == model.state_dict().keys()
+    norms = [m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    synced = (torch.nn.SyncBatchNorm,) if device == "cuda" else (distributed._AllReduceBatchNorm,)
+    assert norms and all(isinstance(m, synced) for m in norms)  # no BatchNorm keeps per-rank statistics
+    if any(isinstance(m, BatchNormAct2d) for m in model.modules()):
+        assert any(not isinstance(getattr(m, "act", torch.nn.Identity()), torch.nn.Identity) for m in norms)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(converted(x), model(x), atol=1e-6, rtol=1e-5)
