@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import BlockInfo, describe_chain, head_only_copy, universal_block
+from .backbone import BlockInfo, block_activation, describe_chain, head_only_copy, universal_block
 from .errors import RunError
 
 BLOCK_LOGIT_INIT = 2.0
@@ -244,8 +244,7 @@ class Student(nn.Module):
             if spec.block:
                 block, act = universal_block(chain.blocks[l - 1], chain.final_act_names[l - 1])
             else:
-                act_name = chain.final_act_names[l - 1]
-                block, act = None, (copy.deepcopy(getattr(chain.blocks[l - 1], act_name)) if act_name else nn.Identity())
+                block, act = None, block_activation(chain.blocks[l - 1], chain.final_act_names[l - 1])
             proxies = {s: Proxy(self.node_chs[s], info.out_chs, info.kind) for s in spec.proxies}
             layers.append(TailoredLayer(spec, block, act, proxies))
         self.layers = nn.ModuleList(layers)
