@@ -71,7 +71,7 @@ LrStep = Annotated[Optional[int], typer.Option("--lr-step", help="Epochs between
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 Device = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")]
 Amp = Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision [default: on for CUDA].")]
-AmpDtype = Annotated[str, typer.Option("--amp-dtype", help="bfloat16 or float16.")]
+AmpDtype = Annotated[str, typer.Option("--amp-dtype", help="bfloat16 or float16 (with a gradient scaler).")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the training forward (CUDA: faster "
                                        "steps after a warm-up compile).")]
 ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
