@@ -174,3 +174,23 @@ def test_scaled_proxy_runs_through_torchs_sync_batchnorm(monkeypatch):
     assert torch.equal(bn.running_mean, reference.running_mean) and torch.equal(bn.running_var, reference.running_var)
     out.sum().backward()
     assert scale.grad is not None and bn.weight.grad is not None
+
+
+def test_all_reduce_batchnorm_act_trains_like_timms_in_one_process(monkeypatch):
+    """In training mode too: the all-reduce copy of a BatchNormAct2d normalises, drops and activates alike."""
+    import copy
+
+    import torch
+    from timm.layers import BatchNormAct2d
+
+    from tailor_cli import distributed
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, op=None: t)  # a world of one
+    torch.manual_seed(0)
+    original = BatchNormAct2d(5, act_layer=torch.nn.SiLU).train()
+    converted = distributed.convert_batchnorm(torch.nn.Sequential(copy.deepcopy(original)), torch.device("cpu"))[0]
+    assert isinstance(converted, distributed._AllReduceBatchNormAct)
+    x = torch.randn(3, 5, 4, 4) * 3 + 1
+    assert torch.allclose(converted(x), original(x), atol=1e-5)
+    assert torch.allclose(converted.running_var, original.running_var, atol=1e-6)
+    assert torch.allclose(converted.running_mean, original.running_mean, atol=1e-6)
