@@ -26,7 +26,7 @@ from .backbone import tensors_sha256
 from .checkpoint import read_json, read_safetensors, write_json, write_safetensors
 from .counting import network_params, student_macs, student_params, model_macs
 from .errors import ExportError, RunError
-from .runs import locate_teacher, latest_student_stage, read_run, read_summary, require_stage
+from .runs import locate_teacher, latest_student_stage, lock_dir, read_run, read_summary, require_stage
 from .student import Structure, Student
 
 FORMAT_VERSION = 1
@@ -59,10 +59,17 @@ def _adapter_tensors(student: Student) -> dict[str, torch.Tensor]:
 
 
 def export_task(run: Path, out: Path, *, task_name: str | None = None, overwrite: bool = False) -> dict:
-    """Write ``run``'s latest student as an adapter in ``out`` (creating or reusing the backbone)."""
+    """Write ``run``'s latest student as an adapter in ``out`` (creating or reusing the backbone).
+
+    ``out`` has one writer at a time: a second export into it meanwhile is refused (exit 5).
+    """
+    with lock_dir(Path(out), what="export directory"):
+        return _export_task(Path(run), Path(out), task_name=task_name, overwrite=overwrite)
+
+
+def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool) -> dict:
     from .pipeline import load_student
 
-    run, out = Path(run), Path(out)
     run_meta = read_run(run)
     stage = latest_student_stage(run)
     task = task_name or run_meta.get("task_name") or run.name

@@ -28,7 +28,8 @@ from .weights import convert_state_dict, resolve_weights_path
 
 SUPPORTED_FAMILIES = (
     "ResNet (resnet18/26/34/50/101/152 and their d/t/s variants, seresnet*, resnext*, test_resnet), "
-    "EfficientNet (efficientnet_*, test_efficientnet), MobileNetV3 (mobilenetv3_*), RegNet (regnetx_*, regnety_*), "
+    "EfficientNet (efficientnet_*, test_efficientnet), EfficientNetV2 (efficientnetv2_*, tf_efficientnetv2_*), "
+    "MobileNetV3 (mobilenetv3_*), LCNet (lcnet_*), RegNet (regnetx_*, regnety_*), "
     "ConvNeXt (convnext_*, test_convnext)"
 )
 
@@ -69,7 +70,7 @@ class Chain:
     stem_chs: int
     stem_reduction: int
     num_features: int  # width of forward_head(pre_logits=True), what the task's classifier reads
-    final_act_names: list[str | None]  # per block, the attribute of its final activation (None: linear output)
+    final_act_names: list[str | None]  # per block, the attribute path of its final activation (None: linear output)
     tail: nn.Sequential
     body_attrs: list[str]  # top-level attributes of the model holding stem, blocks and tail
     pool_mode: str  # how a stride-s block rounds odd sizes: "ceil" (padded 3x3 convs) or "floor" (k2s2 convs)
@@ -198,10 +199,10 @@ def _family_layout(model: nn.Module):
                                      f"supported: {SUPPORTED_FAMILIES}")
         return "resnet", ["conv1", "bn1", "act1", "maxpool"], blocks, [], "ceil"
     if isinstance(model, (EfficientNet, MobileNetV3)):
-        # Inverted residuals end linearly (no activation after the add): the layer's activation is the identity.
         for s, stage in enumerate(model.blocks):
             for i, block in enumerate(stage):
-                blocks.append((f"blocks.{s}.{i}", block, "basic", None))
+                name = f"blocks.{s}.{i}"
+                blocks.append((name, block, "basic", _efficientnet_final_act(name, block)))
         tail = ["conv_head", "bn2"] if isinstance(model, EfficientNet) else []
         family = "efficientnet" if isinstance(model, EfficientNet) else "mobilenetv3"
         return family, ["conv_stem", "bn1"], blocks, tail, "ceil"
@@ -222,11 +223,58 @@ def _family_layout(model: nn.Module):
     return None
 
 
+def _efficientnet_final_act(name: str, block: nn.Module) -> str | None:
+    """Where an EfficientNet/MobileNetV3 block's final activation lives (dotted path), or None if it ends linearly.
+
+    Each block kind's last norm is a BatchNormAct2d whose ``act`` (after its ``drop``) is the
+    block's last op unless a residual add follows: ConvBnAct (``bn1``; EfficientNetV2's first
+    stages, MobileNetV3's last block), DepthwiseSeparableConv (``bn2``, an activation with
+    ``pw_act``: LCNet). Inverted residuals, EdgeResidual, CondConv and MobileNetV4's universal
+    inverted residuals end in a norm without activation, its attention blocks in a layer scale.
+    Other kinds raise :class:`ModelError`, as does an activation followed by more layers.
+    """
+    from timm.models._efficientnet_blocks import (ConvBnAct, DepthwiseSeparableConv, EdgeResidual,
+                                                  InvertedResidual, MobileAttention, UniversalInvertedResidual)
+
+    if isinstance(block, MobileAttention):  # MobileNetV4 hybrids: norm first, attention, layer scale: linear
+        return None
+    if isinstance(block, ConvBnAct):
+        norm, after = "bn1", ["aa"]
+    elif isinstance(block, DepthwiseSeparableConv):
+        norm, after = "bn2", []
+    elif isinstance(block, InvertedResidual):  # CondConvResidual too
+        norm, after = "bn3", []
+    elif isinstance(block, EdgeResidual):
+        norm, after = "bn2", []
+    elif isinstance(block, UniversalInvertedResidual):
+        last = "pw_proj" if isinstance(block.dw_end, nn.Identity) else "dw_end"
+        norm, after = f"{last}.bn", [f"{last}.aa", "layer_scale"]
+    else:
+        raise ModelError(f"block {name} ({type(block).__name__}) is not supported: nettailor cannot tell where its "
+                         f"activation is; supported: {SUPPORTED_FAMILIES}")
+    act = getattr(block.get_submodule(norm), "act", None)
+    if getattr(block, "has_skip", False) or act is None or isinstance(act, nn.Identity):
+        return None  # ends in the residual add, or in a norm without activation
+    if any(not isinstance(_submodule_or_identity(block, a), nn.Identity) for a in after):
+        raise ModelError(f"block {name} ({type(block).__name__}) has layers after its final activation; "
+                         "the activation cannot be moved after the attention sum")
+    return f"{norm}.act"
+
+
+def _submodule_or_identity(module: nn.Module, path: str) -> nn.Module:
+    """``module.get_submodule(path)``, or an Identity where the path (or a part of it) is absent or None."""
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return nn.Identity()
+    return module
+
+
 def describe_chain(model: nn.Module) -> Chain:
     """View a timm CNN as stem + ordered universal blocks + tail + head.
 
-    Families: ResNet (BasicBlock, Bottleneck), EfficientNet/MobileNetV3 (their
-    inverted-residual and conv blocks), RegNet (X and Y), ConvNeXt. Anything else
+    Families: ResNet (BasicBlock, Bottleneck), EfficientNet/EfficientNetV2/MobileNetV3/LCNet
+    (their inverted-residual and conv blocks), RegNet (X and Y), ConvNeXt. Anything else
     (transformers, non-chain networks) raises :class:`ModelError`.
     """
     layout = _family_layout(model)
@@ -297,16 +345,25 @@ def universal_block(block: nn.Module, act_name: str | None) -> tuple[nn.Module, 
     """Copy of ``block`` with its final activation removed, plus that activation.
 
     The student applies the activation once, after the attention-weighted sum
-    (METHOD.md). Blocks that end linearly (``act_name=None``: inverted residuals,
-    ConvNeXt blocks, downsample layers) keep everything and the activation is the
-    identity. The copy shares nothing with the original.
+    (METHOD.md). ``act_name`` is an attribute path into the block: ``"act2"`` (ResNet)
+    or ``"bn1.act"`` (the activation inside a timm BatchNormAct2d, whose ``drop`` stays in
+    the block: it comes before the activation). Blocks that end linearly (``act_name=None``:
+    inverted residuals, ConvNeXt blocks, downsample layers) keep everything and the
+    activation is the identity. The copy shares nothing with the original.
     """
     block = copy.deepcopy(block)
     if act_name is None:
         return block, nn.Identity()
-    act = getattr(block, act_name)
-    setattr(block, act_name, nn.Identity())
+    parent, _, attr = act_name.rpartition(".")
+    owner = block.get_submodule(parent)
+    act = getattr(owner, attr)
+    setattr(owner, attr, nn.Identity())
     return block, act
+
+
+def block_activation(block: nn.Module, act_name: str | None) -> nn.Module:
+    """A copy of the final activation that :func:`universal_block` moves out (Identity for ``None``)."""
+    return copy.deepcopy(block.get_submodule(act_name)) if act_name else nn.Identity()
 
 
 def backbone_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

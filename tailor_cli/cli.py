@@ -71,7 +71,7 @@ LrStep = Annotated[Optional[int], typer.Option("--lr-step", help="Epochs between
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 Device = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")]
 Amp = Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision [default: on for CUDA].")]
-AmpDtype = Annotated[str, typer.Option("--amp-dtype", help="bfloat16 or float16.")]
+AmpDtype = Annotated[str, typer.Option("--amp-dtype", help="bfloat16 or float16 (with a gradient scaler).")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the training forward (CUDA: faster "
                                        "steps after a warm-up compile).")]
 ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
@@ -521,7 +521,7 @@ def run(
         from .report import report_run
 
         from .pipeline import check_run_resume
-        from .runs import reset_run
+        from .runs import lock_dir, reset_run
 
         if data is None:
             raise _usage("--data is required (a dataset folder, torchvision:NAME, or 'digits')")
@@ -531,42 +531,43 @@ def run(
             raise _usage("--max-macs chooses K itself; drop --drop-blocks (or drop --max-macs to use exactly K)")
         run_dir = output or _default_output(data, backbone)
         export_dir = out or run_dir / "export"
-        if resume:
-            check_run_resume(run_dir, threshold, drop_blocks, tolerance, max_macs, search_epochs)
-        if overwrite:
-            reset_run(run_dir)
-        d = _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers)
-        mk = lambda lr, bs: TrainOptions(epochs=epochs, batch_size=bs, lr=lr, seed=seed, device=device, amp=amp,
-                                         resume=resume)
-        rep = Reporter()
-        t0 = time.perf_counter()
-        try:
-            run_tailor(run_dir, BackboneOptions(backbone, pretrained, weights), d, mk(0.1, 32),
-                       TailorOptions(max_skip=max_skip, teacher_loss=teacher_loss, teacher_train=mk(0.01, 64)), rep)
-            from .pipeline import SearchOptions, auto_prune
-            from .runs import stage_done
+        with lock_dir(run_dir):  # one writer across all the stages (each stage locks it again)
+            if resume:
+                check_run_resume(run_dir, threshold, drop_blocks, tolerance, max_macs, search_epochs)
+            if overwrite:
+                reset_run(run_dir)
+            d = _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers)
+            mk = lambda lr, bs: TrainOptions(epochs=epochs, batch_size=bs, lr=lr, seed=seed, device=device, amp=amp,
+                                             resume=resume)
+            rep = Reporter()
+            t0 = time.perf_counter()
+            try:
+                run_tailor(run_dir, BackboneOptions(backbone, pretrained, weights), d, mk(0.1, 32),
+                           TailorOptions(max_skip=max_skip, teacher_loss=teacher_loss, teacher_train=mk(0.01, 64)), rep)
+                from .pipeline import SearchOptions, auto_prune
+                from .runs import stage_done
 
-            searched = None
-            if drop_blocks is None and resume and stage_done(run_dir, "prune"):
-                run_finetune(run_dir, d, mk(0.01, 32), callbacks=rep)  # K was searched (checked above): go on
-            elif drop_blocks is None:
-                searched = auto_prune(run_dir, d, mk(0.01, 32), mk(0.01, 32),
-                                      SearchOptions(tolerance=tolerance, max_macs=max_macs,
-                                                    search_epochs=search_epochs, threshold=threshold),
-                                      overwrite=True, callbacks=rep)
-            else:
-                if not (resume and stage_done(run_dir, "prune")):
-                    run_prune(run_dir, threshold=threshold, drop_blocks=drop_blocks, overwrite=True, callbacks=rep)
-                run_finetune(run_dir, d, mk(0.01, 32), callbacks=rep)
-        finally:
-            rep.close()
-        exported = export_task(run_dir, export_dir, overwrite=True)
-        result = report_run(run_dir)
-        result["export"] = exported
-        result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-        if searched is not None and searched.get("error"):
-            result["error"] = searched["error"]  # exit 7 below: the document says why, as prune --auto's does
-        _emit(result, json_out, render_report)
+                searched = None
+                if drop_blocks is None and resume and stage_done(run_dir, "prune"):
+                    run_finetune(run_dir, d, mk(0.01, 32), callbacks=rep)  # K was searched (checked above): go on
+                elif drop_blocks is None:
+                    searched = auto_prune(run_dir, d, mk(0.01, 32), mk(0.01, 32),
+                                          SearchOptions(tolerance=tolerance, max_macs=max_macs,
+                                                        search_epochs=search_epochs, threshold=threshold),
+                                          overwrite=True, callbacks=rep)
+                else:
+                    if not (resume and stage_done(run_dir, "prune")):
+                        run_prune(run_dir, threshold=threshold, drop_blocks=drop_blocks, overwrite=True, callbacks=rep)
+                    run_finetune(run_dir, d, mk(0.01, 32), callbacks=rep)
+            finally:
+                rep.close()
+            exported = export_task(run_dir, export_dir, overwrite=True)
+            result = report_run(run_dir)
+            result["export"] = exported
+            result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+            if searched is not None and searched.get("error"):
+                result["error"] = searched["error"]  # exit 7 below: the document says why, as prune --auto's does
+            _emit(result, json_out, render_report)
         if searched is not None:
             _fail_on_tolerance(searched)
 

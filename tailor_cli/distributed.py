@@ -152,26 +152,54 @@ class _AllReduceBatchNorm(nn.BatchNorm2d):
         return y
 
 
-def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Replace every BatchNorm2d so that statistics cover the global batch (GPU: torch's SyncBatchNorm).
+class _AllReduceBatchNormAct(_AllReduceBatchNorm):
+    """timm's ``BatchNormAct2d`` with global-batch statistics: the same ``drop`` and ``act`` after the norm."""
 
-    Parameters and buffers are kept (the same tensors), so state-dict keys do not change.
-    """
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Under torchrun, make every BatchNorm's statistics cover the global batch (see :func:`convert_batchnorm`)."""
     if not _INFO.enabled:
         return model
+    return convert_batchnorm(model, device)
+
+
+def convert_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every BatchNorm2d (timm's BatchNormAct2d included) by one with global-batch statistics.
+
+    CUDA: timm's converter (torch's SyncBatchNorm, and timm's SyncBatchNormAct keeping a
+    BatchNormAct2d's drop and activation; torch's own converter would drop them). Other
+    devices: :class:`_AllReduceBatchNorm` / :class:`_AllReduceBatchNormAct` (gloo works).
+    Parameters, buffers and submodules are kept (the same tensors), so state-dict keys do not
+    change; eval-mode outputs do not change either. Needs no process group to convert.
+    """
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model)
+    from timm.layers import BatchNormAct2d
+
     for name, child in list(model.named_children()):
-        if type(child) is nn.BatchNorm2d:
-            new = _AllReduceBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                      child.track_running_stats)
-            if child.affine:
-                new.weight, new.bias = child.weight, child.bias
-            if child.track_running_stats:
-                new.running_mean, new.running_var = child.running_mean, child.running_var
-                new.num_batches_tracked = child.num_batches_tracked
-            new.train(child.training)
-            setattr(model, name, new)
+        if type(child) in (nn.BatchNorm2d, BatchNormAct2d):
+            setattr(model, name, _all_reduce_copy(child))
         else:
-            sync_batchnorm(child, device)
+            convert_batchnorm(child, device)
     return model
+
+
+def _all_reduce_copy(bn: nn.BatchNorm2d) -> _AllReduceBatchNorm:
+    """An all-reduce BatchNorm holding ``bn``'s own parameters, buffers and (BatchNormAct2d) drop/act."""
+    with_act = hasattr(bn, "act")
+    cls = _AllReduceBatchNormAct if with_act else _AllReduceBatchNorm
+    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    if bn.affine:
+        new.weight, new.bias = bn.weight, bn.bias
+    if bn.track_running_stats:
+        new.running_mean, new.running_var = bn.running_mean, bn.running_var
+        new.num_batches_tracked = bn.num_batches_tracked
+    if with_act:
+        new.drop, new.act = bn.drop, bn.act
+    new.train(bn.training)
+    return new

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,8 +26,8 @@ from .counting import network_params, path_costs, student_macs, student_params, 
 from .errors import RunError, UsageError, DataError
 from .losses import TEACHER_LOSSES, ComplexityModel
 from .pruning import plan as plan_pruning
-from .runs import (CHECKPOINT, MODEL, check_settings, check_writable, locate_teacher, prepare_stage, read_run, read_summary,
-                   require_stage, reset_run, stage_done, write_run, write_summary)
+from .runs import (CHECKPOINT, MODEL, check_settings, check_writable, locate_teacher, lock_created, lock_dir, prepare_stage,
+                   read_run, read_summary, require_stage, reset_run, stage_done, write_run, write_summary)
 from .student import Structure, Student
 from .weights import resolve_weights_path
 from .train import Callbacks, StudentObjective, TeacherObjective, TrainConfig, fit, resolve_device
@@ -138,10 +139,24 @@ def _check_run_data(run: Path, run_meta: dict | None, data: DataOptions) -> None
 
 
 # --------------------------------------------------------------------------- shared helpers
+def _one_writer(create: bool):
+    """Run the decorated stage holding its run directory's lock (``runs.lock_dir``): one writer per run.
+
+    ``create``: the stage may start a new run (teacher, tailor), so the lock makes the directory.
+    """
+    def wrap(stage):
+        @functools.wraps(stage)
+        def locked(run, *args, **kwargs):
+            with lock_dir(Path(run), create=create):
+                return stage(run, *args, **kwargs)
+        return locked
+    return wrap
+
+
 @contextlib.contextmanager
 def _new_run_guard(run: Path):
     """If ``run`` did not exist and setup fails, remove whatever setup wrote (e.g. split.json)."""
-    existed = run.exists()
+    existed = run.exists() and not lock_created(run)
     try:
         yield
     except BaseException:
@@ -305,6 +320,7 @@ def _check_teacher(teacher_dir: Path, backbone_id: dict, classes: list[str]) -> 
 
 
 # --------------------------------------------------------------------------- teacher
+@_one_writer(create=True)
 def train_teacher(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOptions,
                   callbacks: Callbacks | None = None) -> dict:
     """Fine-tune the whole backbone with a new classifier (stage 1)."""
@@ -375,6 +391,7 @@ class TailorOptions:
     teacher_train: TrainOptions = field(default_factory=lambda: TrainOptions(lr=0.01, batch_size=64))
 
 
+@_one_writer(create=True)
 def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOptions, opts: TailorOptions,
            callbacks: Callbacks | None = None) -> dict:
     """Build the student and train it with CE + g1 E[C] + g2 Omega (stage 2).
@@ -548,6 +565,7 @@ def _say_distributed(cb: Callbacks, train: TrainOptions) -> None:
 
 
 # --------------------------------------------------------------------------- prune
+@_one_writer(create=False)
 def prune(run: Path, *, threshold: float = 0.05, drop_blocks: int = 0, overwrite: bool = False,
           callbacks: Callbacks | None = None) -> dict:
     """Drop low-attention proxies and the K weakest blocks, then everything orphaned (stage 3)."""
@@ -586,6 +604,7 @@ def prune(run: Path, *, threshold: float = 0.05, drop_blocks: int = 0, overwrite
 
 
 # --------------------------------------------------------------------------- finetune
+@_one_writer(create=False)
 def finetune(run: Path, data: DataOptions, train: TrainOptions, *, teacher_weight: float = 10.0,
              callbacks: Callbacks | None = None) -> dict:
     """Retrain the pruned student with the complexity weight 0, teacher term on (stage 4)."""
@@ -655,6 +674,7 @@ class SearchOptions:
     threshold: float = 0.05
 
 
+@_one_writer(create=False)
 def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_train: TrainOptions,
                opts: SearchOptions, *, teacher_weight: float = 10.0, overwrite: bool = False,
                callbacks: Callbacks | None = None) -> dict:

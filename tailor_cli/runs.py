@@ -12,15 +12,22 @@
         summary.json      final metrics, params, MACs
 
 Every write is atomic (temporary name + rename), so a killed process never leaves
-half a file.
+half a file. One process at a time writes a run (or export) directory: it holds an
+exclusive lock on ``.nettailor.lock`` inside it (see :func:`lock_dir`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locking
+    fcntl = None
 
 from .checkpoint import read_json, write_json
 from .errors import RunError
@@ -32,6 +39,7 @@ MODEL = "model.safetensors"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"  # model + optimiser state, written each epoch by train.fit
+LOCK = ".nettailor.lock"  # held (flock) by the one process writing the directory; removed when it is done
 
 
 def stage_done(run: Path, stage: str) -> bool:
@@ -197,3 +205,121 @@ def locate_teacher(run: Path, meta: dict) -> Path:
     external teacher run (stored absolute)."""
     path = Path(meta.get("teacher") or "teacher")
     return path if path.is_absolute() else Path(run) / path
+
+
+# --------------------------------------------------------------------------- one writer per directory
+_HELD: dict[str, tuple[int, list[Path]]] = {}  # realpath -> (fd, directories the lock created, deepest first)
+
+
+@contextlib.contextmanager
+def lock_dir(path: Path, *, create: bool = True, what: str = "run directory"):
+    """Hold ``path`` for this process alone while the block runs (a second writer gets :class:`RunError`, exit 5).
+
+    The lock is an exclusive ``flock`` on ``path/.nettailor.lock``; the OS drops it when its
+    process dies, so a lock file left by a killed process blocks nothing. Re-entrant within a
+    process (``nettailor run`` holds its run across the stages, which lock it again). Under
+    torchrun rank 0 alone locks. ``create``: make ``path`` (and missing parents) to hold the
+    lock, and remove what was made if it is left empty; otherwise a missing ``path`` is not
+    locked (the caller reports it). Where no lock can be taken (a file in the way, no write
+    permission, no ``flock``), the block runs unlocked and the caller's own checks speak.
+    """
+    from .distributed import is_main
+
+    path = Path(path)
+    key = os.path.realpath(path)
+    if key in _HELD:  # already ours: the outermost holder releases it
+        yield
+        return
+    held = _acquire(path, create=create, what=what) if is_main() and fcntl is not None else None
+    if held is None:
+        yield
+        return
+    _HELD[key] = held
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        _release(path, *held)
+
+
+def lock_created(path: Path) -> bool:
+    """Whether this process's lock on ``path`` created the directory (it did not exist before the stage)."""
+    held = _HELD.get(os.path.realpath(path))
+    return bool(held and held[1])
+
+
+def _acquire(path: Path, *, create: bool, what: str) -> tuple[int, list[Path]] | None:
+    """Lock ``path/LOCK``: (file descriptor, directories created for it), or None where it cannot be locked."""
+    made = [p for p in [path, *path.parents] if not p.exists()] if create else []
+    if any(p.exists() and not p.is_dir() for p in [path, *path.parents]) or not (path.is_dir() or made):
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = _lock_file(path / LOCK)
+    except OSError:
+        _remove_empty(made)
+        return None
+    if fd is None:
+        holder = _holder(path / LOCK)
+        _remove_empty(made)
+        raise RunError(f"{what} '{path}' is in use by another nettailor process{holder}; wait for it to finish, "
+                       "or choose another directory")
+    return fd, made
+
+
+def _lock_file(lock: Path) -> int | None:
+    """A descriptor holding an exclusive flock on ``lock`` (made if missing, our pid written in it),
+    or None while another process holds it."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _same_file(fd, lock):  # not unlinked by its last holder between our open and our flock
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _holder(lock: Path) -> str:
+    """`` (pid N)`` from a lock file, or "" when it cannot be read."""
+    try:
+        pid = lock.read_text().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _release(path: Path, fd: int, made: list[Path]) -> None:
+    """Remove the lock file (if it is still ours) while holding it, unlock, and remove the directories made empty."""
+    try:
+        if _same_file(fd, path / LOCK):
+            (path / LOCK).unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+    _remove_empty(made)
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove ``dirs`` (deepest first) while they are empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            break

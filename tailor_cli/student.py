@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import BlockInfo, describe_chain, head_only_copy, universal_block
+from .backbone import BlockInfo, block_activation, describe_chain, head_only_copy, universal_block
 from .errors import RunError
 
 BLOCK_LOGIT_INIT = 2.0
@@ -136,7 +136,18 @@ class Proxy(nn.Module):
 
 
 def _scaled_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``scale * bn(x)`` in one BatchNorm call (same running-statistics bookkeeping as ``bn(x)``)."""
+    """``scale * bn(x)`` in one BatchNorm call (same running-statistics bookkeeping as ``bn(x)``).
+
+    A plain ``nn.BatchNorm2d`` is computed here with ``F.batch_norm``. Any other BatchNorm
+    (torchrun's SyncBatchNorm or all-reduce BN, see :func:`tailor_cli.distributed.convert_batchnorm`)
+    runs its own forward, whose statistics cover the global batch, with the scale folded into
+    the weight and bias it reads.
+    """
+    if type(bn) is not nn.BatchNorm2d:
+        if bn.weight is None:
+            return bn(x) * scale
+        folded = {"weight": bn.weight * scale} | ({"bias": bn.bias * scale} if bn.bias is not None else {})
+        return torch.func.functional_call(bn, folded, (x,))
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -233,8 +244,7 @@ class Student(nn.Module):
             if spec.block:
                 block, act = universal_block(chain.blocks[l - 1], chain.final_act_names[l - 1])
             else:
-                act_name = chain.final_act_names[l - 1]
-                block, act = None, (copy.deepcopy(getattr(chain.blocks[l - 1], act_name)) if act_name else nn.Identity())
+                block, act = None, block_activation(chain.blocks[l - 1], chain.final_act_names[l - 1])
             proxies = {s: Proxy(self.node_chs[s], info.out_chs, info.kind) for s in spec.proxies}
             layers.append(TailoredLayer(spec, block, act, proxies))
         self.layers = nn.ModuleList(layers)

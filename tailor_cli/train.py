@@ -257,22 +257,35 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def make_grad_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """A loss scaler for float16 autocast (its small gradients underflow); None for bfloat16 and float32."""
+    if cfg.amp and cfg.amp_dtype == "float16" and device.type in ("cuda", "cpu", "mps"):
+        return torch.amp.GradScaler(device.type)
+    return None
+
+
 def save_checkpoint(path: Path, model: nn.Module, opt, sched, *, epoch: int, best: float, best_epoch: int,
-                    extra: dict) -> None:
+                    extra: dict, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Model and optimiser tensors; epoch, scheduler, optimiser scalars and the loss scaler's state as metadata."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = _optimizer_tensors(opt)
     tensors.update(opt_tensors)
     meta = {"epoch": epoch, "best_acc": best, "best_epoch": best_epoch, "scheduler": sched.state_dict(),
             "optimizer": opt_meta, **extra}
+    if scaler is not None:
+        meta["grad_scaler"] = scaler.state_dict()  # scale, growth tracker and factors: plain numbers
     write_safetensors(path, tensors, meta)
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt, sched, device) -> dict:
+def load_checkpoint(path: Path, model: nn.Module, opt, sched, device,
+                    scaler: torch.amp.GradScaler | None = None) -> dict:
     tensors, meta = read_safetensors(path, what="checkpoint", device=str(device) if device.type != "mps" else "cpu")
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(model_state)
     _load_optimizer(opt, tensors, meta["optimizer"])
     sched.load_state_dict(meta["scheduler"])
+    if scaler is not None and meta.get("grad_scaler"):
+        scaler.load_state_dict(meta["grad_scaler"])
     return meta
 
 
@@ -309,10 +322,11 @@ def fit(
     stage_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = stage_dir / CHECKPOINT, stage_dir / METRICS
     opt, sched = make_optimizer(param_groups, cfg)
+    scaler = make_grad_scaler(cfg, device)
     best_path = stage_dir / BEST
     start_epoch, best, best_key, best_epoch = 0, float("-inf"), None, 0
     if resume and ckpt_path.exists():
-        meta = load_checkpoint(ckpt_path, model, opt, sched, device)
+        meta = load_checkpoint(ckpt_path, model, opt, sched, device, scaler)
         start_epoch, best = int(meta["epoch"]), float(meta["best_acc"])
         best_epoch = int(meta.get("best_epoch", start_epoch))
         rows = [r for r in read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
@@ -356,8 +370,13 @@ def fit(
                 with amp_ctx():
                     loss, logits, terms = objective(images, labels)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:  # float16: a step whose gradients overflow is skipped and the scale lowered
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
                 with torch.no_grad():
                     values = torch.stack([terms[t].detach().float() for t in objective.terms] + [loss.detach().float()])
                     sums[:-1] += values * labels.numel()
@@ -399,7 +418,7 @@ def fit(
                     write_safetensors(best_path, model.state_dict(), {"epoch": epoch + 1})
             # checkpoint first: a metrics line never names an epoch whose checkpoint is missing
             save_checkpoint(ckpt_path, model, opt, sched, epoch=epoch + 1, best=best, best_epoch=best_epoch,
-                            extra=checkpoint_extra or {})
+                            extra=checkpoint_extra or {}, scaler=scaler)
             append_jsonl(metrics_path, row)
             cb.on_epoch_end(stage, row)
     barrier()

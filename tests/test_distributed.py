@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from datagen import make_imagefolder
@@ -58,3 +59,138 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     ra = json.loads((two / "teacher" / "metrics.jsonl").read_text())
     rb = json.loads((one / "teacher" / "metrics.jsonl").read_text())
     assert ra["val_acc"] == rb["val_acc"]
+
+
+# --------------------------------------------------------------------------- BatchNorm conversion
+def _randomised_stats(model):
+    """Non-trivial BN statistics, so a conversion that re-initialised them would show."""
+    import torch
+
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])  # the CUDA converter runs on CPU tensors in eval mode
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet"])
+def test_sync_batchnorm_keeps_every_activation_and_syncs_every_batchnorm(monkeypatch, name, device):
+    import copy
+
+    import timm
+    import torch
+    from timm.layers import BatchNormAct2d
+
+    from tailor_cli import distributed
+
+    monkeypatch.setattr(distributed, "_INFO", distributed.DistInfo(rank=0, world_size=2))  # a stand-in torchrun
+    model = _randomised_stats(timm.create_model(name, pretrained=False, num_classes=3)).eval()
+    converted = distributed.sync_batchnorm(copy.deepcopy(model), torch.device(device)).eval()
+    assert converted.state_dict().keys() == model.state_dict().keys()
+    norms = [m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    synced = (torch.nn.SyncBatchNorm,) if device == "cuda" else (distributed._AllReduceBatchNorm,)
+    assert norms and all(isinstance(m, synced) for m in norms)  # no BatchNorm keeps per-rank statistics
+    if any(isinstance(m, BatchNormAct2d) for m in model.modules()):
+        assert any(not isinstance(getattr(m, "act", torch.nn.Identity()), torch.nn.Identity) for m in norms)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(converted(x), model(x), atol=1e-6, rtol=1e-5)
+
+
+def _bn_stats(z):
+    """What the all-reduce BatchNorm sums per rank: per-channel sum, sum of squares, and the count."""
+    import torch
+
+    z = z.double()
+    return torch.cat([z.sum((0, 2, 3)), z.square().sum((0, 2, 3)), torch.tensor([z.numel() / z.size(1)]).double()])
+
+
+def test_scaled_proxy_normalises_with_the_global_batch(monkeypatch):
+    """A proxy's attention-scaled BN goes through the all-reduce: scale * BN over both ranks' batches."""
+    import copy
+
+    import torch
+
+    from tailor_cli import distributed
+    from tailor_cli.student import Proxy
+
+    torch.manual_seed(0)
+    proxy = distributed.convert_batchnorm(Proxy(8, 6), torch.device("cpu")).train()
+    bn = proxy.body[-1]
+    assert isinstance(bn, distributed._AllReduceBatchNorm)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    x, other = torch.randn(4, 8, 5, 5), torch.randn(3, 8, 5, 5) * 2 + 1  # this rank's batch, the other rank's
+    with torch.no_grad():
+        z, z_other = proxy.body[0](x), proxy.body[0](other)
+    calls = []
+
+    def all_reduce(t, op=None):  # rank 0 of 2: the sum adds what the other rank holds
+        calls.append(t.numel())
+        t.add_(_bn_stats(z_other).to(t.dtype))
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    reference = copy.deepcopy(bn)
+    scale = torch.tensor(0.3)
+    out = proxy(x, scale)
+    assert calls == [2 * 6 + 1]  # the statistics went through the all-reduce
+    both = torch.cat([z, z_other])
+    mean, var = both.mean((0, 2, 3), keepdim=True), both.var((0, 2, 3), unbiased=False, keepdim=True)
+    want = scale * ((z - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1))
+    assert torch.allclose(out, want, atol=1e-5)
+    want_module = scale * reference(z)  # the module's own forward, same all-reduce
+    assert torch.allclose(out, want_module, atol=1e-6)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(bn, name).double(), getattr(reference, name).double(), atol=1e-7), name
+
+
+def test_scaled_proxy_runs_through_torchs_sync_batchnorm(monkeypatch):
+    """On CUDA the proxy's BN is torch's SyncBatchNorm: the scaled path must call it (its forward syncs)."""
+    import copy
+
+    import torch
+
+    from tailor_cli import distributed
+    from tailor_cli.student import Proxy
+
+    torch.manual_seed(0)
+    proxy = distributed.convert_batchnorm(Proxy(8, 6, kind="bottleneck"), torch.device("cuda")).train()
+    assert all(isinstance(m, torch.nn.SyncBatchNorm) for m in proxy.body if isinstance(m, torch.nn.BatchNorm2d))
+    bn = proxy.body[-1]
+    reference = copy.deepcopy(bn)
+    calls = []
+    forward = torch.nn.SyncBatchNorm.forward
+    monkeypatch.setattr(torch.nn.SyncBatchNorm, "forward", lambda self, x: calls.append(self) or forward(self, x))
+    x = torch.randn(4, 8, 5, 5)
+    scale = torch.tensor(0.7, requires_grad=True)
+    out = proxy(x, scale)
+    assert any(m is bn for m in calls)  # no process group here: SyncBatchNorm falls back to local statistics
+    with torch.no_grad():
+        z = proxy.body[:-1](x)
+    assert torch.allclose(out, scale.detach() * reference(z), atol=1e-6)
+    assert torch.equal(bn.running_mean, reference.running_mean) and torch.equal(bn.running_var, reference.running_var)
+    out.sum().backward()
+    assert scale.grad is not None and bn.weight.grad is not None
+
+
+def test_all_reduce_batchnorm_act_trains_like_timms_in_one_process(monkeypatch):
+    """In training mode too: the all-reduce copy of a BatchNormAct2d normalises, drops and activates alike."""
+    import copy
+
+    import torch
+    from timm.layers import BatchNormAct2d
+
+    from tailor_cli import distributed
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, op=None: t)  # a world of one
+    torch.manual_seed(0)
+    original = BatchNormAct2d(5, act_layer=torch.nn.SiLU).train()
+    converted = distributed.convert_batchnorm(torch.nn.Sequential(copy.deepcopy(original)), torch.device("cpu"))[0]
+    assert isinstance(converted, distributed._AllReduceBatchNormAct)
+    x = torch.randn(3, 5, 4, 4) * 3 + 1
+    assert torch.allclose(converted(x), original(x), atol=1e-5)
+    assert torch.allclose(converted.running_var, original.running_var, atol=1e-6)
+    assert torch.allclose(converted.running_mean, original.running_mean, atol=1e-6)

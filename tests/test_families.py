@@ -20,6 +20,8 @@ FAMILIES = [
     ("test_resnet", "resnet"),
     ("test_efficientnet", "efficientnet"),
     ("mobilenetv3_small_050", "mobilenetv3"),
+    ("lcnet_050", "mobilenetv3"),
+    ("tf_efficientnetv2_b0", "efficientnet"),
     ("regnetx_002", "regnet"),
     ("regnety_002", "regnet"),
     ("test_convnext", "convnext"),
@@ -86,3 +88,84 @@ def test_round_trip_per_family(tmp_path_factory, name):
     res = CliRunner().invoke(app, ["predict", str(export), str(img), "--json", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["predictions"][0]["task"] == config_task
+
+
+# Blocks whose output ends in an activation (no residual add after it), by timm name.
+_HSWISH, _SILU = torch.nn.Hardswish, torch.nn.SiLU
+ACTIVATION_ENDED = [
+    ("test_efficientnet", {"blocks.0.0": _SILU}),  # ConvBnAct without skip
+    ("mobilenetv3_small_050", {"blocks.5.0": _HSWISH}),  # the last ConvBnAct (1x1 to 576)
+    ("mobilenetv3_large_100", {"blocks.6.0": _HSWISH}),  # the last ConvBnAct (1x1 to 960)
+    ("tf_efficientnetv2_b0", {"blocks.0.0": _SILU}),  # first-stage ConvBnAct, 32 -> 16 channels: no skip
+    ("efficientnetv2_rw_t", {}),  # its first-stage ConvBnActs have a skip: the add comes after the activation
+    ("lcnet_050", "all"),  # DepthwiseSeparableConv with pw_act and no skip: every block
+]
+
+
+def _random_stats(model):
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("name,ended", ACTIVATION_ENDED)
+def test_a_block_ending_in_an_activation_has_it_applied_after_the_attention_sum(name, ended):
+    """x_l = act(alpha_0 G(x) + sum alpha_k A_k): G is the block without its final activation."""
+    model = _random_stats(timm.create_model(name, pretrained=False, num_classes=0)).eval()
+    chain = describe_chain(model)
+    if ended == "all":
+        ended = {info.name: _HSWISH for info in chain.infos}
+    student = Student(model, 3).eval()
+    found = {info.name: type(layer.act) for info, layer in zip(chain.infos, student.layers)
+             if not isinstance(layer.act, torch.nn.Identity)}
+    assert found == ended
+    h = chain.stem(torch.randn(2, 3, 64, 64))
+    with torch.no_grad():
+        for info, block, layer in zip(chain.infos, chain.blocks, student.layers):
+            out = block(h)
+            if info.name in ended:  # G stops before the activation; the layer applies it once
+                assert not torch.equal(layer.block(h), out)
+                assert torch.equal(layer.act(layer.block(h)), out)
+            h = out
+    # a layer whose block was pruned applies the same activation to its proxies' sum
+    first = next(i for i, info in enumerate(chain.infos) if info.name in ended) if ended else None
+    if first is not None:
+        layers = [LayerSpec(True, []) for _ in chain.blocks]
+        layers[first] = LayerSpec(False, [first])
+        pruned = Student(model, 3, structure=Structure(layers))
+        assert pruned.layers[first].block is None and type(pruned.layers[first].act) is ended[chain.infos[first].name]
+
+
+@pytest.mark.parametrize("name", [n for n, _ in ACTIVATION_ENDED])
+def test_student_without_proxies_reproduces_forward_features_and_logits(name):
+    model = _random_stats(timm.create_model(name, pretrained=False, num_classes=4)).eval()
+    chain = describe_chain(model)
+    student = Student(model, 4, structure=Structure([LayerSpec(True, []) for _ in chain.blocks])).eval()
+    student.fc.load_state_dict(model.get_classifier().state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, feats = student(x, return_features=True)
+        assert torch.equal(student.tail(feats[-1]), model.forward_features(x))
+        assert torch.allclose(logits, model(x), atol=1e-6, rtol=0)
+
+
+def test_a_block_whose_activation_cannot_be_placed_is_refused_in_one_line():
+    from tailor_cli.errors import ModelError
+
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
+    model.blocks[0][0].aa = torch.nn.AvgPool2d(1)  # a layer after the block's final activation
+    with pytest.raises(ModelError, match=r"blocks\.0\.0 \(ConvBnAct\) has layers after its final activation") as err:
+        describe_chain(model)
+    assert "\n" not in str(err.value)
+
+    class Unknown(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    model.blocks[0][0] = Unknown()
+    with pytest.raises(ModelError, match=r"blocks\.0\.0 \(Unknown\) is not supported") as err:
+        describe_chain(model)
+    assert "\n" not in str(err.value)
