@@ -5,8 +5,9 @@
 
 The shared frozen backbone is loaded (and its sha256 checked) once; each task's adapter is
 built on the same backbone tensors. Each task's eval transform is rebuilt from the input
-settings recorded at export time (resize to img_size / crop_pct, center crop, normalise), so
-images are preprocessed exactly as during validation.
+settings recorded at export time with `tailor_cli.data.eval_transform` (resize, crop as timm's
+crop_mode says, normalise), and images are read with `tailor_cli.data.open_image`: the very
+functions validation used, so images are preprocessed exactly as during validation.
 """
 from __future__ import annotations
 
@@ -17,31 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
-from torchvision import transforms
-
 from tailor_cli.adapter import load_export
+from tailor_cli.data import eval_transform, open_image
 from tailor_cli.errors import TailorError
-
-INTERPOLATION = {
-    "nearest": transforms.InterpolationMode.NEAREST,
-    "bilinear": transforms.InterpolationMode.BILINEAR,
-    "bicubic": transforms.InterpolationMode.BICUBIC,
-}
-
-
-def eval_transform(input_cfg: dict) -> transforms.Compose:
-    """The validation transform recorded in an adapter's config (timm's eval transform)."""
-    size = int(input_cfg["img_size"])
-    crop_pct = float(input_cfg["crop_pct"])
-    interp = INTERPOLATION.get(str(input_cfg["interpolation"]).lower(), transforms.InterpolationMode.BILINEAR)
-    return transforms.Compose([
-        transforms.Resize(int(size / crop_pct), interpolation=interp),
-        transforms.CenterCrop(size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=input_cfg["mean"], std=input_cfg["std"]),
-    ])
-
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -69,8 +48,7 @@ def main() -> int:
     images = []
     for path in args.images:
         try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
+            images.append(open_image(path))
         except OSError as err:
             print(f"error: cannot read image '{path}': {err}", file=sys.stderr)
             return 3

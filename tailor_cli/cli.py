@@ -78,9 +78,9 @@ ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-chan
                                                       help="Channels-last memory format [default: on for CUDA].")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the stage from its last checkpoint.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo the stage (and discard the stages built on it).")]
-TeacherLoss = Annotated[str, typer.Option("--teacher-loss", help="Teacher term: 'relative' (each layer's MSE over "
-                                          "the teacher's mean square: the same meaning on every backbone) or "
-                                          "'mse' (the paper's plain MSE).")]
+TeacherLoss = Annotated[str, typer.Option("--teacher-loss", help="Teacher term: 'mse' (the paper's) or 'relative' "
+                                          "(each layer's squared error over its energy: scale-free, bounded; "
+                                          "see docs/method.md for when it helps).")]
 Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
@@ -291,7 +291,7 @@ def tailor(
                                                           "in this run [default: --epochs].")] = None,
     teacher_lr: Annotated[float, typer.Option("--teacher-lr")] = 0.01,
     teacher_batch_size: Annotated[Optional[int], typer.Option("--teacher-batch-size")] = None,
-    teacher_loss: TeacherLoss = "relative",
+    teacher_loss: TeacherLoss = "mse",
     pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
     val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
     skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = 20,
@@ -506,7 +506,7 @@ def run(
     max_macs: Annotated[Optional[float], typer.Option("--max-macs", help="MACs budget instead of a tolerance.")] = None,
     search_epochs: Annotated[int, typer.Option("--search-epochs")] = 2,
     max_skip: Annotated[int, typer.Option("--max-skip")] = 3,
-    teacher_loss: TeacherLoss = "relative",
+    teacher_loss: TeacherLoss = "mse",
     seed: Seed = 0, device: Device = "auto", amp: Amp = None, resume: Resume = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run again: remove what nettailor wrote "
                                             "in its directory first.")] = False,

@@ -51,6 +51,8 @@ from .errors import DataError, UsageError
 
 __all__ = [
     "TaskData",
+    "eval_transform",
+    "open_image",
     "load_task_data",
     "default_num_workers",
     "make_loader",
@@ -115,6 +117,7 @@ class TaskData:
     crop_pct: float
     hflip: bool
     skipped: list[str] = field(default_factory=list)
+    crop_mode: str = "center"
     cached: bool = False
     split: str = "given"  # "given" (by the data) | "made" | "created" (written to split_file) | "loaded"
     source: str = ""  # resolved path, "embedded" or "torchvision:NAME"
@@ -171,6 +174,35 @@ class _Samples:
         raise NotImplementedError
 
 
+def open_image(path: Path) -> Image.Image:
+    """An image file as RGB, exactly as training and validation read it (16-bit, palette, CMYK...).
+
+    Raises PIL's errors (``UnidentifiedImageError``, ``OSError``) for unreadable files.
+    """
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return _to_rgb(img)
+
+
+def eval_transform(input_config: dict, *, normalize: bool = True) -> Callable:
+    """The evaluation transform of a task: RGB PIL image -> ``(3, img_size, img_size)`` tensor.
+
+    ``input_config`` holds ``img_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct`` and
+    ``crop_mode`` (timm's ``center``/``squash``/``border``; ``center`` when absent), as a run's
+    ``run.json`` "data" and an adapter's ``adapter_config.json`` "input" record them. Validation,
+    test, ``nettailor predict``, ``load_export`` users and ``examples/serve.py`` all use this one
+    function. ``normalize=False`` returns uint8 (the cache stores it and normalises later).
+    """
+    from timm.data import create_transform
+
+    return create_transform(int(input_config["img_size"]), is_training=False,
+                            interpolation=str(input_config["interpolation"]),
+                            mean=tuple(input_config["mean"]), std=tuple(input_config["std"]),
+                            crop_pct=float(input_config["crop_pct"]),
+                            crop_mode=str(input_config.get("crop_mode") or "center"), normalize=normalize)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode (L, P, RGBA, I;16, CMYK...) -> RGB. Transparency is composited on black."""
     if img.mode == "RGB":
@@ -201,10 +233,7 @@ class _FileSamples(_Samples):
         return self.root / self.rels[i]
 
     def load(self, i: int) -> Image.Image:
-        with open(self.path(i), "rb") as f:
-            img = Image.open(f)
-            img.load()
-        return _to_rgb(img)
+        return open_image(self.path(i))
 
     def subset(self, idx: Sequence[int]) -> "_FileSamples":
         return _FileSamples(self.root, [self.rels[i] for i in idx], [self.labels[i] for i in idx])
@@ -400,11 +429,9 @@ class _Preproc:
 
     def eval_prep(self) -> Callable:
         """PIL RGB -> uint8 ``(3, img_size, img_size)``: timm eval transform without normalisation."""
-        from timm.data import create_transform
-
-        return create_transform(self.img_size, is_training=False, interpolation=self.interpolation,
-                                mean=self.mean, std=self.std, crop_pct=self.crop_pct,
-                                crop_mode=self.crop_mode, normalize=False)
+        return eval_transform({"img_size": self.img_size, "mean": self.mean, "std": self.std,
+                               "interpolation": self.interpolation, "crop_pct": self.crop_pct,
+                               "crop_mode": self.crop_mode}, normalize=False)
 
     def train_prep(self) -> Callable:
         """PIL RGB -> uint8 ``(3, img_size, img_size)``: timm train transform without normalisation."""
@@ -1206,7 +1233,7 @@ def load_task_data(data: str, *, data_config: dict, img_size: int | None = None,
 
     return TaskData(name=raw.name, layout=raw.layout, classes=raw.classes, train=train_ds, val=val_ds,
                     test=test_ds, img_size=pre.img_size, mean=pre.mean, std=pre.std,
-                    interpolation=pre.interpolation, crop_pct=pre.crop_pct, hflip=pre.hflip,
+                    interpolation=pre.interpolation, crop_pct=pre.crop_pct, hflip=pre.hflip, crop_mode=pre.crop_mode,
                     skipped=skipped, cached=use_cache, split=how, source=raw.source)
 
 

@@ -219,7 +219,7 @@ def _data_record(task, opts: DataOptions, seed: int) -> dict:
     return {
         "path": _data_path(opts.data), "given": opts.data, "layout": task.layout, "name": task.name,
         "task": opts.task, "img_size": task.img_size, "mean": list(task.mean), "std": list(task.std),
-        "interpolation": task.interpolation, "crop_pct": task.crop_pct, "hflip": task.hflip,
+        "interpolation": task.interpolation, "crop_pct": task.crop_pct, "crop_mode": task.crop_mode, "hflip": task.hflip,
         "val_fraction": opts.val_fraction if opts.val_fraction is not None else 0.1, "seed": seed,
     }
 
@@ -387,7 +387,7 @@ class TailorOptions:
     max_skip: int = 3
     complexity_weight: float = 0.3
     teacher_weight: float = 10.0
-    teacher_loss: str = "relative"  # "relative" (scale-free) or "mse" (the paper's form); see losses.teacher_term
+    teacher_loss: str = "mse"  # "mse" (the paper's form) or "relative" (scale-free); see losses.teacher_term
     teacher_train: TrainOptions = field(default_factory=lambda: TrainOptions(lr=0.01, batch_size=64))
 
 

@@ -5,21 +5,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from timm.data import create_transform
-
 from .adapter import load_export
+from .data import IMG_EXTENSIONS, eval_transform, open_image
 from .errors import DataError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm"}
-
-
-def eval_transform(input_config: dict):
-    """The deterministic transform a task was evaluated with: resize, centre crop, normalise."""
-    size = int(input_config["img_size"])
-    return create_transform(
-        input_size=(3, size, size), is_training=False, interpolation=input_config["interpolation"],
-        mean=tuple(input_config["mean"]), std=tuple(input_config["std"]), crop_pct=float(input_config["crop_pct"]),
-    )
+IMAGE_SUFFIXES = set(IMG_EXTENSIONS)  # the extensions training reads
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
@@ -39,8 +29,7 @@ def collect_images(paths: list[Path]) -> list[Path]:
 
 def _open_rgb(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        return open_image(path)  # as training read it (16-bit PNGs scaled, not saturated)
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"cannot read image '{path}' ({type(err).__name__}); remove it or convert it") from err
 

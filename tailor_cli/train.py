@@ -90,7 +90,7 @@ class StudentObjective:
         complexity_weight: float,
         teacher_weight: float,
         forward: nn.Module | None = None,
-        teacher_loss: str = "relative",
+        teacher_loss: str = "mse",
     ):
         self.student, self.teacher, self.chain = student, teacher, teacher_chain
         self.forward = forward if forward is not None else student  # DDP and/or compiled wrapper
@@ -447,5 +447,6 @@ def _check_finite(values: torch.Tensor, names: tuple[str, ...], stage: str, epoc
         which = [n for n, b in zip(list(names) + ["loss"], bad.tolist()) if b]
         raise TrainingError(
             f"{stage}: non-finite loss at epoch {epoch + 1}, step {step + 1} (term: {', '.join(which)}); "
-            "the last good checkpoint is kept. Try a lower --lr"
+            "rerun the same command with a lower --lr and --overwrite (the stage starts again)"
+            + ("; a teacher term that explodes is bounded by `tailor --teacher-loss relative`" if "teacher" in which else "")
         )

@@ -8,7 +8,9 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -507,3 +509,33 @@ def test_cache_larger_than_available_memory_is_refused(gen, monkeypatch):
     if sys.platform.startswith("linux"):
         monkeypatch.undo()
         assert data_mod.available_memory_bytes() > 0
+
+
+def test_serving_reads_and_transforms_images_exactly_as_validation(tmp_path):
+    """16-bit PNGs and timm's crop_mode: predict/serve (eval_transform + open_image) == the val split."""
+    from tailor_cli.data import eval_transform, open_image
+    from tailor_cli.predict import _open_rgb
+
+    root = tmp_path / "d"
+    for split in ("train", "val"):
+        for k in range(2):
+            (root / split / f"c{k}").mkdir(parents=True)
+            for i in range(3):
+                arr = (np.linspace(0, 60000, 30 * 22).reshape(22, 30) * (0.5 + 0.2 * k + 0.05 * i)).astype(np.uint16)
+                Image.fromarray(arr).save(root / split / f"c{k}" / f"{i}.png")  # a 16-bit PNG
+    for crop_mode in ("center", "squash"):
+        cfg = {**CFG, "crop_mode": crop_mode, "crop_pct": 0.9}
+        task = load_task_data(str(root), data_config=cfg, img_size=16)
+        assert task.crop_mode == crop_mode
+        config = {"img_size": task.img_size, "mean": task.mean, "std": task.std, "interpolation": task.interpolation,
+                  "crop_pct": task.crop_pct, "crop_mode": task.crop_mode}
+        path = root / "val" / "c0" / "0.png"
+        want = task.val[0][0]
+        assert torch.equal(eval_transform(config)(open_image(path)), want)
+        assert torch.equal(eval_transform(config)(_open_rgb(path)), want)  # what `nettailor predict` feeds
+        # PIL's own convert("RGB") saturates 16-bit values: serving used to see another image
+        with Image.open(path) as img:
+            assert not torch.equal(eval_transform(config)(img.convert("RGB")), want)
+    # squash keeps the whole (non-square) image, center crops it: the two differ
+    assert not torch.equal(eval_transform({**config, "crop_mode": "center"})(open_image(path)),
+                           eval_transform({**config, "crop_mode": "squash"})(open_image(path)))

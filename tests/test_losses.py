@@ -102,7 +102,7 @@ def test_teacher_term_is_zero_for_a_perfect_student_and_skips_pruned_layers():
     # the relative form: each layer contributes ||1||^2 / ((||x||^2 + ||t||^2) / 2)
     rel = [(torch.ones_like(t).square().sum() / ((t.square().sum() + f.square().sum()) / 2)).item()
            for f, t in zip(feats, other)]
-    full = teacher_term(logits, feats, logits, other).item()
-    pruned = teacher_term(logits, [feats[0], None, feats[2]], logits, other).item()
+    full = teacher_term(logits, feats, logits, other, kind="relative").item()
+    pruned = teacher_term(logits, [feats[0], None, feats[2]], logits, other, kind="relative").item()
     assert abs(full - sum(rel) / 3) < 1e-5
     assert abs(pruned - (rel[0] + rel[2]) / 3) < 1e-5

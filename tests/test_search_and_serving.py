@@ -14,7 +14,8 @@ from datagen import make_imagefolder
 from tailor_cli.adapter import load_export, load_task
 from tailor_cli.cli import app
 from tailor_cli.pipeline import load_student
-from tailor_cli.predict import collect_images, eval_transform
+from tailor_cli.data import eval_transform
+from tailor_cli.predict import collect_images
 
 runner = CliRunner()
 TINY = ["--backbone", "test_resnet", "--no-pretrained", "--img-size", "32", "--workers", "0", "--device", "cpu"]
