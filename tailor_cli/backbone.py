@@ -345,7 +345,7 @@ def universal_block(block: nn.Module, act_name: str | None) -> tuple[nn.Module, 
     """Copy of ``block`` with its final activation removed, plus that activation.
 
     The student applies the activation once, after the attention-weighted sum
-    (METHOD.md). ``act_name`` is an attribute path into the block: ``"act2"`` (ResNet)
+    (docs/method.md). ``act_name`` is an attribute path into the block: ``"act2"`` (ResNet)
     or ``"bn1.act"`` (the activation inside a timm BatchNormAct2d, whose ``drop`` stays in
     the block: it comes before the activation). Blocks that end linearly (``act_name=None``:
     inverted residuals, ConvNeXt blocks, downsample layers) keep everything and the

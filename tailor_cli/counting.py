@@ -1,4 +1,4 @@
-"""Params and MACs of what actually runs (METHOD.md, "Counting").
+"""Params and MACs of what actually runs (docs/method.md, "Counting").
 
 MACs come from ``torch.utils.flop_counter.FlopCounterMode`` on a real forward
 pass at batch 1 (MACs = FLOPs / 2), so pruned modules, which never run, cost nothing.

@@ -1,4 +1,4 @@
-"""The three terms of the NetTailor loss: L = CE + g1 * E[C] + g2 * Omega (METHOD.md, "Loss")."""
+"""The three terms of the NetTailor loss: L = CE + g1 * E[C] + g2 * Omega (docs/method.md, "The loss")."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""The NetTailor stages: teacher, tailor, prune, finetune (METHOD.md, "Pipeline").
+"""The NetTailor stages: teacher, tailor, prune, finetune (docs/method.md, "Pipeline").
 
 Each function validates everything it can *before* creating a file, runs the
 stage through :func:`tailor_cli.train.fit`, and writes its stage directory
@@ -268,7 +268,7 @@ def _student_meta(student: Student, architecture: str, stage: str) -> dict:
 
 
 def _student_groups(student: Student, weight_decay: float) -> list[dict]:
-    """Attention logits get no weight decay (METHOD.md)."""
+    """Attention logits get no weight decay (docs/method.md)."""
     logits = set(id(p) for p in student.attention_parameters())
     rest = [p for p in student.trainable_parameters() if id(p) not in logits]
     logits = [p for p in student.attention_parameters() if p.requires_grad]

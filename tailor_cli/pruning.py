@@ -1,4 +1,4 @@
-"""Pruning (METHOD.md, "Pruning"): a pure function from attention to a smaller structure.
+"""Pruning (docs/method.md, "Pruning"): a pure function from attention to a smaller structure.
 
 1. drop every path whose alpha < threshold: proxies, and universal blocks too (a block the
    attention already left contributes almost nothing, so dropping it is free; the paper's step 1

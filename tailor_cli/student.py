@@ -1,6 +1,6 @@
 """The NetTailor student: frozen universal blocks, cheap proxies, per-layer attention.
 
-Graph (METHOD.md, "Student architecture"): node 0 is the stem output, node l the
+Graph (docs/method.md, "The student"): node 0 is the stem output, node l the
 output of layer l (l = 1..L). Layer l computes
 
     x_l = act( alpha_l,0 * G_l(x_{l-1}) + sum_k alpha_l,k * A_l,k(x_{l-k}) )

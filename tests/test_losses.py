@@ -18,7 +18,7 @@ def _small_graph():
 
 
 def _hand_ec(structure, costs, alphas):
-    """Direct transcription of METHOD.md, independent of the implementation's scatter-products."""
+    """Direct transcription of docs/method.md, independent of the implementation's scatter-products."""
     L = structure.num_layers
     paths = []  # (source, target, cost, alpha)
     for l, spec in enumerate(structure.layers, 1):
