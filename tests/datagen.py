@@ -206,3 +206,16 @@ def write_garbage(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"this is not an image\n" * 10)
     return path
+
+
+def randomise_bn_stats(model):
+    """Non-trivial BatchNorm running statistics (seeded), so that a conversion or a copy that
+    re-initialised them, or an activation moved to the wrong place, shows in the output."""
+    import torch
+
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return model

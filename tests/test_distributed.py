@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from datagen import make_imagefolder
+from datagen import make_imagefolder, randomise_bn_stats
 
 ARGS = ["--backbone", "test_resnet", "--no-pretrained", "--img-size", "64", "--workers", "0", "--device", "cpu",
         "--epochs", "1", "--no-augment", "--lr", "0.05"]
@@ -62,16 +62,6 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
 
 
 # --------------------------------------------------------------------------- BatchNorm conversion
-def _randomised_stats(model):
-    """Non-trivial BN statistics, so a conversion that re-initialised them would show."""
-    import torch
-
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    return model
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])  # the CUDA converter runs on CPU tensors in eval mode
@@ -86,7 +76,7 @@ def test_sync_batchnorm_keeps_every_activation_and_syncs_every_batchnorm(monkeyp
     from tailor_cli import distributed
 
     monkeypatch.setattr(distributed, "_INFO", distributed.DistInfo(rank=0, world_size=2))  # a stand-in torchrun
-    model = _randomised_stats(timm.create_model(name, pretrained=False, num_classes=3)).eval()
+    model = randomise_bn_stats(timm.create_model(name, pretrained=False, num_classes=3)).eval()
     converted = distributed.sync_batchnorm(copy.deepcopy(model), torch.device(device)).eval()
     assert converted.state_dict().keys() == model.state_dict().keys()
     norms = [m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from datagen import make_imagefolder
+from datagen import make_imagefolder, randomise_bn_stats
 from tailor_cli.adapter import load_task
 from tailor_cli.backbone import describe_chain
 from tailor_cli.cli import app
@@ -102,19 +102,10 @@ ACTIVATION_ENDED = [
 ]
 
 
-def _random_stats(model):
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    return model
-
-
 @pytest.mark.parametrize("name,ended", ACTIVATION_ENDED)
 def test_a_block_ending_in_an_activation_has_it_applied_after_the_attention_sum(name, ended):
     """x_l = act(alpha_0 G(x) + sum alpha_k A_k): G is the block without its final activation."""
-    model = _random_stats(timm.create_model(name, pretrained=False, num_classes=0)).eval()
+    model = randomise_bn_stats(timm.create_model(name, pretrained=False, num_classes=0)).eval()
     chain = describe_chain(model)
     if ended == "all":
         ended = {info.name: _HSWISH for info in chain.infos}
@@ -141,7 +132,7 @@ def test_a_block_ending_in_an_activation_has_it_applied_after_the_attention_sum(
 
 @pytest.mark.parametrize("name", [n for n, _ in ACTIVATION_ENDED])
 def test_student_without_proxies_reproduces_forward_features_and_logits(name):
-    model = _random_stats(timm.create_model(name, pretrained=False, num_classes=4)).eval()
+    model = randomise_bn_stats(timm.create_model(name, pretrained=False, num_classes=4)).eval()
     chain = describe_chain(model)
     student = Student(model, 4, structure=Structure([LayerSpec(True, []) for _ in chain.blocks])).eval()
     student.fc.load_state_dict(model.get_classifier().state_dict())
