@@ -689,7 +689,8 @@ def render_frontier(search: dict, console: Console | None = None) -> None:
         cmp = row.get("comparison")
         vs = f"{cmp['diff']:+.2f} (>= {-(cmp['tolerance'] + cmp['margin']):.2f})" if cmp and row["k"] != ref else ""
         status = {"tried": _fmt_acc(row.get("val_acc")), "same": f"= K={row.get('same_as')}"}.get(row["status"], "not tried")
-        verdict = "chosen" if row["chosen"] else ("rejected" if cmp and not cmp["accepted"] else "")
+        verdict = "chosen" if row["chosen"] else ("reference" if row["k"] == ref else
+                                                  "rejected" if cmp and not cmp["accepted"] else "")
         table.add_row(str(row["k"]), str(row["blocks_kept"]), str(row["proxies_kept"]), _fmt_n(row["params"]),
                       _fmt_n(row["macs"]), f"{100 * row['macs_fraction']:.0f}%", status, vs, verdict)
     console.print(table)
