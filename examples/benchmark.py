@@ -326,7 +326,10 @@ def memory_child(args: argparse.Namespace) -> dict:
     for _ in range(max(1, args.warmup)):
         step()
     step()
-    return {"peak_bytes": _max_rss_bytes() - baseline, "baseline_bytes": baseline,
+    # VmHWM is updated lazily (per-thread RSS counters are batched), so it can briefly read below
+    # the current RSS: take the larger, and never report a negative growth
+    peak = max(_max_rss_bytes(), _rss_bytes())
+    return {"peak_bytes": max(0, peak - baseline), "baseline_bytes": baseline,
             "method": "peak RSS growth over the interpreter baseline (fresh process)"}
 
 
