@@ -30,7 +30,8 @@ from .runs import (CHECKPOINT, MODEL, check_settings, check_writable, locate_tea
                    read_run, read_summary, require_stage, reset_run, stage_done, write_run, write_summary)
 from .student import Structure, Student
 from .weights import resolve_weights_path
-from .train import Callbacks, StudentObjective, TeacherObjective, TrainConfig, fit, resolve_device
+from .train import (Callbacks, StudentObjective, TeacherObjective, TrainConfig, autocast_context, fit,
+                    resolve_device)
 
 
 # --------------------------------------------------------------------------- options
@@ -538,7 +539,7 @@ def _accuracies(row: dict, model: nn.Module, task, train: TrainOptions, device: 
     if held_out and task.test is not None:
         loader = make_loader(dist.eval_shard(task.test), batch_size=max(train.batch_size, 64), train=False,
                              device=device, num_workers=0)
-        amp = (lambda: torch.autocast(device.type, dtype=getattr(torch, cfg.amp_dtype))) if cfg.amp else contextlib.nullcontext
+        amp = autocast_context(cfg, device)
         out["test_acc"] = evaluate(model, loader, device, amp_ctx=amp, channels_last=cfg.channels_last)["acc"]
     return out
 
@@ -753,7 +754,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     val_loader = make_loader(task.val, batch_size=max(search_train.batch_size, 64), train=False, device=device,
                              num_workers=0)
     cfg = search_train.config(device)
-    amp = (lambda: torch.autocast(device.type, dtype=getattr(torch, cfg.amp_dtype))) if cfg.amp else contextlib.nullcontext
+    amp = autocast_context(cfg, device)
     correct: dict[int, torch.Tensor] = {}
 
     def evaluate_k(k: int) -> float:

@@ -257,6 +257,14 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def autocast_context(cfg: TrainConfig, device: torch.device) -> Callable:
+    """A factory of the mixed-precision context the config asks for (``nullcontext`` without AMP)."""
+    if not (cfg.amp and device.type in ("cuda", "cpu", "mps")):
+        return contextlib.nullcontext
+    dtype = getattr(torch, cfg.amp_dtype)
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def make_grad_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
     """A loss scaler for float16 autocast (its small gradients underflow); None for bfloat16 and float32."""
     if cfg.amp and cfg.amp_dtype == "float16" and device.type in ("cuda", "cpu", "mps"):
@@ -340,13 +348,7 @@ def fit(
         metrics_path.unlink(missing_ok=True)
         best_path.unlink(missing_ok=True)
 
-    amp_ctx = contextlib.nullcontext
-    if cfg.amp and device.type in ("cuda", "cpu", "mps"):
-        dtype = getattr(torch, cfg.amp_dtype)
-
-        def amp_ctx():
-            return torch.autocast(device_type=device.type, dtype=dtype)
-
+    amp_ctx = autocast_context(cfg, device)
     steps = len(train_loader)
     cb.on_stage_start(stage, cfg.epochs, steps, start_epoch)
     row: dict = {}
