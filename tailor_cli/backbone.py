@@ -41,15 +41,18 @@ class BlockInfo:
     ``name`` is the timm module path (``"layer2.1"``); ``stage`` is 1-based and
     ``index`` 0-based within the stage, so the report can print ``2.1``.
     ``reduction`` is the total stride of the block's output w.r.t. the input image.
+    ``macs_per_pixel`` is what the block costs per pixel of its output (MACs of one
+    image divided by the output's height x width), which sizes its proxies.
     """
 
     name: str
     stage: int
     index: int
-    kind: str  # "basic" | "bottleneck"
+    block_type: str  # the timm class: "BasicBlock", "InvertedResidual", ...
     in_chs: int
     out_chs: int
     reduction: int
+    macs_per_pixel: float
 
 
 @dataclass
@@ -179,7 +182,7 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], *, s
 
 
 def _family_layout(model: nn.Module):
-    """(family, stem attrs, [(timm name, block, kind, final act attr)], tail attrs, pool mode) or None."""
+    """(family, stem attrs, [(timm name, block, final act attr)], tail attrs, pool mode) or None."""
     from timm.models.convnext import ConvNeXt
     from timm.models.efficientnet import EfficientNet
     from timm.models.mobilenetv3 import MobileNetV3
@@ -191,9 +194,9 @@ def _family_layout(model: nn.Module):
         for stage in range(1, 5):
             for i, block in enumerate(getattr(model, f"layer{stage}")):
                 if isinstance(block, BasicBlock):
-                    blocks.append((f"layer{stage}.{i}", block, "basic", "act2"))
+                    blocks.append((f"layer{stage}.{i}", block, "act2"))
                 elif isinstance(block, Bottleneck):
-                    blocks.append((f"layer{stage}.{i}", block, "bottleneck", "act3"))
+                    blocks.append((f"layer{stage}.{i}", block, "act3"))
                 else:
                     raise ModelError(f"block layer{stage}.{i} ({type(block).__name__}) is not supported; "
                                      f"supported: {SUPPORTED_FAMILIES}")
@@ -202,7 +205,7 @@ def _family_layout(model: nn.Module):
         for s, stage in enumerate(model.blocks):
             for i, block in enumerate(stage):
                 name = f"blocks.{s}.{i}"
-                blocks.append((name, block, "basic", _efficientnet_final_act(name, block)))
+                blocks.append((name, block, _efficientnet_final_act(name, block)))
         tail = ["conv_head", "bn2"] if isinstance(model, EfficientNet) else []
         family = "efficientnet" if isinstance(model, EfficientNet) else "mobilenetv3"
         return family, ["conv_stem", "bn1"], blocks, tail, "ceil"
@@ -210,15 +213,15 @@ def _family_layout(model: nn.Module):
         for s in range(1, 5):
             for name, block in getattr(model, f"s{s}").named_children():
                 act = "act3" if hasattr(block, "act3") else None
-                blocks.append((f"s{s}.{name}", block, "basic", act))
+                blocks.append((f"s{s}.{name}", block, act))
         return "regnet", ["stem"], blocks, ["final_conv"], "ceil"
     if isinstance(model, ConvNeXt):
         # The stride-2 downsample (LayerNorm + 2x2 conv) of stages 2-4 is a universal block of its own.
         for s, stage in enumerate(model.stages):
             if not isinstance(stage.downsample, nn.Identity):
-                blocks.append((f"stages.{s}.downsample", stage.downsample, "basic", None))
+                blocks.append((f"stages.{s}.downsample", stage.downsample, None))
             for i, block in enumerate(stage.blocks):
-                blocks.append((f"stages.{s}.blocks.{i}", block, "basic", None))
+                blocks.append((f"stages.{s}.blocks.{i}", block, None))
         return "convnext", ["stem"], blocks, ["norm_pre"], "floor"
     return None
 
@@ -284,21 +287,21 @@ def describe_chain(model: nn.Module) -> Chain:
     family, stem_attrs, entries, tail_attrs, pool_mode = layout
     stem = nn.Sequential(OrderedDict((a, getattr(model, a)) for a in stem_attrs))
     tail = nn.Sequential(OrderedDict((a, getattr(model, a)) for a in tail_attrs))
-    blocks = [b for _, b, _, _ in entries]
-    # Shapes and total strides from a tiny dry run (robust to anti-aliased and deep stems).
-    shapes, num_features = _dry_run_shapes(model, stem, blocks, tail, size=64)
+    blocks = [b for _, b, _ in entries]
+    # Shapes, total strides and block costs from a tiny dry run (robust to anti-aliased and deep stems).
+    shapes, block_macs, num_features = _dry_run(model, stem, blocks, tail, size=64)
     (stem_chs, stem_h), block_shapes = shapes[0], shapes[1:]
     infos = []
     in_chs, stage, index, prev = stem_chs, 0, 0, None
-    for (name, _, kind, _), (out_chs, h) in zip(entries, block_shapes):
+    for (name, block, _), (out_chs, h), macs in zip(entries, block_shapes, block_macs):
         key = ".".join(name.split(".")[:2]) if family == "convnext" else name.rsplit(".", 1)[0]
         stage, index = (stage + 1, 0) if key != prev else (stage, index + 1)
         prev = key
-        infos.append(BlockInfo(name, stage, index, kind, in_chs, out_chs, 64 // h))
+        infos.append(BlockInfo(name, stage, index, type(block).__name__, in_chs, out_chs, 64 // h, macs / (h * h)))
         in_chs = out_chs
-    body = list(dict.fromkeys(stem_attrs + [n.split(".")[0] for n, _, _, _ in entries] + tail_attrs))
+    body = list(dict.fromkeys(stem_attrs + [n.split(".")[0] for n, _, _ in entries] + tail_attrs))
     return Chain(family, stem, blocks, infos, stem_chs, 64 // stem_h, num_features,
-                 [a for _, _, _, a in entries], tail, body, pool_mode)
+                 [a for _, _, a in entries], tail, body, pool_mode)
 
 
 def head_only_copy(model: nn.Module, chain: Chain) -> nn.Module:
@@ -320,25 +323,30 @@ def head_only_copy(model: nn.Module, chain: Chain) -> nn.Module:
 
 
 @torch.no_grad()
-def _dry_run_shapes(model: nn.Module, stem: nn.Module, blocks: list[nn.Module], tail: nn.Module,
-                    size: int) -> tuple[list[tuple[int, int]], int]:
-    """(channels, height) of node 0..L for a ``size`` x ``size`` input, and the pre-logits width.
+def _dry_run(model: nn.Module, stem: nn.Module, blocks: list[nn.Module], tail: nn.Module,
+             size: int) -> tuple[list[tuple[int, int]], list[int], int]:
+    """For one ``size`` x ``size`` image: (channels, height) of node 0..L, the MACs of each
+    block (``FlopCounterMode`` FLOPs / 2) and the pre-logits width.
 
     Runs in eval mode, so BN statistics are not touched.
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
     was_training = model.training
     model.eval()
     try:
         param = next(model.parameters())
         x = stem(torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype))
-        shapes = [(x.shape[1], x.shape[2])]
+        shapes, macs = [(x.shape[1], x.shape[2])], []
         for block in blocks:
-            x = block(x)
+            with FlopCounterMode(display=False) as counter:
+                x = block(x)
             shapes.append((x.shape[1], x.shape[2]))
+            macs.append(counter.get_total_flops() // 2)
         width = model.forward_head(tail(x), pre_logits=True).shape[-1]
     finally:
         model.train(was_training)
-    return shapes, int(width)
+    return shapes, macs, int(width)
 
 
 def universal_block(block: nn.Module, act_name: str | None) -> tuple[nn.Module, nn.Module]:

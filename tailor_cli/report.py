@@ -36,10 +36,11 @@ def student_report(student: Student, *, task: str, architecture: str, img_size: 
             "layer": i + 1,
             "block": f"{info.stage}.{info.index}",
             "timm_module": info.name,
-            "kind": info.kind,
+            "block_type": info.block_type,
             "block_kept": spec.block,
             "block_alpha": a[0] if spec.block else None,
-            "proxies": [{"from_node": s, "skip": i + 1 - s, "alpha": a[keys.index(f"proxy{s}")]} for s in spec.proxies],
+            "proxies": [{"from_node": s, "skip": i + 1 - s, "alpha": a[keys.index(f"proxy{s}")],
+                         "form": layer.proxies[str(s)].form.describe()} for s in spec.proxies],
             "params": sum(p.numel() for p in layer.parameters()),
             "macs": cost.layer(i),
         })

@@ -15,6 +15,7 @@ structure, and a :class:`Student` built from it holds (and runs) nothing else.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -100,24 +101,69 @@ def _init_new(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class Proxy(nn.Module):
-    """A cheap path into a layer. Input: the source node, already pooled to the target size.
+PROXY_BUDGET = 12  # a proxy costs at most 1/PROXY_BUDGET of the block it stands in for (where it can)
+MIN_PROXY_WIDTH = 8
 
-    ``kind="basic"``: 1x1 conv + BN (about 1/18 of a basic block).
-    ``kind="bottleneck"``: 1x1 conv to ``max(C_out/32, 16)`` + BN + ReLU + 1x1 conv + BN.
-    (B, in_chs, H, W) -> (B, out_chs, H, W). No activation at the end: the layer applies it.
+
+@dataclass(frozen=True)
+class ProxyForm:
+    """The shape of one proxy (docs/method.md, "Proxies"); all are 1x1 convolutions, no activation at the end.
+
+    ``"dense"``: 1x1 conv + BN, the paper's proxy. ``"lowrank"``: 1x1 conv to ``width`` + BN + ReLU +
+    1x1 conv + BN. ``"grouped"``: 1x1 conv in ``groups`` groups + BN.
     """
 
-    def __init__(self, in_chs: int, out_chs: int, kind: str = "basic"):
+    kind: str
+    width: int = 0
+    groups: int = 1
+
+    def macs_per_pixel(self, in_chs: int, out_chs: int) -> int:
+        if self.kind == "lowrank":
+            return self.width * (in_chs + out_chs)
+        return in_chs * out_chs // self.groups
+
+    def describe(self) -> str:
+        return {"dense": "1x1", "lowrank": f"1x1>{self.width}>1x1", "grouped": f"1x1/{self.groups}g"}[self.kind]
+
+
+def proxy_form(in_chs: int, out_chs: int, block_macs_per_pixel: float, budget: int = PROXY_BUDGET) -> ProxyForm:
+    """The most expressive proxy costing at most ``block_macs_per_pixel / budget`` per output pixel.
+
+    In order: the dense 1x1 (ResNet BasicBlocks, ConvNeXt blocks, most inverted residuals); a
+    low-rank pair of 1x1s, its width the largest multiple of 8 that fits (ResNet Bottlenecks,
+    RegNet's grouped blocks, 1x1 conv blocks, ConvNeXt's downsamples); for blocks too cheap for
+    a rank of 8 (the thin depthwise-separable first blocks of EfficientNet and MobileNetV3) a
+    grouped 1x1 with the fewest groups that fits, or as many as the channels allow.
+    """
+    limit = block_macs_per_pixel / budget
+    if in_chs * out_chs <= limit:
+        return ProxyForm("dense")
+    width = int(limit // (in_chs + out_chs)) // 8 * 8
+    if width >= MIN_PROXY_WIDTH:
+        return ProxyForm("lowrank", width=width)
+    common = math.gcd(in_chs, out_chs)
+    divisors = [g for g in range(1, common + 1) if common % g == 0]
+    groups = next((g for g in divisors if in_chs * out_chs / g <= limit), common)
+    return ProxyForm("grouped", groups=groups) if groups > 1 else ProxyForm("dense")
+
+
+class Proxy(nn.Module):
+    """A cheap path into a layer, of the given :class:`ProxyForm`. Input: the source node, already
+    pooled to the target size. (B, in_chs, H, W) -> (B, out_chs, H, W). No activation at the end:
+    the layer applies it.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, form: ProxyForm = ProxyForm("dense")):
         super().__init__()
-        if kind == "basic":
-            self.body = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, bias=False), nn.BatchNorm2d(out_chs))
-        else:
-            width = max(out_chs // 32, 16)
+        self.form = form
+        if form.kind == "lowrank":
             self.body = nn.Sequential(
-                nn.Conv2d(in_chs, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                nn.Conv2d(width, out_chs, 1, bias=False), nn.BatchNorm2d(out_chs),
+                nn.Conv2d(in_chs, form.width, 1, bias=False), nn.BatchNorm2d(form.width), nn.ReLU(inplace=True),
+                nn.Conv2d(form.width, out_chs, 1, bias=False), nn.BatchNorm2d(out_chs),
             )
+        else:
+            self.body = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, groups=form.groups, bias=False),
+                                      nn.BatchNorm2d(out_chs))
         _init_new(self)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -245,7 +291,8 @@ class Student(nn.Module):
                 block, act = universal_block(chain.blocks[l - 1], chain.final_act_names[l - 1])
             else:
                 block, act = None, block_activation(chain.blocks[l - 1], chain.final_act_names[l - 1])
-            proxies = {s: Proxy(self.node_chs[s], info.out_chs, info.kind) for s in spec.proxies}
+            proxies = {s: Proxy(self.node_chs[s], info.out_chs, proxy_form(self.node_chs[s], info.out_chs, info.macs_per_pixel))
+                       for s in spec.proxies}
             layers.append(TailoredLayer(spec, block, act, proxies))
         self.layers = nn.ModuleList(layers)
         self.pool_mode = chain.pool_mode

@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 from datagen import make_imagefolder, randomise_bn_stats
 from tailor_cli.adapter import load_task
 from tailor_cli.backbone import describe_chain
+from tailor_cli.counting import student_macs, student_params
 from tailor_cli.cli import app
 from tailor_cli.pipeline import load_student
-from tailor_cli.student import LayerSpec, Structure, Student
+from tailor_cli.student import PROXY_BUDGET, LayerSpec, Structure, Student
 
 FAMILIES = [
     ("test_resnet", "resnet"),
@@ -160,3 +161,19 @@ def test_a_block_whose_activation_cannot_be_placed_is_refused_in_one_line():
     with pytest.raises(ModelError, match=r"blocks\.0\.0 \(Unknown\) is not supported") as err:
         describe_chain(model)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "regnetx_002",
+                                  "convnext_atto"])
+def test_every_proxy_is_a_small_fraction_of_the_block_it_skips(name):
+    """Issue 16: a proxy that costs as much as its block saves nothing (it was 1.0x on MobileNetV3's last
+    layer, 2.2x on RegNetX-002, 4x on ConvNeXt's downsamples, with the one 1x1 proxy for every family)."""
+    model = timm.create_model(name, pretrained=False)
+    student = Student(model, 10).eval()
+    cost = student_macs(student, 64)
+    ratios = [row[0] / p for row in cost.paths for p in row[1:]]
+    assert min(ratios) >= PROXY_BUDGET * 0.95, f"a proxy costs 1/{min(ratios):.1f} of its block"
+    params = student_params(student)
+    assert params["task_specific"] < params["shared"] / 3  # the full student, before any pruning
+    # dropping any one block for its cheapest proxy lowers the MACs
+    assert all(min(row[1:]) < row[0] for row in cost.paths if len(row) > 1)

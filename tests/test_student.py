@@ -7,7 +7,7 @@ import torch
 
 from tailor_cli.backbone import describe_chain
 from tailor_cli.counting import student_macs
-from tailor_cli.student import LayerSpec, Structure, Student, make_pool
+from tailor_cli.student import PROXY_BUDGET, LayerSpec, Proxy, ProxyForm, Structure, Student, make_pool, proxy_form
 
 
 def _backbone_features(model, x):
@@ -65,16 +65,34 @@ def test_proxy_counts_match_the_paper(name, layers, proxies):
     assert first == [2.0, -2.0, -2.0, -2.0]
 
 
-def test_bottleneck_proxies_are_narrow_and_basic_proxies_are_one_conv():
+def test_proxy_form_is_the_most_expressive_one_within_a_twelfth_of_the_block():
+    # ResNet BasicBlock 64 -> 64: 2 x 9 x 64 x 64 MACs per pixel, the dense 1x1 (64 x 64) is 1/18
+    assert proxy_form(64, 64, 2 * 9 * 64 * 64) == ProxyForm("dense")
+    # ResNet-50 layer2.0 from node 3 (256 -> 512): the dense 1x1 would be 1/2.6 of the block; a
+    # low-rank pair of the largest width (multiple of 8) within 1/12
+    # (conv1 runs at the input's 4x the output pixels; conv2 3x3 stride 2; conv3; downsample)
+    block = 4 * 256 * 128 + 9 * 128 * 128 + 128 * 512 + 256 * 512
+    form = proxy_form(256, 512, block)
+    assert form == ProxyForm("lowrank", width=48)  # floor(475136 / 12 / 768) = 51 -> 48
+    assert form.macs_per_pixel(256, 512) <= block / PROXY_BUDGET < ProxyForm("lowrank", width=56).macs_per_pixel(256, 512)
+    # MobileNetV3's first block (depthwise-separable 16 -> 16, 400 MACs per pixel): a rank of 8
+    # would cost 256; a 1x1 in 8 groups (32) fits
+    assert proxy_form(16, 16, 16 * 9 + 16 * 16) == ProxyForm("grouped", groups=8)
+    # channels without a common divisor: nothing cheaper than dense exists
+    assert proxy_form(3, 5, 30) == ProxyForm("dense")
+
+
+def test_proxy_modules_have_the_chosen_form():
     s50 = Student(timm.create_model("resnet50", pretrained=False), 10)
-    proxy = s50.layers[3].proxies["3"]  # layer 4 (layer2.0): node 3 (256 ch) -> 512 ch, width max(512/32, 16) = 16
+    proxy = s50.layers[3].proxies["3"]  # layer 4 (layer2.0): node 3 (256 ch) -> 512 ch
     convs = [m for m in proxy.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert [tuple(c.weight.shape) for c in convs] == [(16, 256, 1, 1), (512, 16, 1, 1)]
-    wide = [m for m in s50.layers[15].proxies["15"].modules() if isinstance(m, torch.nn.Conv2d)]
-    assert [tuple(c.weight.shape) for c in wide] == [(64, 2048, 1, 1), (2048, 64, 1, 1)]  # 2048/32 = 64
+    assert [tuple(c.weight.shape) for c in convs] == [(48, 256, 1, 1), (512, 48, 1, 1)]
+    assert isinstance(proxy.body[2], torch.nn.ReLU) and isinstance(proxy.body[-1], torch.nn.BatchNorm2d)
     s18 = Student(timm.create_model("resnet18", pretrained=False), 10)
     convs = [m for m in s18.layers[2].proxies["0"].modules() if isinstance(m, torch.nn.Conv2d)]
     assert [tuple(c.weight.shape) for c in convs] == [(128, 64, 1, 1)]
+    grouped = Proxy(16, 16, ProxyForm("grouped", groups=8))
+    assert tuple(grouped.body[0].weight.shape) == (16, 2, 1, 1) and grouped.body[0].groups == 8
 
 
 @pytest.mark.parametrize("size", [32, 33, 45, 64, 71])
