@@ -254,7 +254,11 @@ def load_task(export_dir: Path, task: str, *, backbone: SharedBackbone | None = 
             f"adapter '{task}' does not match its structure ({len(missing)} missing, {len(extra)} unexpected tensors"
             f"{', e.g. ' + (missing or extra)[0] if missing or extra else ''}); re-export"
         )
-    student.load_state_dict(tensors, strict=False)
+    try:
+        student.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:  # shapes: e.g. an adapter whose proxies another nettailor version sized
+        raise ExportError(f"adapter '{task}' does not fit its structure ({str(err).splitlines()[-1].strip()[:160]}); "
+                          "re-export it with this nettailor from its run") from err
     student.to(backbone.device).eval()
     # ... then the shared parameters, by reference.
     for key in shared_keys:

@@ -206,6 +206,21 @@ def test_adapter_on_another_backbone_names_both_hashes(three_tasks, tmp_path):
     assert "ffffffffffff" in str(info.value) and json.loads((export / "backbone.json").read_text())["sha256"][:12] in str(info.value)
 
 
+def test_adapter_with_other_proxy_shapes_is_refused_in_one_line(three_tasks, tmp_path):
+    """An adapter whose proxies another nettailor sized (issue 16 changed the shapes) fails with exit 8, no traceback."""
+    from safetensors.torch import load_file, save_file
+
+    export = _copy_export(three_tasks[0], tmp_path)
+    path = export / "alpha" / "adapter.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k in sorted(tensors) if ".proxies." in k and k.endswith("body.0.weight"))
+    tensors[key] = torch.zeros(tensors[key].shape[0] * 2, *tensors[key].shape[1:])
+    save_file(tensors, str(path))
+    res = invoke("report", export)
+    assert res.exit_code == 8 and "does not fit its structure" in res.stderr and "re-export" in res.stderr, res.output
+    assert "Traceback" not in res.output
+
+
 @pytest.mark.parametrize("mutate,needle", [
     (lambda c: c.pop("classes"), "lacks the field 'classes'"),
     (lambda c: c.update(num_classes="3"), "wrong type"),
