@@ -103,3 +103,16 @@ def test_multi_task_script_shares_one_backbone_and_serve_matches_predict(tmp_pat
         assert [t["class"] for t in top] == [t["class"] for t in by_cli[key]], key
         for a, b in zip(top, by_cli[key]):
             assert abs(a["prob"] - b["prob"]) < 1e-3, key
+
+
+def test_proxy_costs_prints_the_readme_table_and_json():
+    script = str(ROOT / "examples" / "proxy_costs.py")
+    table = subprocess.run([sys.executable, script, "test_resnet", "test_convnext"], capture_output=True, text=True,
+                           timeout=300)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0].startswith("| backbone (input) | block/proxy MACs min / median")
+    assert [l.split(" ")[1] for l in table.stdout.splitlines()[2:]] == ["test_resnet", "test_convnext"]
+    out = subprocess.run([sys.executable, script, "test_resnet", "--json"], capture_output=True, text=True, timeout=300)
+    (row,) = json.loads(out.stdout)
+    assert row["backbone"] == "test_resnet" and row["ratio_min"] >= 11.4
+    assert row["task_params_pruned"] < row["task_params_full"] and row["pruned_macs"] < row["backbone_macs"]
