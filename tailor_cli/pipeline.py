@@ -61,6 +61,7 @@ class TrainOptions:
     amp_dtype: str = "bfloat16"
     channels_last: bool | None = None  # None: on for CUDA
     compile: bool = False  # torch.compile the training forward
+    clip_grad: float | None = 10.0  # max gradient norm per step (docs/method.md, "Hyperparameters"); None: off
     resume: bool = False
     overwrite: bool = False
 
@@ -71,6 +72,8 @@ class TrainOptions:
             raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
         if not self.lr > 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise UsageError(f"--clip-grad must be positive, got {self.clip_grad}; use --no-clip-grad to train unclipped")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
         if self.amp_dtype not in ("bfloat16", "float16"):
@@ -82,7 +85,7 @@ class TrainOptions:
         return TrainConfig(
             epochs=self.epochs, lr=self.lr, lr_step=self.lr_step or max(1, round(0.4 * self.epochs)),
             seed=self.seed, amp=amp, amp_dtype=self.amp_dtype, channels_last=cl,
-            check_every=1 if device.type == "cpu" else 50,
+            check_every=1 if device.type == "cpu" else 50, clip_grad=self.clip_grad,
         )
 
 
@@ -103,7 +106,8 @@ def stage_settings(train: TrainOptions, device: torch.device, data: DataOptions 
     """
     cfg = train.config(device)
     out = {"epochs": train.epochs, "batch_size": train.batch_size, "lr": train.lr, "lr_step": cfg.lr_step,
-           "seed": train.seed, "amp": cfg.amp, "amp_dtype": cfg.amp_dtype if cfg.amp else None}
+           "seed": train.seed, "amp": cfg.amp, "amp_dtype": cfg.amp_dtype if cfg.amp else None,
+           "clip_grad": cfg.clip_grad if cfg.clip_grad is not None else "off"}
     if data is not None:
         saved = (run_meta or {}).get("data", {})
         out |= {

@@ -48,6 +48,7 @@ class TrainConfig:
     amp_dtype: str = "bfloat16"
     channels_last: bool = False
     check_every: int = 1  # steps between finiteness checks (a host sync); 1 on CPU
+    clip_grad: float | None = None  # max global L2 norm of the gradients per step (None: no clipping)
 
 
 class Callbacks:
@@ -362,6 +363,7 @@ def fit(
                 sampler.set_epoch(epoch)
             (train_mode or model.train)()
             sums = torch.zeros(len(objective.terms) + 2, device=device)  # terms..., loss, correct
+            grads = torch.zeros(2, device=device)  # largest gradient norm, steps clipped
             seen = 0
             t0 = time.perf_counter()
             for step, (images, labels) in enumerate(train_loader):
@@ -374,15 +376,21 @@ def fit(
                 opt.zero_grad(set_to_none=True)
                 if scaler is None:
                     loss.backward()
+                    grad_norm = _clip_gradients(opt, cfg.clip_grad)
                     opt.step()
                 else:  # float16: a step whose gradients overflow is skipped and the scale lowered
                     scaler.scale(loss).backward()
+                    scaler.unscale_(opt)  # clip (and measure) the true gradients
+                    grad_norm = _clip_gradients(opt, cfg.clip_grad)
                     scaler.step(opt)
                     scaler.update()
                 with torch.no_grad():
                     values = torch.stack([terms[t].detach().float() for t in objective.terms] + [loss.detach().float()])
                     sums[:-1] += values * labels.numel()
                     sums[-1] += (logits.detach().argmax(1) == labels).sum()
+                    grads[0] = torch.where(torch.isfinite(grad_norm), torch.maximum(grads[0], grad_norm), grads[0])
+                    if cfg.clip_grad is not None:
+                        grads[1] += (grad_norm > cfg.clip_grad).float()
                 seen += labels.numel()
                 if (step + 1) % cfg.check_every == 0 or step + 1 == steps:
                     _check_finite(values, objective.terms, stage, epoch, step)
@@ -410,6 +418,7 @@ def fit(
                 "train_loss": host[-2], "train_acc": 100.0 * host[-1],
                 "val_acc": val["acc"], "val_loss": val["loss"],
                 "epoch_seconds": round(train_time, 3), "images_per_second": round(seen / max(train_time, 1e-9), 1),
+                "max_grad_norm": grads[0].item(), "clipped_steps": int(grads[1].item()),
             })
             if isinstance(model, Student):
                 row["attention"] = [a.tolist() if a is not None else None for a in model.attention()]
@@ -436,6 +445,20 @@ def fit(
     row["kept_epoch"] = row.get("epoch")
     row["best_val_acc"] = best
     return row
+
+
+def _clip_gradients(opt: torch.optim.Optimizer, max_norm: float | None) -> torch.Tensor:
+    """The global L2 norm of the gradients the optimiser will apply, scaled down to ``max_norm`` if above.
+
+    A bounded step keeps an exploding loss (a teacher term in the thousands on a badly scaled
+    task, a bad batch) from throwing the weights to infinity, and leaves ordinary steps alone.
+    """
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if max_norm is None:
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def _rank(row: dict) -> tuple[float, float, int]:

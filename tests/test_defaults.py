@@ -1,14 +1,18 @@
-"""Training that diverges: the relative teacher term keeps the reported case finite, and a failed
-stage's advice works as printed."""
+"""Training that diverged with default settings (issue 14.6): gradient clipping keeps the reported
+case finite, the relative teacher term is bounded, and a failed stage's advice works as printed."""
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 from typer.testing import CliRunner
 
 from datagen import make_imagefolder
 from tailor_cli.cli import app
+from tailor_cli.train import TrainConfig, fit
 
 runner = CliRunner()
 # the reported case: 5 classes of 28 px grayscale photos, resnet18 at 32 px after a 1-epoch teacher
@@ -22,16 +26,53 @@ def gray(tmp_path_factory):
                             size=(28, 28), mode="L", seed=3)
 
 
-def test_the_relative_teacher_term_keeps_default_learning_rates_finite(tmp_path, gray):
-    for loss in ("mse", "relative"):
-        res = runner.invoke(app, ["tailor", "--data", str(gray), "--output", str(tmp_path / loss), *ARGS,
-                                  "--teacher-loss", loss, "--json"])
-        assert res.exit_code in (0, 6), res.output
+def test_default_settings_stay_finite_on_the_reported_case(tmp_path, gray):
+    """Issue 14.6: the reported case ended in a non-finite loss (teacher term ~19,000 after one epoch,
+    gradient norms in the millions). Clipping each step to a gradient norm of 10 (the default)
+    keeps it finite with every other setting default, the paper's MSE teacher term included."""
+    res = runner.invoke(app, ["tailor", "--data", str(gray), "--output", str(tmp_path / "default"), *ARGS, "--json"])
+    assert res.exit_code == 0, res.output
+    (row,) = [json.loads(line) for line in (tmp_path / "default" / "tailor" / "metrics.jsonl").read_text().splitlines()]
+    assert row["train_teacher"] < 10 and row["max_grad_norm"] > 10 and row["clipped_steps"] > 0
+    assert json.loads((tmp_path / "default" / "tailor" / "config.json").read_text())["settings"]["clip_grad"] == 10.0
+
+
+
+@pytest.mark.parametrize("amp", [False, True])  # True: float16 through the gradient scaler (unscaled, then clipped)
+@pytest.mark.parametrize("clip", [None, 10.0])
+def test_each_step_is_clipped_to_the_gradient_norm(tmp_path, clip, amp):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    images, labels = torch.randn(8, 4), torch.tensor([0, 1] * 4)
+
+    def objective(x, y):  # CE plus a term whose gradient on the bias is (500, 500): norm ~707
+        logits = model(x)
+        ce = F.cross_entropy(logits.float(), y)
+        return ce + 500.0 * model.bias.sum(), logits, {"ce": ce}
+
+    big = 500.0 * 2 ** 0.5
+
+    objective.terms = ("ce",)
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = TrainConfig(epochs=1, lr=0.1, lr_step=10, momentum=0.0, weight_decay=0.0, clip_grad=clip,
+                      amp=amp, amp_dtype="float16")
+    row = fit(stage="clip", stage_dir=tmp_path, model=model, objective=objective,
+              param_groups=[{"params": list(model.parameters())}], train_loader=[(images, labels)],
+              val_loader=[(images, labels)], device=torch.device("cpu"), cfg=cfg)
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).norm().item()
+    assert row["max_grad_norm"] == pytest.approx(big, rel=1e-2)  # measured before clipping
+    if clip is None:
+        assert step == pytest.approx(0.1 * big, rel=1e-2) and row["clipped_steps"] == 0
+    else:
+        assert step == pytest.approx(0.1 * clip, rel=1e-3) and row["clipped_steps"] == 1
+
+
+def test_the_relative_teacher_term_is_bounded(tmp_path, gray):
+    res = runner.invoke(app, ["tailor", "--data", str(gray), "--output", str(tmp_path / "relative"), *ARGS,
+                              "--teacher-loss", "relative", "--json"])
+    assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in (tmp_path / "relative" / "tailor" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["train_teacher"] < 4  # bounded
-    # the paper's MSE (the default) explodes on this data at lr 0.1: non-finite, or thousands
-    mse = (tmp_path / "mse" / "tailor" / "metrics.jsonl")
-    assert not mse.is_file() or json.loads(mse.read_text().splitlines()[-1])["train_teacher"] > 100
+    assert rows[-1]["train_teacher"] < 4  # at most 2 per layer averaged... bounded whatever the scale
 
 
 def test_a_non_finite_loss_says_how_to_rerun_and_that_rerun_works(tmp_path, gray):
