@@ -22,6 +22,8 @@ from tailor_cli.data import (GTSRB_CLASSES, TaskData, default_num_workers, load_
                              make_loader, make_split)
 from tailor_cli.errors import DataError, UsageError  # noqa: E402
 from tailor_cli import data as data_mod  # noqa: E402
+from tailor_cli.data import cache as cache_mod  # noqa: E402
+from tailor_cli.data import checks as checks_mod  # noqa: E402
 
 # timm.data.resolve_data_config({}, model=timm.create_model("test_resnet")) as a literal (fast).
 CFG = {"input_size": (3, 160, 160), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),
@@ -307,7 +309,7 @@ def _write_truncated_jpeg(path: Path) -> Path:
     class_image(1, (96, 96)).save(buf, "JPEG", quality=95)  # big enough that half the bytes keep the header
     data = buf.getvalue()
     path.write_bytes(data[: len(data) // 2])
-    assert data_mod._check_header(path) is None  # the case that slipped through: header check passes
+    assert checks_mod._check_header(path) is None  # the case that slipped through: header check passes
     return path
 
 
@@ -502,7 +504,7 @@ def test_cache_larger_than_available_memory_is_refused(gen, monkeypatch):
     assert need == 3 * (1000 * 32 * 32 + 10 * 24 * 24)
     with pytest.raises(DataError, match=r"--cache needs about .* GiB \(1010 images\).*drop --cache"):
         data_mod.check_cache_fits([(1000, 32), (10, 24)], available=need)  # > 80% of what is free
-    monkeypatch.setattr(data_mod, "available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr(cache_mod, "available_memory_bytes", lambda: 1000)
     with pytest.raises(DataError, match="--cache needs"):
         load(gen["split"], cache=True)
     assert not load(gen["split"]).cached  # without --cache nothing is checked or cached
