@@ -104,7 +104,7 @@ def test_scaled_proxy_normalises_with_the_global_batch(monkeypatch):
     import torch
 
     from tailor_cli import distributed
-    from tailor_cli.student import Proxy
+    from tailor_cli.proxies import Proxy
 
     torch.manual_seed(0)
     proxy = distributed.convert_batchnorm(Proxy(8, 6), torch.device("cpu")).train()
@@ -144,10 +144,10 @@ def test_scaled_proxy_runs_through_torchs_sync_batchnorm(monkeypatch):
     import torch
 
     from tailor_cli import distributed
-    from tailor_cli.student import Proxy
+    from tailor_cli.proxies import Proxy, ProxyForm
 
     torch.manual_seed(0)
-    proxy = distributed.convert_batchnorm(Proxy(8, 6, kind="bottleneck"), torch.device("cuda")).train()
+    proxy = distributed.convert_batchnorm(Proxy(8, 6, ProxyForm("lowrank", width=16)), torch.device("cuda")).train()
     assert all(isinstance(m, torch.nn.SyncBatchNorm) for m in proxy.body if isinstance(m, torch.nn.BatchNorm2d))
     bn = proxy.body[-1]
     reference = copy.deepcopy(bn)
