@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .student import Structure
+from .structure import Structure
 
 
 class ComplexityModel(nn.Module):

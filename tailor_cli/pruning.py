@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import UsageError
-from .student import LayerSpec, Structure
+from .structure import LayerSpec, Structure
 
 
 class PruneError(UsageError):

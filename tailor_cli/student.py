@@ -15,8 +15,6 @@ structure, and a :class:`Student` built from it holds (and runs) nothing else.
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,215 +22,16 @@ from torch import nn
 
 from .backbone import BlockInfo, block_activation, describe_chain, head_only_copy, universal_block
 from .errors import RunError
+from .pooling import fast_stem, make_pool, run_stem
+from .proxies import Proxy, proxy_form
+from .structure import LayerSpec, Structure
+
+__all__ = ["LayerSpec", "Proxy", "Structure", "Student", "TailoredLayer", "teacher_forward"]
 
 BLOCK_LOGIT_INIT = 2.0
+
+
 PROXY_LOGIT_INIT = -2.0
-
-
-# --------------------------------------------------------------------------- structure
-@dataclass
-class LayerSpec:
-    """Which paths enter one layer: the universal block, and proxies by source node."""
-
-    block: bool
-    proxies: list[int] = field(default_factory=list)  # source nodes, nearest first
-
-    @property
-    def alive(self) -> bool:
-        return self.block or bool(self.proxies)
-
-    def path_keys(self) -> list[str]:
-        """Names of the paths in attention order: ``"block"`` then ``"proxy<src>"``."""
-        return (["block"] if self.block else []) + [f"proxy{s}" for s in self.proxies]
-
-
-@dataclass
-class Structure:
-    """The surviving graph of a student: one :class:`LayerSpec` per layer 1..L."""
-
-    layers: list[LayerSpec]
-
-    @classmethod
-    def full(cls, num_layers: int, max_skip: int) -> "Structure":
-        """Every block and every proxy from nodes l-1 .. l-max_skip (node 0 the earliest)."""
-        return cls([
-            LayerSpec(True, [l - k for k in range(1, max_skip + 1) if l - k >= 0])
-            for l in range(1, num_layers + 1)
-        ])
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    def readers(self, node: int) -> list[tuple[int, str]]:
-        """Paths ``(layer, key)`` that read ``node``."""
-        out = []
-        for l, spec in enumerate(self.layers, 1):
-            if spec.block and l - 1 == node:
-                out.append((l, "block"))
-            out += [(l, f"proxy{s}") for s in spec.proxies if s == node]
-        return out
-
-    def to_json(self) -> list[dict]:
-        return [{"block": s.block, "proxies": list(s.proxies)} for s in self.layers]
-
-    @classmethod
-    def from_json(cls, obj) -> "Structure":
-        try:
-            return cls([LayerSpec(bool(d["block"]), [int(s) for s in d["proxies"]]) for d in obj])
-        except (TypeError, KeyError, ValueError) as err:
-            raise RunError(f"invalid student structure in config ({err!r})") from err
-
-    def counts(self) -> dict:
-        return {
-            "blocks": sum(s.block for s in self.layers),
-            "proxies": sum(len(s.proxies) for s in self.layers),
-            "layers_alive": sum(s.alive for s in self.layers),
-        }
-
-
-# --------------------------------------------------------------------------- modules
-def _init_new(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.normal_(m.weight, std=0.01)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-PROXY_BUDGET = 12  # a proxy costs at most 1/PROXY_BUDGET of the block it stands in for (where it can)
-MIN_PROXY_WIDTH = 8
-
-
-@dataclass(frozen=True)
-class ProxyForm:
-    """The shape of one proxy (docs/method.md, "Proxies"); all are 1x1 convolutions, no activation at the end.
-
-    ``"dense"``: 1x1 conv + BN, the paper's proxy. ``"lowrank"``: 1x1 conv to ``width`` + BN + ReLU +
-    1x1 conv + BN. ``"grouped"``: 1x1 conv in ``groups`` groups + BN.
-    """
-
-    kind: str
-    width: int = 0
-    groups: int = 1
-
-    def macs_per_pixel(self, in_chs: int, out_chs: int) -> int:
-        if self.kind == "lowrank":
-            return self.width * (in_chs + out_chs)
-        return in_chs * out_chs // self.groups
-
-    def describe(self) -> str:
-        return {"dense": "1x1", "lowrank": f"1x1>{self.width}>1x1", "grouped": f"1x1/{self.groups}g"}[self.kind]
-
-
-def proxy_form(in_chs: int, out_chs: int, block_macs_per_pixel: float, budget: int = PROXY_BUDGET) -> ProxyForm:
-    """The most expressive proxy costing at most ``block_macs_per_pixel / budget`` per output pixel.
-
-    In order: the dense 1x1 (ResNet BasicBlocks, ConvNeXt blocks, most inverted residuals); a
-    low-rank pair of 1x1s, its width the largest multiple of 8 that fits (ResNet Bottlenecks,
-    RegNet's grouped blocks, 1x1 conv blocks, ConvNeXt's downsamples); for blocks too cheap for
-    a rank of 8 (the thin depthwise-separable first blocks of EfficientNet and MobileNetV3) a
-    grouped 1x1 with the fewest groups that fits, or as many as the channels allow.
-    """
-    limit = block_macs_per_pixel / budget
-    if in_chs * out_chs <= limit:
-        return ProxyForm("dense")
-    width = int(limit // (in_chs + out_chs)) // 8 * 8
-    if width >= MIN_PROXY_WIDTH:
-        return ProxyForm("lowrank", width=width)
-    common = math.gcd(in_chs, out_chs)
-    divisors = [g for g in range(1, common + 1) if common % g == 0]
-    groups = next((g for g in divisors if in_chs * out_chs / g <= limit), common)
-    return ProxyForm("grouped", groups=groups) if groups > 1 else ProxyForm("dense")
-
-
-class Proxy(nn.Module):
-    """A cheap path into a layer, of the given :class:`ProxyForm`. Input: the source node, already
-    pooled to the target size. (B, in_chs, H, W) -> (B, out_chs, H, W). No activation at the end:
-    the layer applies it.
-    """
-
-    def __init__(self, in_chs: int, out_chs: int, form: ProxyForm = ProxyForm("dense")):
-        super().__init__()
-        self.form = form
-        if form.kind == "lowrank":
-            self.body = nn.Sequential(
-                nn.Conv2d(in_chs, form.width, 1, bias=False), nn.BatchNorm2d(form.width), nn.ReLU(inplace=True),
-                nn.Conv2d(form.width, out_chs, 1, bias=False), nn.BatchNorm2d(out_chs),
-            )
-        else:
-            self.body = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, groups=form.groups, bias=False),
-                                      nn.BatchNorm2d(out_chs))
-        _init_new(self)
-
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """``scale`` (a 0-dim attention weight) multiplies the output, folded into the last BN's affine.
-
-        ``scale * BN(z)`` equals BN(z) with weight and bias times ``scale``: folding saves a pass over
-        the output forward, and backward a pass plus a full-size saved tensor (the plain product
-        would keep ``BN(z)`` alive for the gradient of ``scale``).
-        """
-        if scale is None:
-            return self.body(x)
-        *head, bn = self.body
-        for m in head:
-            x = m(x)
-        return _scaled_batch_norm(bn, x, scale)
-
-
-def _scaled_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``scale * bn(x)`` in one BatchNorm call (same running-statistics bookkeeping as ``bn(x)``).
-
-    A plain ``nn.BatchNorm2d`` is computed here with ``F.batch_norm``. Any other BatchNorm
-    (torchrun's SyncBatchNorm or all-reduce BN, see :func:`tailor_cli.distributed.convert_batchnorm`)
-    runs its own forward, whose statistics cover the global batch, with the scale folded into
-    the weight and bias it reads.
-    """
-    if type(bn) is not nn.BatchNorm2d:
-        if bn.weight is None:
-            return bn(x) * scale
-        folded = {"weight": bn.weight * scale} | ({"bias": bn.bias * scale} if bn.bias is not None else {})
-        return torch.func.functional_call(bn, folded, (x,))
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    track = not bn.training or bn.track_running_stats
-    weight = bn.weight * scale if bn.weight is not None else scale.expand(x.shape[1])
-    bias = bn.bias * scale if bn.bias is not None else None
-    return F.batch_norm(x, bn.running_mean if track else None, bn.running_var if track else None,
-                        weight, bias, use_batch_stats, momentum, bn.eps)
-
-
-class MaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` that computes its values faster when no gradient flows (see :func:`_pool`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _pool(self, x)
-
-
-def make_pool(stride: int, mode: str = "ceil") -> nn.Module:
-    """Max-pool by ``stride`` to the size the blocks produce.
-
-    ``"ceil"`` (padded 3x3 stride-2 convs: ResNet, EfficientNet, RegNet): kernel s+1, padding
-    s//2, output ceil(H/s). ``"floor"`` (2x2 stride-2 convs: ConvNeXt): kernel s, output floor(H/s).
-    """
-    if stride == 1:
-        return nn.Identity()
-    if mode == "floor":
-        return MaxPool2d(kernel_size=stride, stride=stride, padding=0)
-    return MaxPool2d(kernel_size=stride + 1, stride=stride, padding=stride // 2)
-
-
-def _fast_stem(stem: nn.Sequential) -> nn.Sequential:
-    """The student's own copy of the stem, its plain max-pools swapped for :class:`MaxPool2d`."""
-    for name, m in stem.named_children():
-        if type(m) is nn.MaxPool2d:
-            fast = MaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation, m.return_indices, m.ceil_mode)
-            setattr(stem, name, fast)
-    return stem
 
 
 class TailoredLayer(nn.Module):
@@ -283,7 +82,7 @@ class Student(nn.Module):
         self.node_chs = [chain.stem_chs] + [i.out_chs for i in chain.infos]
         self.node_reduction = [chain.stem_reduction] + [i.reduction for i in chain.infos]
 
-        self.stem = _fast_stem(copy.deepcopy(chain.stem))
+        self.stem = fast_stem(copy.deepcopy(chain.stem))
         layers = []
         for l, spec in enumerate(self.structure.layers, 1):
             info = chain.infos[l - 1]
@@ -449,76 +248,13 @@ class Student(nn.Module):
         return logits
 
 
-def _run_stem(stem: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``stem(x)`` for a stem we must not modify (the teacher's), max-pools as in :func:`_pool`."""
-    if not isinstance(stem, nn.Sequential):
-        return stem(x)
-    for m in stem:
-        x = _pool(m, x) if type(m) is nn.MaxPool2d else m(x)
-    return x
-
-
-def _pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``pool(x)``, faster for a large NCHW tensor on the CPU; the values (and gradients) are identical.
-
-    PyTorch's CPU max-pool kernel for NCHW tensors is scalar (it was the student's costliest
-    elementwise op in the profile); the channels-last kernel is vectorised over channels. With a
-    gradient, pool a channels-last copy (same argmax rule, so the same gradient on ties) and
-    convert back; without one (stems, inference), a separable max over strided views needs
-    no indices at all.
-    """
-    if not isinstance(pool, nn.MaxPool2d):
-        return pool(x)
-    if (
-        x.device.type == "cpu"
-        and x.dim() == 4
-        and x.numel() >= _FAST_POOL_MIN_NUMEL
-        and x.is_contiguous()
-        and not x.is_contiguous(memory_format=torch.channels_last)
-        and not pool.ceil_mode
-        and not pool.return_indices
-        and _pair(pool.dilation) == (1, 1)
-    ):
-        if not (x.requires_grad and torch.is_grad_enabled()):
-            return _max_pool_nograd(x, _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding))
-        return nn.MaxPool2d.forward(pool, x.contiguous(memory_format=torch.channels_last)).contiguous()
-    return nn.MaxPool2d.forward(pool, x)
-
-
-_FAST_POOL_MIN_NUMEL = 32768  # below this the plain kernel's single call is as fast
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def _max_pool_nograd(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
-    """``F.max_pool2d(x, kernel, stride, padding)`` (floor mode) as a max over rows, then columns."""
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    H, W = x.shape[-2:]
-    ho, wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    if kh < 2 or kw < 2 or ho < 1 or wo < 1 or 2 * ph > kh or 2 * pw > kw:
-        return F.max_pool2d(x, kernel, stride, padding)
-    xp = F.pad(x, (pw, pw, ph, ph), value=float("-inf")) if ph or pw else x
-    rows = [xp[..., i:i + sh * (ho - 1) + 1:sh, :] for i in range(kh)]
-    v = torch.maximum(rows[0], rows[1])
-    for r in rows[2:]:
-        torch.maximum(v, r, out=v)
-    cols = [v[..., j:j + sw * (wo - 1) + 1:sw] for j in range(kw)]
-    out = torch.maximum(cols[0], cols[1])
-    for c in cols[2:]:
-        torch.maximum(out, c, out=out)
-    return out
-
-
-# --------------------------------------------------------------------------- teacher view
 def teacher_forward(model: nn.Module, chain, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run a fine-tuned timm ResNet block by block.
 
     ``chain`` is ``describe_chain(model)`` (computed once by the caller).
     Returns logits (B, classes) and each block's output t_1..t_L (after its activation).
     """
-    h = _run_stem(chain.stem, x)
+    h = run_stem(chain.stem, x)
     feats = []
     for block in chain.blocks:
         h = block(h)

@@ -19,14 +19,8 @@ from torch import nn
 
 from tailor_cli.backbone import describe_chain
 from tailor_cli.losses import mse, relative_se, teacher_term
-from tailor_cli.student import (
-    MaxPool2d,
-    Structure,
-    Student,
-    _max_pool_nograd,
-    make_pool,
-    teacher_forward,
-)
+from tailor_cli.pooling import MaxPool2d, _max_pool_nograd, make_pool
+from tailor_cli.student import Structure, Student, teacher_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,9 +185,9 @@ def _reference_forward(student: Student, x: torch.Tensor):
 def test_student_forward_and_gradients_equal_the_plain_formula(name, size, monkeypatch):
     """Attention folded into the proxies' BN, fused block weighting, in-place sums and the fast
     pools change nothing but rounding: in float64 the student equals the plain formula."""
-    import tailor_cli.student as student_module
+    import tailor_cli.pooling as pooling_module
 
-    monkeypatch.setattr(student_module, "_FAST_POOL_MIN_NUMEL", 0)  # fast pools even on tiny tensors
+    monkeypatch.setattr(pooling_module, "_FAST_POOL_MIN_NUMEL", 0)  # fast pools even on tiny tensors
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=3).double()
     fast = Student(model, 3).double().train()

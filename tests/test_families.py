@@ -15,7 +15,8 @@ from tailor_cli.backbone import describe_chain
 from tailor_cli.counting import student_macs, student_params
 from tailor_cli.cli import app
 from tailor_cli.pipeline import load_student
-from tailor_cli.student import PROXY_BUDGET, LayerSpec, Structure, Student
+from tailor_cli.proxies import PROXY_BUDGET
+from tailor_cli.student import LayerSpec, Structure, Student
 
 FAMILIES = [
     ("test_resnet", "resnet"),

@@ -7,7 +7,9 @@ import torch
 
 from tailor_cli.backbone import describe_chain
 from tailor_cli.counting import student_macs
-from tailor_cli.student import PROXY_BUDGET, LayerSpec, Proxy, ProxyForm, Structure, Student, make_pool, proxy_form
+from tailor_cli.pooling import make_pool
+from tailor_cli.proxies import PROXY_BUDGET, Proxy, ProxyForm, proxy_form
+from tailor_cli.student import LayerSpec, Structure, Student
 
 
 def _backbone_features(model, x):
