@@ -189,7 +189,7 @@ def _family_layout(model: nn.Module):
     from timm.models.regnet import RegNet
     from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-    blocks = []
+    blocks: list[tuple[str, nn.Module, str | None]] = []
     if isinstance(model, ResNet):
         for stage in range(1, 5):
             for i, block in enumerate(getattr(model, f"layer{stage}")):
@@ -202,8 +202,8 @@ def _family_layout(model: nn.Module):
                                      f"supported: {SUPPORTED_FAMILIES}")
         return "resnet", ["conv1", "bn1", "act1", "maxpool"], blocks, [], "ceil"
     if isinstance(model, (EfficientNet, MobileNetV3)):
-        for s, stage in enumerate(model.blocks):
-            for i, block in enumerate(stage):
+        for s, blocks_stage in enumerate(model.blocks.children()):
+            for i, block in enumerate(blocks_stage.children()):
                 name = f"blocks.{s}.{i}"
                 blocks.append((name, block, _efficientnet_final_act(name, block)))
         tail = ["conv_head", "bn2"] if isinstance(model, EfficientNet) else []
@@ -217,10 +217,11 @@ def _family_layout(model: nn.Module):
         return "regnet", ["stem"], blocks, ["final_conv"], "ceil"
     if isinstance(model, ConvNeXt):
         # The stride-2 downsample (LayerNorm + 2x2 conv) of stages 2-4 is a universal block of its own.
-        for s, stage in enumerate(model.stages):
-            if not isinstance(stage.downsample, nn.Identity):
-                blocks.append((f"stages.{s}.downsample", stage.downsample, None))
-            for i, block in enumerate(stage.blocks):
+        for s, convnext_stage in enumerate(model.stages.children()):
+            downsample = convnext_stage.get_submodule("downsample")
+            if not isinstance(downsample, nn.Identity):
+                blocks.append((f"stages.{s}.downsample", downsample, None))
+            for i, block in enumerate(convnext_stage.get_submodule("blocks").children()):
                 blocks.append((f"stages.{s}.blocks.{i}", block, None))
         return "convnext", ["stem"], blocks, ["norm_pre"], "floor"
     return None
@@ -267,9 +268,10 @@ def _efficientnet_final_act(name: str, block: nn.Module) -> str | None:
 def _submodule_or_identity(module: nn.Module, path: str) -> nn.Module:
     """``module.get_submodule(path)``, or an Identity where the path (or a part of it) is absent or None."""
     for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
+        child = getattr(module, part, None)
+        if child is None:
             return nn.Identity()
+        module = child
     return module
 
 

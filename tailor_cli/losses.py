@@ -21,6 +21,10 @@ class ComplexityModel(nn.Module):
     all paths at once, so the cost per step does not grow with a Python loop.
     """
 
+    src: torch.Tensor  # buffers: source node, target node and cost c_p of each path
+    tgt: torch.Tensor
+    cost: torch.Tensor
+
     def __init__(self, structure: Structure, costs: list[list[float]]):
         super().__init__()
         src, tgt, c = [], [], []

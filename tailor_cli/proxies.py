@@ -105,7 +105,7 @@ class Proxy(nn.Module):
         return _scaled_batch_norm(bn, x, scale)
 
 
-def _scaled_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _scaled_batch_norm(bn: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``scale * bn(x)`` in one BatchNorm call (same running-statistics bookkeeping as ``bn(x)``).
 
     A plain ``nn.BatchNorm2d`` is computed here with ``F.batch_norm``. Any other BatchNorm

@@ -15,6 +15,7 @@ structure, and a :class:`Student` built from it holds (and runs) nothing else.
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,12 @@ PROXY_LOGIT_INIT = -2.0
 
 class TailoredLayer(nn.Module):
     """One layer of the student: optional universal block, proxies, attention logits, activation."""
+
+    block: nn.Module | None
+    proxies: nn.ModuleDict  # source node (as str) -> Proxy
+    sources: list[int]  # the proxies' source nodes, in attention order after the block
+    logits: nn.Parameter
+    act: nn.Module
 
     def __init__(self, spec: LayerSpec, block: nn.Module | None, act: nn.Module, proxies: dict[int, Proxy]):
         super().__init__()
@@ -109,7 +116,7 @@ class Student(nn.Module):
             p.requires_grad_(False)
         # For inference: after which layer each node can be freed.
         self._last_use = self._compute_last_use()
-        self._plan = None  # built on first forward
+        self._plan: list[tuple] | None = None  # built on first forward
 
     # -- bookkeeping -------------------------------------------------------------------
     def stride(self, source: int, layer: int) -> int:
@@ -124,8 +131,12 @@ class Student(nn.Module):
             if layer.block is not None:
                 yield from layer.block.parameters()
 
+    def tailored_layers(self) -> list[TailoredLayer]:
+        """``self.layers`` as what they are (an ``nn.ModuleList`` yields plain modules to a type checker)."""
+        return cast("list[TailoredLayer]", list(self.layers))
+
     def attention_parameters(self) -> list[nn.Parameter]:
-        return [layer.logits for layer in self.layers if layer.alive]
+        return [layer.logits for layer in self.tailored_layers() if layer.alive]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Proxies, attention logits, classifier."""
@@ -157,7 +168,7 @@ class Student(nn.Module):
 
         Attention logits are sliced to the surviving paths, so the softmax runs over them only.
         """
-        for layer, old, new in zip(self.layers, self.structure.layers, structure.layers):
+        for layer, old, new in zip(self.tailored_layers(), self.structure.layers, structure.layers):
             old_keys, new_keys = old.path_keys(), new.path_keys()
             if not set(new_keys) <= set(old_keys):
                 raise RunError(f"cannot prune to a structure with new paths {set(new_keys) - set(old_keys)}")
@@ -180,7 +191,7 @@ class Student(nn.Module):
     # -- forward ---------------------------------------------------------------------
     def attention(self) -> list[torch.Tensor | None]:
         """Per layer, softmax over its surviving paths (``None`` for a dead layer)."""
-        return [F.softmax(layer.logits, dim=0) if layer.alive else None for layer in self.layers]
+        return [F.softmax(layer.logits, dim=0) if layer.alive else None for layer in self.tailored_layers()]
 
     def _make_plan(self) -> list[tuple]:
         """What :meth:`forward` does per alive layer, computed once per structure (O(L) per forward).

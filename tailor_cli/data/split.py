@@ -30,12 +30,12 @@ def make_split(labels: Sequence[int], val_fraction: float, seed: int,
     """
     check_val_fraction(val_fraction)
     rng = np.random.default_rng(seed)
-    labels = np.asarray(labels, dtype=np.int64)
-    keys = list(groups) if groups is not None else [str(i) for i in range(len(labels))]
+    y = np.asarray(labels, dtype=np.int64)
+    keys = list(groups) if groups is not None else [str(i) for i in range(len(y))]
     train_idx: list[int] = []
     val_idx: list[int] = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
         by_group: dict[str, list[int]] = {}
         for i in members:
             by_group.setdefault(keys[i], []).append(int(i))

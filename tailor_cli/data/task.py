@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch.utils.data
+
 from ..errors import DataError
 from .cache import cached_splits
 from .checks import (
@@ -117,6 +119,9 @@ def load_task_data(data: str, *, data_config: dict, img_size: int | None = None,
         augment=augment,
     )
     use_cache = cache or raw.layout == "digits"
+    train_ds: torch.utils.data.Dataset
+    val_ds: torch.utils.data.Dataset
+    test_ds: torch.utils.data.Dataset | None
     if use_cache:
         train_ds, val_ds, test_ds = cached_splits(pre, train_s, val_s, raw.test, skip_bad, skipped)
     else:

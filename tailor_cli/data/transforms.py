@@ -132,7 +132,8 @@ class Preproc:
             return self.eval_prep()
 
         return create_transform(self.img_size, is_training=True, scale=self.scale, ratio=TRAIN_RATIO,
-                                hflip=0.5 if self.hflip else 0.0, vflip=0.0, color_jitter=None,
+                                hflip=0.5 if self.hflip else 0.0, vflip=0.0,
+                                color_jitter=None,  # type: ignore[arg-type]  # timm: None = no jitter
                                 auto_augment=None, re_prob=0.0, interpolation=self.interpolation,
                                 mean=self.mean, std=self.std, normalize=False)
 
