@@ -273,11 +273,11 @@ def _student_meta(student: Student, architecture: str, stage: str) -> dict:
 
 
 def _student_groups(student: Student, weight_decay: float) -> list[dict]:
-    """Attention logits get no weight decay (docs/method.md)."""
+    """Attention logits get no weight decay and no gradient clipping (docs/method.md)."""
     logits = set(id(p) for p in student.attention_parameters())
     rest = [p for p in student.trainable_parameters() if id(p) not in logits]
     logits = [p for p in student.attention_parameters() if p.requires_grad]
-    return [{"params": rest}, {"params": logits, "weight_decay": 0.0}]
+    return [{"params": rest}, {"params": logits, "weight_decay": 0.0, "clip": False}]
 
 
 def _resolve_teacher_dir(path: Path) -> Path:

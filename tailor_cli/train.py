@@ -448,12 +448,14 @@ def fit(
 
 
 def _clip_gradients(opt: torch.optim.Optimizer, max_norm: float | None) -> torch.Tensor:
-    """The global L2 norm of the gradients the optimiser will apply, scaled down to ``max_norm`` if above.
+    """The global L2 norm of the weights' gradients, scaled down to ``max_norm`` if above.
 
     A bounded step keeps an exploding loss (a teacher term in the thousands on a badly scaled
-    task, a bad batch) from throwing the weights to infinity, and leaves ordinary steps alone.
+    task, a bad batch) from throwing the weights to infinity. Parameter groups marked
+    ``"clip": False`` (the student's attention logits) are neither measured nor clipped: scaled
+    together with the proxies' far larger gradients, the architecture would barely move.
     """
-    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    params = [p for g in opt.param_groups if g.get("clip", True) for p in g["params"] if p.grad is not None]
     if not params:
         return torch.zeros(())
     if max_norm is None:

@@ -86,3 +86,25 @@ def test_a_non_finite_loss_says_how_to_rerun_and_that_rerun_works(tmp_path, gray
     res = runner.invoke(app, ["teacher", "--data", str(gray), "--output", str(run), *ARGS[:-2], "--epochs", "2",
                               "--lr", "0.01", "--overwrite"])
     assert res.exit_code == 0, res.output
+
+
+def test_attention_logits_are_not_clipped(tmp_path):
+    """Clipping the logits together with the proxies' far larger gradients froze the architecture on
+    real weights (1 block of 16 left by the attention instead of 8); a "clip": False group is left alone."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    logits = nn.Parameter(torch.zeros(3))
+    images, labels = torch.randn(8, 4), torch.tensor([0, 1] * 4)
+
+    def objective(x, y):  # weights' gradient norm ~707 (clipped to 1), the logits' 300 (left alone)
+        out = model(x)
+        ce = F.cross_entropy(out, y)
+        return ce + 500.0 * model.bias.sum() + 100.0 * logits.sum(), out, {"ce": ce}
+
+    objective.terms = ("ce",)
+    cfg = TrainConfig(epochs=1, lr=0.1, lr_step=10, momentum=0.0, weight_decay=0.0, clip_grad=1.0)
+    row = fit(stage="clip", stage_dir=tmp_path, model=model, objective=objective,
+              param_groups=[{"params": list(model.parameters())}, {"params": [logits], "clip": False}],
+              train_loader=[(images, labels)], val_loader=[(images, labels)], device=torch.device("cpu"), cfg=cfg)
+    assert torch.allclose(logits.detach(), torch.full((3,), -0.1 * 100.0))  # the full step
+    assert row["max_grad_norm"] == pytest.approx(500.0 * 2 ** 0.5, rel=1e-2) and row["clipped_steps"] == 1
