@@ -25,7 +25,7 @@ from .checkpoint import read_json, read_safetensors, write_json, write_safetenso
 from .counting import network_params, path_costs, student_macs, student_params, model_macs
 from .errors import RunError, UsageError, DataError
 from .losses import TEACHER_LOSSES, ComplexityModel
-from .pruning import plan as plan_pruning
+from .pruning import connecting_threshold, plan as plan_pruning
 from .runs import (CHECKPOINT, MODEL, check_settings, check_writable, locate_teacher, lock_created, lock_dir, prepare_stage,
                    read_run, read_summary, require_stage, reset_run, stage_done, write_run, write_summary)
 from .student import Structure, Student
@@ -748,7 +748,9 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
                     "macs": student_macs(pruned, img_size).total, "free_blocks": len(res.free_blocks)}
     candidates = [k for k in plans if plans[k]["status"] == "untried"]
     if not candidates:
-        raise UsageError("every K disconnects the classifier at this --threshold; lower it")
+        t = connecting_threshold(student.structure, alphas, threshold=opts.threshold, drop_blocks=0)
+        raise UsageError(f"every K disconnects the classifier at --threshold {opts.threshold}; "
+                         + (f"--threshold {t:g} or lower keeps it connected" if t is not None else "lower it"))
     task = _load_data(run_meta, data, _data_config(run_meta["backbone"]["architecture"]), run, search_train.seed)
     teacher = load_teacher(t_dir, device).eval().requires_grad_(False) if teacher_weight > 0 else None
     val_loader = make_loader(task.val, batch_size=max(search_train.batch_size, 64), train=False, device=device,
