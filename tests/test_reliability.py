@@ -95,6 +95,27 @@ def test_interrupt_checkpoints_and_says_how_to_resume(tmp_path, bigger_data, sig
     load_file(ckpt)  # a complete, readable checkpoint
 
 
+def test_interrupt_before_the_first_checkpoint_says_nothing_was_saved(tmp_path, folder_data, monkeypatch):
+    import os
+
+    from tailor_cli.cli import Reporter
+
+    def ctrl_c(self, stage, epoch, step, steps):  # Ctrl-C during the first step of the first epoch
+        os.kill(os.getpid(), signal.SIGINT)
+
+    run = tmp_path / "run"
+    args = ["teacher", "--data", folder_data, "--output", run, "--epochs", "2", *FAST]
+    with monkeypatch.context() as patch:
+        patch.setattr(Reporter, "on_step", ctrl_c)
+        res = invoke(*args)
+    assert res.exit_code == 130, res.output
+    err = res.stderr.strip().splitlines()[-1]
+    assert "before its first checkpoint: nothing of it was saved" in err and "checkpoint.safetensors" not in err
+    assert not (run / "teacher" / "checkpoint.safetensors").exists()
+    again = invoke(*args)  # as the message says: the same command starts it again
+    assert again.exit_code == 0, again.output
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path, folder_data):
     res = invoke("teacher", "--data", folder_data, "--output", tmp_path / "run", "--epochs", "3", "--lr", "1e30",
                  *FAST)
