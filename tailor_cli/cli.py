@@ -481,6 +481,7 @@ def predict(
                              device=resolve_device(device))
 
         def render(r):
+            print("task\timage\tpredictions")  # tab-separated, one line per image and task, best class first
             for p in r["predictions"]:
                 best = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in p["top"])
                 print(f"{p['task']}\t{p['image']}\t{best}")

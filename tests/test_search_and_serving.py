@@ -162,7 +162,9 @@ def test_predict_matches_each_finetuned_student(three_tasks, tmp_path):
             assert p["top"][0]["index"] == int(probs[i].argmax())
             assert abs(p["top"][0]["prob"] - float(probs[i].max())) < 1e-5
     plain = invoke("predict", export, imgs / "red.jpg", "--device", "cpu")
-    assert plain.exit_code == 0 and len(plain.stdout.strip().splitlines()) == 3  # one line per task
+    header, *rows = plain.stdout.strip().splitlines()
+    assert plain.exit_code == 0 and header == "task\timage\tpredictions"  # piped: a header names the columns
+    assert [row.split("\t")[:2] for row in rows] == [[t, str(imgs / "red.jpg")] for t in ("alpha", "beta", "gamma")]
 
 
 def test_predict_bad_inputs(three_tasks, tmp_path):
