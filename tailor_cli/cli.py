@@ -608,16 +608,18 @@ def _table(title: str) -> Table:
 
 def render_report(result: dict) -> None:
     """Rich tables on a terminal; the same content as plain ASCII text when stdout is a pipe or file."""
+    from .report import LAYER_STATUS, layer_status
+
     console = _stdout_console()
     for rep in result["tasks"]:
         t = rep["totals"]
-        table = _table(f"task '{rep['task']}' ({rep['stage']}, {rep['backbone']} @ {rep['img_size']}px)")
-        for col in ("layer", "block", "universal", "alpha", "proxies (from node: alpha)", "params", "MACs"):
+        table = _table(f"task '{rep['task']}': its network after the '{rep['stage']}' stage "
+                       f"({rep['backbone']} at {rep['img_size']} px)")
+        for col in ("layer", "block", "universal block", "alpha", "proxies (from node: alpha)", "params", "MACs"):
             table.add_column(col, justify="right" if col in ("layer", "params", "MACs", "alpha") else "left")
         for l in rep["layers"]:
             prox = ", ".join(f"{p['from_node']}: {p['alpha']:.2f}" for p in l["proxies"]) or "-"
-            alive = l["block_kept"] or l["proxies"]
-            table.add_row(str(l["layer"]), l["block"], "kept" if l["block_kept"] else ("removed" if alive else "dead"),
+            table.add_row(str(l["layer"]), l["block"], layer_status(l["block_kept"], bool(l["proxies"])),
                           f"{l['block_alpha']:.2f}" if l["block_alpha"] is not None else "-", prox,
                           _fmt_n(l["params"]), _fmt_n(l["macs"]))
         console.print(table)
@@ -630,6 +632,9 @@ def render_report(result: dict) -> None:
             + (f"; adapter {t['adapter_bytes'] / 1e6:.2f} MB" if t.get("adapter_bytes") else ""),
             highlight=False,
         )
+    console.print("universal block: " + ", ".join(f"{k} = {v}" for k, v in LAYER_STATUS.items())
+                  + "; alpha = the attention on the block's path; proxies = the node each reads (0: the stem) "
+                  "and its attention", highlight=False)
     if "export" in result:  # `run`: where the adapter went
         e = result["export"]
         console.print(f"exported task '{e['task']}' to {e['export_dir']}: adapter {e['adapter_bytes'] / 1e6:.2f} MB, "
@@ -639,14 +644,15 @@ def render_report(result: dict) -> None:
             render_frontier(rep["search"], console)
     m = result["matrix"]
     if len(m["tasks"]) > 1:
-        console.print("block usage: B = the universal block runs, +n = n proxies enter the layer, . = neither")
-        table = _table("block usage")
+        table = _table("block usage across tasks")
         table.add_column("block")
         for name in m["tasks"]:
             table.add_column(name, justify="center")
         for block, row in zip(m["blocks"], m["cells"]):
-            table.add_row(block, *[("B" if c["block"] else ".") + (f"+{c['proxies']}" if c["proxies"] else "") for c in row])
+            table.add_row(block, *[_usage_cell(c) for c in row])
         console.print(table)
+        console.print("B = the universal block runs; +n = n proxies enter the layer (B+2: the block and 2 proxies; "
+                      "+3: 3 proxies stand in for the dropped block); . = the layer is skipped", highlight=False)
     if "totals" in result:
         tt = result["totals"]
         console.print(
@@ -656,6 +662,12 @@ def render_report(result: dict) -> None:
             f"params {_fmt_n(tt['params'])} vs {_fmt_n(tt['finetune_params'])}",
             highlight=False,
         )
+
+
+def _usage_cell(cell: dict) -> str:
+    """``B``, ``B+2``, ``+3`` or ``.``: the block, the proxies entering the layer, or neither."""
+    proxies = f"+{cell['proxies']}" if cell["proxies"] else ""
+    return ("B" + proxies) if cell["block"] else (proxies or ".")
 
 
 def _accuracy_line(acc: dict, sizes: dict | None) -> str:

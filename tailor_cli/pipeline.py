@@ -461,7 +461,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
             if not made_by_tailor and (teacher_dir / CHECKPOINT).is_file():
                 raise RunError(f"'{teacher_dir}' is an unfinished `nettailor teacher` stage; finish it first with "
                                f"`nettailor teacher --output {run} --resume` and its options")
-            cb.on_message(f"tailor: no --teacher given; fine-tuning one first in {teacher_dir}")
+            cb.on_message(f"tailor: the student learns from a fine-tuned teacher; fine-tuning one first in {teacher_dir}")
             prepare_stage(run, "teacher", resume=t_opts.resume, overwrite=False, settings=t_settings)
             _fit_teacher(run, copy.deepcopy(backbone), task, data, t_opts, device, cb, t_settings, made_by="tailor")
     meta = read_run(run)

@@ -153,6 +153,37 @@ def test_report_on_run_and_export_as_json_and_text(tmp_path, finished_run):
     assert rep["totals"]["disk_bytes"] > rep["totals"]["adapter_bytes"]
 
 
+def test_report_words_are_explained(finished_run, capsys):
+    from tailor_cli.cli import render_report
+
+    rep = json.loads(invoke("report", finished_run, "--json").stdout)
+    layers = rep["tasks"][0]["layers"]
+    assert layers[1]["proxies"]  # threshold 0.01 keeps them
+    layers[1].update(block_kept=False, block_alpha=None, status="dropped")  # proxies stand in
+    layers[2].update(block_kept=False, block_alpha=None, proxies=[], status="skipped")  # nothing computes it
+    second = json.loads(json.dumps(rep["tasks"][0]))
+    second["task"] = "other"
+    rep["tasks"].append(second)
+    rep["matrix"]["tasks"].append("other")
+    for row, layer in zip(rep["matrix"]["cells"], layers):
+        row[0] = {"block": layer["block_kept"], "proxies": len(layer["proxies"])}
+        row.append(dict(row[0]))
+    render_report(rep)
+    text = capsys.readouterr().out
+    title = "task 'shapes': its network after the 'finetune' stage (test_resnet at 32 px)"
+    assert text.count(title) == 1 and "dead" not in text
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+            if line.startswith("|") and line.split("|")[1].strip().isdigit()}
+    assert [rows[str(i)][2] for i in (1, 2, 3)] == ["kept", "dropped", "skipped"]
+    for word in ("kept =", "dropped =", "skipped =", "alpha =", "proxies ="):  # the legend says what each word means
+        assert word in text
+    cells = [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| 1.0 ") or
+             line.startswith("| 2.0 ") or line.startswith("| 3.0 ")]
+    assert cells == ["B" + (f"+{len(layers[0]['proxies'])}" if layers[0]["proxies"] else ""),
+                     f"+{len(layers[1]['proxies'])}", "."]  # never ".+n" for a dropped block with proxies
+    assert text.count("block usage") == 1 and ". = the layer is skipped" in text
+
+
 def test_json_stdout_is_exactly_one_document_in_a_real_process(finished_run):
     proc = subprocess.run([sys.executable, "-m", "tailor_cli", "report", str(finished_run), "--json"],
                           capture_output=True, text=True, timeout=120)
@@ -168,3 +199,4 @@ def test_run_command_does_the_whole_pipeline(tmp_path, folder_data):
     rep = json.loads(res.stdout)
     assert rep["tasks"][0]["stage"] == "finetune"
     assert (tmp_path / "export" / "backbone.safetensors").is_file()
+    assert "--teacher" not in res.stderr  # `run` has no --teacher: its messages never name one
