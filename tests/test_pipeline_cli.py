@@ -86,7 +86,7 @@ def test_finetune_keeps_structure_and_trains_without_complexity(finished_run):
 
 def test_export_then_load_reproduces_the_finetuned_students_logits(tmp_path, finished_run, folder_data):
     out = tmp_path / "export"
-    res = invoke("export", finished_run, "--out", out, "--json")
+    res = invoke("export", finished_run, "--export-dir", out, "--json")
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
     assert (out / "backbone.safetensors").is_file() and (out / info["task"] / "adapter.safetensors").is_file()
@@ -113,9 +113,9 @@ def test_export_then_load_reproduces_the_finetuned_students_logits(tmp_path, fin
 
 def test_second_task_reuses_backbone_and_another_backbone_is_refused(tmp_path, finished_run, tailored_run, folder_data):
     out = tmp_path / "export"
-    assert invoke("export", finished_run, "--out", out, "--task-name", "a").exit_code == 0
+    assert invoke("export", finished_run, "--export-dir", out, "--task-name", "a").exit_code == 0
     before = (out / "backbone.safetensors").stat().st_mtime_ns
-    res = invoke("export", tailored_run, "--out", out, "--task-name", "b", "--json")
+    res = invoke("export", tailored_run, "--export-dir", out, "--task-name", "b", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["backbone_reused"] is True
     assert (out / "backbone.safetensors").stat().st_mtime_ns == before
@@ -128,7 +128,7 @@ def test_second_task_reuses_backbone_and_another_backbone_is_refused(tmp_path, f
     res = invoke("tailor", "--data", folder_data, "--output", other, "--epochs", "1", "--seed", "1",
                  *[a if a != "test_resnet" else "test_resnet" for a in FAST])
     assert res.exit_code == 0, res.output
-    res = invoke("export", other, "--out", out, "--task-name", "c")
+    res = invoke("export", other, "--export-dir", out, "--task-name", "c")
     assert res.exit_code == 8
     assert "holds another backbone" in res.stderr
 
@@ -145,7 +145,7 @@ def test_report_on_run_and_export_as_json_and_text(tmp_path, finished_run):
     res = invoke("report", finished_run)
     assert res.exit_code == 0 and "blocks kept 3/4" in res.stdout
     out = tmp_path / "export"
-    invoke("export", finished_run, "--out", out)
+    invoke("export", finished_run, "--export-dir", out)
     res = invoke("report", out, "--json")
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
@@ -194,7 +194,7 @@ def test_json_stdout_is_exactly_one_document_in_a_real_process(finished_run):
 def test_run_command_does_the_whole_pipeline(tmp_path, folder_data):
     res = invoke("run", "--data", folder_data, "--backbone", "test_resnet", "--no-pretrained", "--img-size", "32", "--threshold", "0.01",
                  "--epochs", "1", "--drop-blocks", "1", "--workers", "0", "--device", "cpu",
-                 "--output", tmp_path / "run", "--out", tmp_path / "export", "--json")
+                 "--output", tmp_path / "run", "--export-dir", tmp_path / "export", "--json")
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert rep["tasks"][0]["stage"] == "finetune"

@@ -218,7 +218,7 @@ def test_wrong_stage_for_the_command(tmp_path, folder_data):
     assert invoke("teacher", "--data", folder_data, "--output", run, "--epochs", "1", *FAST).exit_code == 0
     _assert_clean_failure(invoke("prune", run), 5, "needs a finished 'tailor' stage", "nettailor tailor")
     _assert_clean_failure(invoke("finetune", run), 5, "'prune' stage")
-    _assert_clean_failure(invoke("export", run, "--out", tmp_path / "e"), 5, "no tailored student")
+    _assert_clean_failure(invoke("export", run, "--export-dir", tmp_path / "e"), 5, "no tailored student")
     assert not (tmp_path / "e").exists()
 
 
@@ -341,7 +341,7 @@ def test_stage_that_died_before_its_first_checkpoint_restarts_without_flags(tmp_
     run = tmp_path / "run"
     res = invoke("teacher", "--data", folder_data, "--output", run, "--epochs", "1", *FAST)
     assert res.exit_code == 0, res.output
-    for name in ("model.safetensors", "summary.json", "checkpoint.safetensors", "metrics.jsonl"):
+    for name in ("model.safetensors", "summary.json", "metrics.jsonl"):
         (run / "teacher" / name).unlink()  # only config.json is left, as after a failure in epoch 1
     again = invoke("teacher", "--data", folder_data, "--output", run, "--epochs", "1", *FAST)
     assert again.exit_code == 0, again.output
@@ -455,7 +455,7 @@ def test_resumed_tailor_keeps_its_external_teacher(tmp_path, folder_data):
     teacher = tmp_path / "t"
     assert invoke("teacher", "--data", folder_data, "--output", teacher, "--epochs", "1", *FAST).exit_code == 0
     run = tmp_path / "r"
-    args = ["tailor", "--data", folder_data, "--output", run, "--epochs", "1", *FAST]
+    args = ["tailor", "--data", folder_data, "--output", run, "--epochs", "1", "--keep-checkpoints", *FAST]
     assert invoke(*args, "--teacher", teacher).exit_code == 0
     _unfinish(run / "tailor")
     res = invoke(*args, "--resume")  # no --teacher: the run's own record says which
@@ -481,7 +481,7 @@ def test_in_run_teacher_is_checked_and_continued_by_tailor(tmp_path, tailored_ru
 
 def test_resume_compares_resolved_values(tmp_path, folder_data):
     run = tmp_path / "run"
-    args = ["teacher", "--data", folder_data, "--output", run, "--epochs", "2", *FAST]
+    args = ["teacher", "--data", folder_data, "--output", run, "--epochs", "2", "--keep-checkpoints", *FAST]
     assert invoke(*args).exit_code == 0
     _unfinish(run / "teacher")
     settings = json.loads((run / "teacher" / "config.json").read_text())["settings"]
@@ -499,7 +499,7 @@ def test_resume_compares_resolved_values(tmp_path, folder_data):
 def test_run_resume_after_a_search_continues_the_finetune(tmp_path, folder_data):
     run = tmp_path / "run"
     args = ["run", "--data", folder_data, "--output", run, "--epochs", "1", "--threshold", "0.01",
-            "--search-epochs", "1", "--tolerance", "100", *RUN_FAST]
+            "--search-epochs", "1", "--tolerance", "100", "--keep-checkpoints", *RUN_FAST]
     assert invoke(*args).exit_code == 0
     _unfinish(run / "finetune")
     res = invoke(*args, "--resume")

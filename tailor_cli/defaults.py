@@ -1,0 +1,22 @@
+"""Default settings, declared once: the CLI's options and the core's option dataclasses read them here.
+
+Kept free of heavy imports (no torch, no timm) so that ``nettailor --help`` stays fast.
+The per-stage training values are the authors' (docs/method.md, "Pipeline").
+"""
+from __future__ import annotations
+
+EPOCHS = 20  # of each training stage
+LR = {"teacher": 0.01, "tailor": 0.1, "finetune": 0.01}  # finetune's also trains the K search's candidates
+BATCH_SIZE = {"teacher": 64, "tailor": 32, "finetune": 32}
+TRAIN_STAGES = tuple(LR)
+
+MAX_SKIP = 3
+COMPLEXITY_WEIGHT = 0.3
+TEACHER_WEIGHT = 10.0
+TEACHER_LOSS = "mse"
+
+THRESHOLD = 0.05
+TOLERANCE = 0.5
+SEARCH_EPOCHS = 2
+
+PROGRESS_SECONDS = 30.0  # non-TTY progress: a line at most this often inside an epoch ($NETTAILOR_PROGRESS_SECONDS)
