@@ -112,7 +112,7 @@ OldOut = Annotated[Optional[Path], typer.Option("--out", hidden=True, help="Depr
 Task = Annotated[Optional[str], typer.Option("--task", help="Visual Decathlon task name.")]
 ImgSize = Annotated[Optional[int], typer.Option("--img-size", help="Training input size [default: dataset/backbone].")]
 ValFraction = Annotated[Optional[float], typer.Option("--val-fraction", help="Validation fraction for data without a "
-                                                      "validation split [default: 0.1].")]
+                                                      f"validation split [default: {defaults.VAL_FRACTION}].")]
 Download = Annotated[bool, typer.Option("--download", help="Download torchvision datasets.")]
 Cache = Annotated[bool, typer.Option("--cache", help="Decode and resize once, keep uint8 images in memory "
                                          "(refused if over 80% of available memory).")]

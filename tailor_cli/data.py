@@ -46,6 +46,7 @@ import torch
 import torch.utils.data
 from PIL import Image
 
+from . import defaults
 from .checkpoint import write_json
 from .errors import DataError, UsageError
 
@@ -1148,7 +1149,7 @@ def _default_hflip(raw: _RawTask) -> bool:
 
 def load_task_data(data: str, *, data_config: dict, img_size: int | None = None,
                    split_file: Path | None = None, task: str | None = None,
-                   val_fraction: float = 0.1, seed: int = 0, download: bool = False,
+                   val_fraction: float = defaults.VAL_FRACTION, seed: int = 0, download: bool = False,
                    cache: bool = False, hflip: bool | None = None, skip_bad: bool = False,
                    expected_classes: list[str] | None = None, root_for_download: Path | None = None,
                    train_scale: tuple[float, float] | None = None, verify: bool = True,

@@ -10,6 +10,8 @@ LR = {"teacher": 0.01, "tailor": 0.1, "finetune": 0.01}  # finetune's also train
 BATCH_SIZE = {"teacher": 64, "tailor": 32, "finetune": 32}
 TRAIN_STAGES = tuple(LR)
 
+VAL_FRACTION = 0.1  # of the training data, for data without a validation split
+
 MAX_SKIP = 3
 COMPLEXITY_WEIGHT = 0.3
 TEACHER_WEIGHT = 10.0

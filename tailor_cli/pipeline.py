@@ -122,7 +122,7 @@ def stage_settings(train: TrainOptions, device: torch.device, data: DataOptions 
             "data": _data_path(data.data) if data.data else saved.get("path"),
             "task": data.task if data.task is not None else saved.get("task"),
             "img_size": data.img_size if data.img_size is not None else saved.get("img_size"),
-            "val_fraction": data.val_fraction if data.val_fraction is not None else saved.get("val_fraction", 0.1),
+            "val_fraction": data.val_fraction if data.val_fraction is not None else saved.get("val_fraction", defaults.VAL_FRACTION),
             "hflip": data.hflip if data.hflip is not None else saved.get("hflip"),
             "augment": data.augment, "skip_bad": data.skip_bad,
         }
@@ -191,7 +191,7 @@ def _load_data(run_meta: dict | None, opts: DataOptions, data_config: dict, run:
         img_size=opts.img_size if opts.img_size is not None else saved.get("img_size"),
         split_file=run / "split.json",
         task=opts.task or saved.get("task"),
-        val_fraction=opts.val_fraction if opts.val_fraction is not None else saved.get("val_fraction", 0.1),
+        val_fraction=opts.val_fraction if opts.val_fraction is not None else saved.get("val_fraction", defaults.VAL_FRACTION),
         seed=saved.get("seed", seed),
         download=opts.download,
         cache=opts.cache,
@@ -233,7 +233,7 @@ def _data_record(task, opts: DataOptions, seed: int) -> dict:
         "path": _data_path(opts.data), "given": opts.data, "layout": task.layout, "name": task.name,
         "task": opts.task, "img_size": task.img_size, "mean": list(task.mean), "std": list(task.std),
         "interpolation": task.interpolation, "crop_pct": task.crop_pct, "crop_mode": task.crop_mode, "hflip": task.hflip,
-        "val_fraction": opts.val_fraction if opts.val_fraction is not None else 0.1, "seed": seed,
+        "val_fraction": opts.val_fraction if opts.val_fraction is not None else defaults.VAL_FRACTION, "seed": seed,
     }
 
 
