@@ -56,7 +56,7 @@ echo "== 4/6 finetune the pruned network" >&2
 nettailor finetune "$RUN" --epochs "$EPOCHS" --device "$DEVICE" --resume
 
 echo "== 5/6 export the adapter beside the shared backbone -> $OUT" >&2
-nettailor export "$RUN" --out "$OUT" --task-name gtsrb --overwrite
+nettailor export "$RUN" --export-dir "$OUT" --task-name gtsrb --overwrite
 
 echo "== 6/6 report" >&2
 nettailor report "$RUN"

@@ -40,7 +40,7 @@ for spec in $TASKS; do
         task="$(basename "$data")"
     fi
     args=(--data "$data" --backbone "$BACKBONE" --img-size "$img_size"
-          --epochs "$EPOCHS" --threshold "$THRESHOLD" --device "$DEVICE" --output "$RUNS/$task" --out "$OUT"
+          --epochs "$EPOCHS" --threshold "$THRESHOLD" --device "$DEVICE" --output "$RUNS/$task" --export-dir "$OUT"
           --resume)
     if [[ "$data" == torchvision:* ]]; then
         args+=(--download)

@@ -26,7 +26,8 @@ from .backbone import tensors_sha256
 from .checkpoint import read_json, read_safetensors, write_json, write_safetensors
 from .counting import network_params, student_macs, student_params, model_macs
 from .errors import ExportError, RunError
-from .runs import locate_teacher, latest_student_stage, lock_dir, read_run, read_summary, require_stage
+from .runs import (check_writable, locate_teacher, latest_student_stage, lock_dir, read_run, read_summary,
+                   require_stage)
 from .student import Structure, Student
 
 FORMAT_VERSION = 1
@@ -73,43 +74,25 @@ def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool
     run_meta = read_run(run)
     stage = latest_student_stage(run)
     task = task_name or run_meta.get("task_name") or run.name
-    if not TASK_NAME.match(task):
-        raise ExportError(f"task name '{task}' is not valid; use letters, digits, '_', '-', '.' (pass --task-name)")
+    ident = run_meta["backbone"]
+    check_export_target(out, ident, task)
     student, _ = load_student(run / stage, torch.device("cpu"))
     full, _ = load_student(require_stage(run, "tailor", "export"), torch.device("cpu"))
     shared = _shared_from_student(full)
     sha = tensors_sha256(shared)
-    ident = run_meta["backbone"]
     if sha != ident["sha256"]:
         raise ExportError(f"the backbone tensors of '{run}' do not match its recorded sha256; the run is corrupt")
 
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out '{out}' is a file; pass a directory")
-    from .runs import check_writable
-
-    check_writable(out)
-    bb_config_path = out / BACKBONE_CONFIG
-    if bb_config_path.exists():
-        existing = _validate(read_json(bb_config_path, what="backbone config"), {"sha256": str, "architecture": str},
-                             bb_config_path)
-        if existing["sha256"] != sha:
-            hint = ""
-            if existing.get("weights_source") == ident.get("weights_source") == "random-init":
-                hint = " (both are --no-pretrained backbones, initialised from --seed: tailor with the same --seed)"
-            raise ExportError(
-                f"'{out}' holds another backbone ({existing.get('name', existing['architecture'])}, sha256 "
-                f"{existing['sha256'][:12]}); this task was tailored on {ident['name']} (sha256 {sha[:12]}){hint}. "
-                "Export it to another directory"
-            )
+    if (out / BACKBONE_CONFIG).exists():
         if not (out / BACKBONE_FILE).is_file():
             raise ExportError(f"'{out}' has {BACKBONE_CONFIG} but no {BACKBONE_FILE}; remove the directory and export again")
         reused = True
     else:
         write_safetensors(out / BACKBONE_FILE, shared, {"sha256": sha, "architecture": ident["architecture"]})
-        write_json(bb_config_path, {"format_version": FORMAT_VERSION, "name": ident["name"],
-                                    "architecture": ident["architecture"], "pretrained_tag": ident.get("pretrained_tag"),
-                                    "weights_source": ident.get("weights_source"), "sha256": sha,
-                                    "num_tensors": len(shared), "num_params": sum(t.numel() for t in shared.values())})
+        write_json(out / BACKBONE_CONFIG, {"format_version": FORMAT_VERSION, "name": ident["name"],
+                                           "architecture": ident["architecture"], "pretrained_tag": ident.get("pretrained_tag"),
+                                           "weights_source": ident.get("weights_source"), "sha256": sha,
+                                           "num_tensors": len(shared), "num_params": sum(t.numel() for t in shared.values())})
         reused = False
 
     task_dir = out / task
@@ -149,6 +132,37 @@ def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool
     return {"export_dir": str(out), "task": task, "stage": stage, "backbone_reused": reused,
             "adapter_bytes": (task_dir / ADAPTER_FILE).stat().st_size,
             "backbone_bytes": (out / BACKBONE_FILE).stat().st_size, "sha256": sha}
+
+
+def check_export_target(out: Path, backbone: dict, task: str | None = None) -> None:
+    """Refuse an export into ``out`` that would fail, before any work: ``out`` a file or not writable,
+    an invalid task name, another backbone there.
+
+    ``backbone``: the run's identity (``run.json`` "backbone"); given only its ``architecture`` (known
+    before the weights are loaded), other weights of the same architecture are not caught yet.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--export-dir '{out}' is a file; pass a directory")
+    check_writable(out, flag="--export-dir")
+    if task is not None and not TASK_NAME.match(task):
+        raise ExportError(f"task name '{task}' is not valid; use letters, digits, '_', '-', '.' (pass --task-name)")
+    config_path = out / BACKBONE_CONFIG
+    if not config_path.exists():
+        return
+    existing = _validate(read_json(config_path, what="backbone config"), {"sha256": str, "architecture": str},
+                         config_path)
+    other_weights = "sha256" in backbone and existing["sha256"] != backbone["sha256"]
+    if existing["architecture"] == backbone["architecture"] and not other_weights:
+        return
+    hint = ""
+    if existing.get("weights_source") == backbone.get("weights_source") == "random-init":
+        hint = " (both are --no-pretrained backbones, initialised from --seed: tailor with the same --seed)"
+    ours = f"{backbone.get('name', backbone['architecture'])}" + (f", sha256 {backbone['sha256'][:12]}" if "sha256" in backbone else "")
+    raise ExportError(
+        f"'{out}' holds another backbone ({existing.get('name', existing['architecture'])}, sha256 "
+        f"{existing['sha256'][:12]}); this task is tailored on {ours}{hint}. Export it to another directory"
+    )
 
 
 def _teacher_summary(run: Path, run_meta: dict) -> dict:

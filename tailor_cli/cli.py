@@ -5,7 +5,10 @@ logs go to stderr (a rich progress bar on a terminal, plain lines otherwise).
 """
 from __future__ import annotations
 
+import difflib
 import json
+import math
+import os
 import re
 import sys
 import time
@@ -18,7 +21,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
+from . import __version__, defaults
 from .errors import (EXIT_DATA, EXIT_EXPORT, EXIT_INTERNAL, EXIT_MODEL, EXIT_RUN, EXIT_SIGINT, EXIT_SIGTERM,
                      EXIT_TOLERANCE, EXIT_TRAINING, EXIT_USAGE, TailorError)
 
@@ -39,9 +42,61 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 err_console = Console(stderr=True, soft_wrap=True)  # an error is one line, never wrapped
+_now = time.monotonic  # the progress clock (a test replaces it)
+
+
+# --------------------------------------------------------------------------- -c/--config FILE
+def _read_config(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
+    """``-c FILE`` (eager): its values become the command's defaults (click's ``default_map``), so options
+    given on the command line still win."""
+    if value is not None:
+        ctx.default_map = {**(ctx.default_map or {}), **_config_values(value, ctx.command)}
+    return value
+
+
+def _config_values(path: Path, command) -> dict:
+    """Option values from a YAML (or JSON) mapping, keyed by option name (``batch_size`` or ``batch-size``).
+
+    A record nettailor wrote (a stage's ``config.json``, a run's ``run.json``) gives its ``options``,
+    to the command that made it. Unknown keys are refused.
+    """
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise typer.BadParameter(f"cannot read '{path}' ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise typer.BadParameter(f"'{path}' is not valid YAML ({' '.join(str(err).split())[:160]})") from err
+    doc = {} if doc is None else doc
+    if not isinstance(doc, dict):
+        raise typer.BadParameter(f"'{path}' must hold a mapping of option names to values")
+    if isinstance(doc.get("options"), dict):
+        if doc.get("command") != command.name:
+            raise typer.BadParameter(f"'{path}' holds the options of `nettailor {doc.get('command')}`, not of "
+                                     f"`nettailor {command.name}`; pass it to that command")
+        doc = doc["options"]
+    names = {opt[2:].replace("-", "_"): param.name for param in command.params if param.param_type_name == "option"
+             for opt in param.opts if opt.startswith("--") and param.name != "config"}
+    values = {}
+    for key, value in doc.items():
+        name = names.get(str(key).replace("-", "_"))
+        if name is None:
+            close = difflib.get_close_matches(str(key).replace("-", "_"), list(names), n=1)
+            raise typer.BadParameter(f"'{path}': `nettailor {command.name}` has no option '{key}'"
+                                     + (f" (did you mean '{close[0]}'?)" if close else ""))
+        values[name] = value
+    return values
 
 
 # --------------------------------------------------------------------------- shared options
+Config = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", is_eager=True, callback=_read_config, help="YAML (or JSON) file of option values by name "
+    "(batch_size: 64); options on the command line win. A stage's config.json (run.json for `run`) holds the "
+    "options it was made with.")]
+KeepCheckpoints = Annotated[bool, typer.Option(
+    "--keep-checkpoints", help="Keep each finished stage's checkpoint (weights + optimiser state) and best-epoch "
+    "copy, and the K search's candidate weights [default: only what later stages read is kept].")]
 Data = Annotated[Optional[str], typer.Option("--data", help="Dataset: a folder (ImageFolder, GTSRB, Decathlon), "
                                              "'torchvision:NAME', or 'digits' (embedded).")]
 Backbone = Annotated[str, typer.Option("--backbone", help="timm model name, optionally with a tag "
@@ -51,10 +106,13 @@ Pretrained = Annotated[bool, typer.Option("--pretrained/--no-pretrained",
 Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local backbone weights: .safetensors, or a timm "
                                                  ".pth (read with weights_only).")]
 Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory [default: runs/<data>-<backbone>].")]
+ExportDir = Annotated[Optional[Path], typer.Option("--export-dir", help="Export directory: the shared backbone and "
+                                                   "one adapter folder per task.")]
+OldOut = Annotated[Optional[Path], typer.Option("--out", hidden=True, help="Deprecated name of --export-dir.")]
 Task = Annotated[Optional[str], typer.Option("--task", help="Visual Decathlon task name.")]
 ImgSize = Annotated[Optional[int], typer.Option("--img-size", help="Training input size [default: dataset/backbone].")]
 ValFraction = Annotated[Optional[float], typer.Option("--val-fraction", help="Validation fraction for data without a "
-                                                      "validation split [default: 0.1].")]
+                                                      f"validation split [default: {defaults.VAL_FRACTION}].")]
 Download = Annotated[bool, typer.Option("--download", help="Download torchvision datasets.")]
 Cache = Annotated[bool, typer.Option("--cache", help="Decode and resize once, keep uint8 images in memory "
                                          "(refused if over 80% of available memory).")]
@@ -85,6 +143,24 @@ Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON docum
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
+def _stage_options(stage: str, short: str, also: str = ""):
+    """The options of one training stage: --STAGE-epochs, --STAGE-lr, --STAGE-batch-size (`run`; tailor's --teacher-*)."""
+    return (
+        Annotated[Optional[int], typer.Option(f"--{stage}-epochs", help=f"Epochs of {short} [default: --epochs].")],
+        Annotated[Optional[float], typer.Option(f"--{stage}-lr", help=f"Learning rate of {short}{also} "
+                                                f"[default: {defaults.LR[stage]}].")],
+        Annotated[Optional[int], typer.Option(f"--{stage}-batch-size", help=f"Batch size of {short}{also} "
+                                              f"[default: {defaults.BATCH_SIZE[stage]}].")],
+    )
+
+
+TeacherEpochs, TeacherLr, TeacherBatchSize = _stage_options("teacher", "the teacher (full fine-tuning) trained in "
+                                                                       "the run")
+TailorEpochs, TailorLr, TailorBatchSize = _stage_options("tailor", "the tailored student")
+FinetuneEpochs, FinetuneLr, FinetuneBatchSize = _stage_options("finetune", "the pruned network's fine-tuning",
+                                                               " and of the K search's candidates")
+
+
 def _default_output(data: str | None, backbone: str) -> Path:
     name = Path(data.rstrip("/")).name if data else "run"
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name.replace("torchvision:", "")).strip("-") or "run"
@@ -93,40 +169,95 @@ def _default_output(data: str | None, backbone: str) -> Path:
 
 # --------------------------------------------------------------------------- reporting
 class Reporter:
-    """Training callbacks: a rich progress bar on a terminal, plain log lines otherwise (stderr)."""
+    """Training callbacks on stderr: a progress bar on a terminal, plain log lines otherwise.
 
-    def __init__(self, quiet: bool = False):
+    Both say where the stage is and how long it has left, and under ``run`` (which announces its
+    stages with ``on_plan``) about how long the whole pipeline has left. Without a terminal (CI
+    logs), a progress line comes at most every ``$NETTAILOR_PROGRESS_SECONDS`` (30) inside an epoch.
+    """
+
+    def __init__(self, quiet: bool = False, console: Console | None = None):
         from .distributed import is_main
 
         self.quiet = quiet or not is_main()  # under torchrun, rank 0 alone prints
-        self.tty = sys.stderr.isatty() and not self.quiet
+        self.console = console or err_console
+        self.tty = not self.quiet and (self.console.is_terminal if console is not None else sys.stderr.isatty())
+        self.interval = _progress_seconds()
         self.progress = None
         self.task_id = None
+        self.plan: list[list] = []  # [stage, epochs] still to come
+        self.stage: dict = {}  # the stage running: name, epochs, steps, steps to do and done, when it started
+
+    def on_plan(self, stages):
+        self.plan = [[name, epochs] for name, epochs in stages]
 
     def on_stage_start(self, stage, epochs, steps, start_epoch):
+        self._advance_plan(stage, epochs - start_epoch)
+        now = _now()
+        self.stage = {"name": stage, "epochs": epochs, "steps": steps, "todo": (epochs - start_epoch) * steps,
+                      "done": 0, "start": now, "last_line": now}
         self._log(f"{stage}: {epochs} epochs x {steps} steps" + (f", resuming at epoch {start_epoch + 1}" if start_epoch else ""))
         if self.tty:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
             if self.progress is None:
                 self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                         TimeRemainingColumn(), console=err_console, transient=True)
+                                         TextColumn("{task.fields[eta]}"), console=self.console, transient=True)
                 self.progress.start()
-            self.task_id = self.progress.add_task(f"{stage} epoch {start_epoch + 1}/{epochs}", total=steps)
+            self.task_id = self.progress.add_task(f"{stage} epoch {start_epoch + 1}/{epochs}", total=steps, eta="")
 
     def on_step(self, stage, epoch, step, steps):
+        self.stage["done"] += 1
         if self.progress is not None:
-            self.progress.update(self.task_id, completed=step + 1)
+            self.progress.update(self.task_id, completed=step + 1, eta=self._eta())
+        elif not self.quiet and _now() - self.stage["last_line"] >= self.interval:
+            self.stage["last_line"] = _now()
+            self._log(f"{stage} epoch {epoch + 1}/{self.stage['epochs']}: step {step + 1}/{steps}; {self._eta()}")
 
     def on_epoch_end(self, stage, row):
+        epochs = self.stage.get("epochs", row["epoch"])
         terms = " ".join(f"{k[6:]} {row[k]:.4f}" for k in row if k.startswith("train_") and k not in ("train_loss", "train_acc"))
-        self._log(f"{stage} epoch {row['epoch']}: loss {row['train_loss']:.4f} ({terms}) train_acc {row['train_acc']:.2f} "
-                  f"val_acc {row['val_acc']:.2f} [{row['epoch_seconds']:.1f}s, {row['images_per_second']:.0f} img/s]")
-        if self.progress is not None:
-            self.progress.reset(self.task_id, description=f"{stage} epoch {row['epoch'] + 1}")
+        self._log(f"{stage} epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f} ({terms}) "
+                  f"train_acc {row['train_acc']:.2f} val_acc {row['val_acc']:.2f} "
+                  f"[{row['epoch_seconds']:.1f}s, {row['images_per_second']:.0f} img/s]")
+        self.stage["last_line"] = _now()
+        if self.progress is None:
+            return
+        if row["epoch"] < epochs:
+            self.progress.reset(self.task_id, description=f"{stage} epoch {row['epoch'] + 1}/{epochs}",
+                                eta=self._eta())
+        else:  # the stage is done: no bar for an epoch that will not run
+            self.progress.remove_task(self.task_id)
+            self.task_id = None
 
     def on_message(self, message):
         self._log(message)
+
+    def _advance_plan(self, stage, epochs):
+        """Drop the planned stages before ``stage``; a K search candidate uses up its epochs of the search's."""
+        name = stage.split("/")[0]
+        names = [n for n, _ in self.plan]
+        if name not in names:
+            return
+        del self.plan[:names.index(name)]
+        if name == "search":
+            self.plan[0][1] = max(self.plan[0][1] - epochs, 0)
+        else:
+            del self.plan[0]
+
+    def _eta(self) -> str:
+        """``stage 4m10s left, run about 21m05s left``: the steps to go at this stage's pace so far
+        (evaluations included), and the planned epochs after it at this stage's seconds per epoch."""
+        st = self.stage
+        if not st.get("done"):
+            return ""
+        per_step = (_now() - st["start"]) / st["done"]
+        left = per_step * (st["todo"] - st["done"])
+        text = f"stage {_duration(left)} left"
+        later = sum(epochs for _, epochs in self.plan)
+        if later:
+            text += f", run about {_duration(left + later * per_step * st['steps'])} left"
+        return text
 
     def _log(self, message):
         if self.quiet:
@@ -140,6 +271,30 @@ class Reporter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _progress_seconds() -> float:
+    """Seconds between progress lines without a terminal: ``$NETTAILOR_PROGRESS_SECONDS``, or the default."""
+    text = os.environ.get("NETTAILOR_PROGRESS_SECONDS")
+    if text is None:
+        return defaults.PROGRESS_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise _usage(f"NETTAILOR_PROGRESS_SECONDS must be a number of seconds >= 0, got '{text}'; unset it for "
+                     f"a line every {defaults.PROGRESS_SECONDS:g} s")
+    return value
 
 
 def _emit(result: dict, as_json: bool, render: Callable[[dict], None] | None = None) -> None:
@@ -198,14 +353,8 @@ def _rank_prefix() -> str:
     return f"[rank {info().rank}] " if info().rank else ""
 
 
-def _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume, overwrite, *, lr_default,
-                bs_default, compile=False, channels_last=None):
-    from .pipeline import TrainOptions
-
-    return TrainOptions(epochs=epochs, batch_size=batch_size if batch_size is not None else bs_default,
-                        lr=lr if lr is not None else lr_default, lr_step=lr_step, seed=seed, device=device, amp=amp,
-                        amp_dtype=amp_dtype, resume=resume, overwrite=overwrite, compile=compile,
-                        channels_last=channels_last)
+def _stage_help(stage: str, text: str) -> str:
+    return f"{text} Defaults: lr {defaults.LR[stage]}, batch {defaults.BATCH_SIZE[stage]}, {defaults.EPOCHS} epochs."
 
 
 def _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers, augment=True):
@@ -245,33 +394,32 @@ def _root(
     """Tailor pretrained CNNs to new tasks by changing the architecture, not just the weights."""
 
 
-@app.command()
+@app.command(help=_stage_help("teacher", "Stage 1: fine-tune the whole backbone (new classifier) on the task."))
 def teacher(
-    data: Data = None, backbone: Backbone = "resnet34", output: Output = None, pretrained: Pretrained = True,
-    weights: Weights = None, task: Task = None, img_size: ImgSize = None, val_fraction: ValFraction = None,
-    download: Download = False, cache: Cache = False, hflip: Hflip = None, skip_bad: SkipBad = False,
-    workers: Workers = None, augment: Augment = True, epochs: Epochs = 20, batch_size: BatchSize = None,
-    lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto", amp: Amp = None,
-    amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
-    channels_last: ChannelsLast = None, resume: Resume = False, overwrite: Overwrite = False, json_out: Json = False,
-    debug: Debug = False,
+    config: Config = None, data: Data = None, backbone: Backbone = "resnet34", output: Output = None,
+    pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
+    val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
+    skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = defaults.EPOCHS,
+    batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto",
+    amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
+    channels_last: ChannelsLast = None, resume: Resume = False, overwrite: Overwrite = False,
+    keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
 ):
-    """Stage 1: fine-tune the whole backbone (new classifier) on the task. Defaults: lr 0.01, batch 64."""
-
     def body():
-        from .pipeline import BackboneOptions, train_teacher
+        from .pipeline import BackboneOptions, TrainOptions, train_teacher
 
         if data is None:
             raise _usage("--data is required (a dataset folder, torchvision:NAME, or 'digits')")
         run = output or _default_output(data, backbone)
+        train = TrainOptions.for_stage("teacher", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step,
+                                       seed=seed, device=device, amp=amp, amp_dtype=amp_dtype, resume=resume,
+                                       overwrite=overwrite, compile=compile_model, channels_last=channels_last,
+                                       keep_checkpoints=keep_checkpoints)
         rep = Reporter()
         try:
             result = train_teacher(run, BackboneOptions(backbone, pretrained, weights),
                                    _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad,
-                                              workers, augment),
-                                   _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume,
-                                               overwrite, lr_default=0.01, bs_default=64, compile=compile_model,
-                                               channels_last=channels_last), rep)
+                                              workers, augment), train, rep)
         finally:
             rep.close()
         _emit({"run": str(run), **result}, json_out, _render_stage)
@@ -279,47 +427,45 @@ def teacher(
     _execute(debug, body, json_out)
 
 
-@app.command()
+@app.command(help=_stage_help("tailor", "Stage 2: build the student (frozen blocks + proxies + attention) and "
+                                        "train it."))
 def tailor(
-    data: Data = None, backbone: Backbone = "resnet34", output: Output = None,
+    config: Config = None, data: Data = None, backbone: Backbone = "resnet34", output: Output = None,
     teacher_run: Annotated[Optional[Path], typer.Option("--teacher", help="A finished teacher run; omitted: one "
                                                         "is trained first in RUN/teacher.")] = None,
-    max_skip: Annotated[int, typer.Option("--max-skip", help="Proxies per layer (skips over 1..K blocks).")] = 3,
-    complexity_weight: Annotated[float, typer.Option("--complexity-weight", help="g1, weight of E[C].")] = 0.3,
-    teacher_weight: Annotated[float, typer.Option("--teacher-weight", help="g2, weight of the teacher term.")] = 10.0,
-    teacher_epochs: Annotated[Optional[int], typer.Option("--teacher-epochs", help="Epochs of the teacher trained "
-                                                          "in this run [default: --epochs].")] = None,
-    teacher_lr: Annotated[float, typer.Option("--teacher-lr")] = 0.01,
-    teacher_batch_size: Annotated[Optional[int], typer.Option("--teacher-batch-size")] = None,
-    teacher_loss: TeacherLoss = "mse",
+    max_skip: Annotated[int, typer.Option("--max-skip", help="Proxies per layer (skips over 1..K blocks).")] = defaults.MAX_SKIP,
+    complexity_weight: Annotated[float, typer.Option("--complexity-weight", help="g1, weight of E[C].")] = defaults.COMPLEXITY_WEIGHT,
+    teacher_weight: Annotated[float, typer.Option("--teacher-weight", help="g2, weight of the teacher term.")] = defaults.TEACHER_WEIGHT,
+    teacher_epochs: TeacherEpochs = None, teacher_lr: TeacherLr = None, teacher_batch_size: TeacherBatchSize = None,
+    teacher_loss: TeacherLoss = defaults.TEACHER_LOSS,
     pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
     val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
-    skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = 20,
+    skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = defaults.EPOCHS,
     batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto",
     amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
     channels_last: ChannelsLast = None, resume: Resume = False, overwrite: Overwrite = False,
-    json_out: Json = False, debug: Debug = False,
+    keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
 ):
-    """Stage 2: build the student (frozen blocks + proxies + attention) and train it. Defaults: lr 0.1, batch 32."""
-
     def body():
         from .pipeline import BackboneOptions, TailorOptions, TrainOptions, tailor as run_tailor
 
         if data is None:
             raise _usage("--data is required (a dataset folder, torchvision:NAME, or 'digits')")
         run = output or _default_output(data, backbone)
-        t_train = TrainOptions(epochs=teacher_epochs if teacher_epochs is not None else epochs,
-                               batch_size=teacher_batch_size if teacher_batch_size is not None else 64, lr=teacher_lr,
-                               seed=seed, device=device, amp=amp, amp_dtype=amp_dtype)
+        common = dict(seed=seed, device=device, amp=amp, amp_dtype=amp_dtype, keep_checkpoints=keep_checkpoints)
+        t_train = TrainOptions.for_stage("teacher", epochs=teacher_epochs if teacher_epochs is not None else epochs,
+                                         lr=teacher_lr, batch_size=teacher_batch_size, **common)
+        train = TrainOptions.for_stage("tailor", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step,
+                                       resume=resume, overwrite=overwrite, compile=compile_model,
+                                       channels_last=channels_last, **common)
         rep = Reporter()
         try:
             result = run_tailor(
                 run, BackboneOptions(backbone, pretrained, weights),
                 _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers, augment),
-                _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume, overwrite,
-                            lr_default=0.1, bs_default=32, compile=compile_model, channels_last=channels_last),
-                TailorOptions(teacher=teacher_run, max_skip=max_skip, complexity_weight=complexity_weight,
-                              teacher_weight=teacher_weight, teacher_loss=teacher_loss, teacher_train=t_train), rep)
+                train, TailorOptions(teacher=teacher_run, max_skip=max_skip, complexity_weight=complexity_weight,
+                                     teacher_weight=teacher_weight, teacher_loss=teacher_loss, teacher_train=t_train),
+                rep)
         finally:
             rep.close()
         _emit({"run": str(run), **result}, json_out, _render_stage)
@@ -330,26 +476,27 @@ def tailor(
 @app.command()
 def prune(
     run: Annotated[Path, typer.Argument(help="A run directory with a finished 'tailor' stage.")],
-    threshold: Annotated[float, typer.Option("--threshold", help="Remove proxies with attention below this.")] = 0.05,
+    config: Config = None,
+    threshold: Annotated[float, typer.Option("--threshold", help="Remove proxies with attention below this.")] = defaults.THRESHOLD,
     drop_blocks: Annotated[int, typer.Option("--drop-blocks", "-k", help="Remove the K universal blocks with the "
                                              "lowest attention.")] = 0,
     auto: Annotated[bool, typer.Option("--auto", help="Search K: the leanest network within --tolerance of the "
                                        "teacher (or the most accurate under --max-macs), then fine-tune it.")] = False,
     tolerance: Annotated[float, typer.Option("--tolerance", help="--auto: accuracy points allowed below the "
-                                             "teacher on the validation split.")] = 0.5,
+                                             "teacher on the validation split.")] = defaults.TOLERANCE,
     max_macs: Annotated[Optional[float], typer.Option("--max-macs", help="--auto: MACs budget, absolute or a "
                                                       "fraction (<= 1) of the full network.")] = None,
     search_epochs: Annotated[int, typer.Option("--search-epochs", help="--auto: fine-tuning epochs per "
-                                               "candidate.")] = 2,
-    epochs: Annotated[int, typer.Option("--epochs", help="--auto: epochs of the final fine-tuning.")] = 20,
+                                               "candidate.")] = defaults.SEARCH_EPOCHS,
+    epochs: Annotated[int, typer.Option("--epochs", help="--auto: epochs of the final fine-tuning.")] = defaults.EPOCHS,
     data: Data = None, cache: Cache = False, workers: Workers = None, batch_size: BatchSize = None, lr: Lr = None,
-    seed: Seed = 0, device: Device = "auto", amp: Amp = None,
+    seed: Seed = 0, device: Device = "auto", amp: Amp = None, keep_checkpoints: KeepCheckpoints = False,
     overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False,
 ):
     """Stage 3: remove low-attention proxies and the K weakest blocks, then everything orphaned."""
 
     def body():
-        from .pipeline import SearchOptions, auto_prune, prune as run_prune
+        from .pipeline import SearchOptions, TrainOptions, auto_prune, prune as run_prune
 
         if auto and drop_blocks:
             raise _usage("--auto searches K itself; drop --drop-blocks (or drop --auto to prune exactly K blocks)")
@@ -359,8 +506,8 @@ def prune(
             _emit({"run": str(run), **result}, json_out, _render_stage)
             return
         d = _data_opts(data, None, None, None, False, cache, None, False, workers)
-        mk = lambda n: _train_opts(n, batch_size, lr, None, seed, device, amp, "bfloat16", False, False,
-                                   lr_default=0.01, bs_default=32)
+        mk = lambda n: TrainOptions.for_stage("finetune", epochs=n, lr=lr, batch_size=batch_size, seed=seed,
+                                              device=device, amp=amp, keep_checkpoints=keep_checkpoints)
         try:
             result = auto_prune(run, d, mk(search_epochs), mk(epochs),
                                 SearchOptions(tolerance=tolerance, max_macs=max_macs, search_epochs=search_epochs,
@@ -385,29 +532,30 @@ def _fail_on_tolerance(result: dict) -> None:
         raise ToleranceError(result["error"])
 
 
-@app.command()
+@app.command(help=_stage_help("finetune", "Stage 4: retrain the pruned student (complexity weight 0, teacher term "
+                                          "on)."))
 def finetune(
     run: Annotated[Path, typer.Argument(help="A run directory with a finished 'prune' stage.")],
-    teacher_weight: Annotated[float, typer.Option("--teacher-weight", help="g2, weight of the teacher term.")] = 10.0,
+    config: Config = None,
+    teacher_weight: Annotated[float, typer.Option("--teacher-weight", help="g2, weight of the teacher term.")] = defaults.TEACHER_WEIGHT,
     data: Data = None, task: Task = None, cache: Cache = False, skip_bad: SkipBad = False, workers: Workers = None,
-    augment: Augment = True, epochs: Epochs = 20, batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0,
-    device: Device = "auto", amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
-    channels_last: ChannelsLast = None, resume: Resume = False,
-    overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False,
+    augment: Augment = True, epochs: Epochs = defaults.EPOCHS, batch_size: BatchSize = None, lr: Lr = None,
+    lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto", amp: Amp = None, amp_dtype: AmpDtype = "bfloat16",
+    compile_model: Compile = False, channels_last: ChannelsLast = None, resume: Resume = False,
+    overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False, json_out: Json = False,
+    debug: Debug = False,
 ):
-    """Stage 4: retrain the pruned student (complexity weight 0, teacher term on). Defaults: lr 0.01, batch 32."""
-
     def body():
-        from .pipeline import finetune as run_finetune
+        from .pipeline import TrainOptions, finetune as run_finetune
 
+        train = TrainOptions.for_stage("finetune", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step,
+                                       seed=seed, device=device, amp=amp, amp_dtype=amp_dtype, resume=resume,
+                                       overwrite=overwrite, compile=compile_model, channels_last=channels_last,
+                                       keep_checkpoints=keep_checkpoints)
         rep = Reporter()
         try:
             result = run_finetune(run, _data_opts(data, task, None, None, False, cache, None, skip_bad, workers,
-                                                  augment),
-                                  _train_opts(epochs, batch_size, lr, lr_step, seed, device, amp, amp_dtype, resume,
-                                              overwrite, lr_default=0.01, bs_default=32, compile=compile_model,
-                                              channels_last=channels_last),
-                                  teacher_weight=teacher_weight, callbacks=rep)
+                                                  augment), train, teacher_weight=teacher_weight, callbacks=rep)
         finally:
             rep.close()
         _emit({"run": str(run), **result}, json_out, _render_stage)
@@ -415,10 +563,20 @@ def finetune(
     _execute(debug, body, json_out)
 
 
+def _export_dir(export_dir: Path | None, out: Path | None) -> Path | None:
+    """``--export-dir``, or the deprecated ``--out`` (with a one-line warning)."""
+    if out is None:
+        return export_dir
+    if export_dir is not None:
+        raise _usage("--out is the old name of --export-dir; pass only --export-dir")
+    err_console.print("warning: --out is deprecated; use --export-dir (same meaning)", highlight=False, markup=False)
+    return out
+
+
 @app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="A run directory (its latest student stage is exported).")],
-    out: Annotated[Path, typer.Option("--out", help="Export directory (shared backbone + one folder per task).")],
+    export_dir: ExportDir = None, out: OldOut = None,
     task_name: Annotated[Optional[str], typer.Option("--task-name", help="Name of the task in the export "
                                                      "[default: the dataset's name].")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace this task's adapter if the export "
@@ -430,7 +588,10 @@ def export(
     def body():
         from .adapter import export_task
 
-        result = export_task(run, out, task_name=task_name, overwrite=overwrite)
+        target = _export_dir(export_dir, out)
+        if target is None:
+            raise _usage("--export-dir is required (the export directory: shared backbone + one folder per task)")
+        result = export_task(run, target, task_name=task_name, overwrite=overwrite)
         _emit(result, json_out, lambda r: print(
             f"exported task '{r['task']}' ({r['stage']}) to {r['export_dir']}: adapter {r['adapter_bytes'] / 1e6:.2f} MB, "
             f"shared backbone {r['backbone_bytes'] / 1e6:.1f} MB ({'reused' if r['backbone_reused'] else 'written'})"))
@@ -481,6 +642,7 @@ def predict(
                              device=resolve_device(device))
 
         def render(r):
+            print("task\timage\tpredictions")  # tab-separated, one line per image and task, best class first
             for p in r["predictions"]:
                 best = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in p["top"])
                 print(f"{p['task']}\t{p['image']}\t{best}")
@@ -492,84 +654,61 @@ def predict(
 
 @app.command()
 def run(
-    data: Data = None, backbone: Backbone = "resnet34", out: Annotated[Optional[Path], typer.Option(
-        "--out", help="Export directory for the adapter [default: RUN/export].")] = None,
-    output: Output = None, pretrained: Pretrained = True, weights: Weights = None, task: Task = None,
+    config: Config = None, data: Data = None, backbone: Backbone = "resnet34", output: Output = None,
+    export_dir: Annotated[Optional[Path], typer.Option("--export-dir", help="Export directory for the adapter "
+                                                       "[default: RUN/export].")] = None,
+    out: OldOut = None, pretrained: Pretrained = True, weights: Weights = None, task: Task = None,
     img_size: ImgSize = None, val_fraction: ValFraction = None, download: Download = False, cache: Cache = False,
     hflip: Hflip = None, skip_bad: SkipBad = False, workers: Workers = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs of each training stage.")] = 20,
-    threshold: Annotated[float, typer.Option("--threshold")] = 0.05,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs of each training stage (see --STAGE-epochs).")] = defaults.EPOCHS,
+    teacher_epochs: TeacherEpochs = None, teacher_lr: TeacherLr = None, teacher_batch_size: TeacherBatchSize = None,
+    tailor_epochs: TailorEpochs = None, tailor_lr: TailorLr = None, tailor_batch_size: TailorBatchSize = None,
+    finetune_epochs: FinetuneEpochs = None, finetune_lr: FinetuneLr = None,
+    finetune_batch_size: FinetuneBatchSize = None,
+    threshold: Annotated[float, typer.Option("--threshold", help="Remove paths with attention below this.")] = defaults.THRESHOLD,
     drop_blocks: Annotated[Optional[int], typer.Option("--drop-blocks", "-k", help="Drop exactly K blocks "
                                                        "[default: search K automatically].")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Accuracy points allowed below the teacher; "
-                                             "the exit code is 7 when the chosen network misses it.")] = 0.5,
+                                             "the exit code is 7 when the chosen network misses it.")] = defaults.TOLERANCE,
     max_macs: Annotated[Optional[float], typer.Option("--max-macs", help="MACs budget instead of a tolerance.")] = None,
-    search_epochs: Annotated[int, typer.Option("--search-epochs")] = 2,
-    max_skip: Annotated[int, typer.Option("--max-skip")] = 3,
-    teacher_loss: TeacherLoss = "mse",
+    search_epochs: Annotated[int, typer.Option("--search-epochs", help="Fine-tuning epochs of each K search "
+                                               "candidate.")] = defaults.SEARCH_EPOCHS,
+    max_skip: Annotated[int, typer.Option("--max-skip", help="Proxies per layer (skips over 1..K blocks).")] = defaults.MAX_SKIP,
+    teacher_loss: TeacherLoss = defaults.TEACHER_LOSS,
     seed: Seed = 0, device: Device = "auto", amp: Amp = None, resume: Resume = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run again: remove what nettailor wrote "
                                             "in its directory first.")] = False,
-    json_out: Json = False, debug: Debug = False,
+    keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
 ):
     """The whole pipeline in one command: teacher, tailor, prune, finetune, export, report."""
 
     def body():
-        from .adapter import export_task
-        from .pipeline import BackboneOptions, TailorOptions, TrainOptions, finetune as run_finetune
-        from .pipeline import prune as run_prune, tailor as run_tailor
-        from .report import report_run
-
-        from .pipeline import check_run_resume
-        from .runs import lock_dir, reset_run
+        from .pipeline import BackboneOptions, SearchOptions, TailorOptions, TrainOptions, run_pipeline
 
         if data is None:
             raise _usage("--data is required (a dataset folder, torchvision:NAME, or 'digits')")
-        if resume and overwrite:
-            raise _usage("--resume and --overwrite exclude each other")
-        if drop_blocks is not None and max_macs is not None:
-            raise _usage("--max-macs chooses K itself; drop --drop-blocks (or drop --max-macs to use exactly K)")
+        if epochs <= 0:
+            raise _usage(f"--epochs must be positive, got {epochs}")
+        target = _export_dir(export_dir, out)
+        common = dict(seed=seed, device=device, amp=amp, keep_checkpoints=keep_checkpoints)
+        stage = lambda name, n, lr, bs: TrainOptions.for_stage(name, epochs=epochs if n is None else n, lr=lr,
+                                                               batch_size=bs, **common)
         run_dir = output or _default_output(data, backbone)
-        export_dir = out or run_dir / "export"
-        with lock_dir(run_dir):  # one writer across all the stages (each stage locks it again)
-            if resume:
-                check_run_resume(run_dir, threshold, drop_blocks, tolerance, max_macs, search_epochs)
-            if overwrite:
-                reset_run(run_dir)
-            d = _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers)
-            mk = lambda lr, bs: TrainOptions(epochs=epochs, batch_size=bs, lr=lr, seed=seed, device=device, amp=amp,
-                                             resume=resume)
-            rep = Reporter()
-            t0 = time.perf_counter()
-            try:
-                run_tailor(run_dir, BackboneOptions(backbone, pretrained, weights), d, mk(0.1, 32),
-                           TailorOptions(max_skip=max_skip, teacher_loss=teacher_loss, teacher_train=mk(0.01, 64)), rep)
-                from .pipeline import SearchOptions, auto_prune
-                from .runs import stage_done
-
-                searched = None
-                if drop_blocks is None and resume and stage_done(run_dir, "prune"):
-                    run_finetune(run_dir, d, mk(0.01, 32), callbacks=rep)  # K was searched (checked above): go on
-                elif drop_blocks is None:
-                    searched = auto_prune(run_dir, d, mk(0.01, 32), mk(0.01, 32),
-                                          SearchOptions(tolerance=tolerance, max_macs=max_macs,
-                                                        search_epochs=search_epochs, threshold=threshold),
-                                          overwrite=True, callbacks=rep)
-                else:
-                    if not (resume and stage_done(run_dir, "prune")):
-                        run_prune(run_dir, threshold=threshold, drop_blocks=drop_blocks, overwrite=True, callbacks=rep)
-                    run_finetune(run_dir, d, mk(0.01, 32), callbacks=rep)
-            finally:
-                rep.close()
-            exported = export_task(run_dir, export_dir, overwrite=True)
-            result = report_run(run_dir)
-            result["export"] = exported
-            result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-            if searched is not None and searched.get("error"):
-                result["error"] = searched["error"]  # exit 7 below: the document says why, as prune --auto's does
-            _emit(result, json_out, render_report)
-        if searched is not None:
-            _fail_on_tolerance(searched)
+        rep = Reporter()
+        try:
+            result = run_pipeline(
+                run_dir, target, BackboneOptions(backbone, pretrained, weights),
+                _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers),
+                TailorOptions(max_skip=max_skip, teacher_loss=teacher_loss,
+                              teacher_train=stage("teacher", teacher_epochs, teacher_lr, teacher_batch_size)),
+                stage("tailor", tailor_epochs, tailor_lr, tailor_batch_size),
+                stage("finetune", finetune_epochs, finetune_lr, finetune_batch_size),
+                SearchOptions(tolerance=tolerance, max_macs=max_macs, search_epochs=search_epochs, threshold=threshold),
+                drop_blocks, resume=resume, overwrite=overwrite, callbacks=rep)
+        finally:
+            rep.close()
+        _emit(result, json_out, render_report)
+        _fail_on_tolerance(result)
 
     _execute(debug, body, json_out)
 
@@ -607,16 +746,18 @@ def _table(title: str) -> Table:
 
 def render_report(result: dict) -> None:
     """Rich tables on a terminal; the same content as plain ASCII text when stdout is a pipe or file."""
+    from .report import LAYER_STATUS, layer_status
+
     console = _stdout_console()
     for rep in result["tasks"]:
         t = rep["totals"]
-        table = _table(f"task '{rep['task']}' ({rep['stage']}, {rep['backbone']} @ {rep['img_size']}px)")
-        for col in ("layer", "block", "universal", "alpha", "proxies (from node: alpha)", "params", "MACs"):
+        table = _table(f"task '{rep['task']}': its network after the '{rep['stage']}' stage "
+                       f"({rep['backbone']} at {rep['img_size']} px)")
+        for col in ("layer", "block", "universal block", "alpha", "proxies (from node: alpha)", "params", "MACs"):
             table.add_column(col, justify="right" if col in ("layer", "params", "MACs", "alpha") else "left")
         for l in rep["layers"]:
             prox = ", ".join(f"{p['from_node']}: {p['alpha']:.2f}" for p in l["proxies"]) or "-"
-            alive = l["block_kept"] or l["proxies"]
-            table.add_row(str(l["layer"]), l["block"], "kept" if l["block_kept"] else ("removed" if alive else "dead"),
+            table.add_row(str(l["layer"]), l["block"], layer_status(l["block_kept"], bool(l["proxies"])),
                           f"{l['block_alpha']:.2f}" if l["block_alpha"] is not None else "-", prox,
                           _fmt_n(l["params"]), _fmt_n(l["macs"]))
         console.print(table)
@@ -629,6 +770,9 @@ def render_report(result: dict) -> None:
             + (f"; adapter {t['adapter_bytes'] / 1e6:.2f} MB" if t.get("adapter_bytes") else ""),
             highlight=False,
         )
+    console.print("universal block: " + ", ".join(f"{k} = {v}" for k, v in LAYER_STATUS.items())
+                  + "; alpha = the attention on the block's path; proxies = the node each reads (0: the stem) "
+                  "and its attention", highlight=False)
     if "export" in result:  # `run`: where the adapter went
         e = result["export"]
         console.print(f"exported task '{e['task']}' to {e['export_dir']}: adapter {e['adapter_bytes'] / 1e6:.2f} MB, "
@@ -638,14 +782,15 @@ def render_report(result: dict) -> None:
             render_frontier(rep["search"], console)
     m = result["matrix"]
     if len(m["tasks"]) > 1:
-        console.print("block usage: B = the universal block runs, +n = n proxies enter the layer, . = neither")
-        table = _table("block usage")
+        table = _table("block usage across tasks")
         table.add_column("block")
         for name in m["tasks"]:
             table.add_column(name, justify="center")
         for block, row in zip(m["blocks"], m["cells"]):
-            table.add_row(block, *[("B" if c["block"] else ".") + (f"+{c['proxies']}" if c["proxies"] else "") for c in row])
+            table.add_row(block, *[_usage_cell(c) for c in row])
         console.print(table)
+        console.print("B = the universal block runs; +n = n proxies enter the layer (B+2: the block and 2 proxies; "
+                      "+3: 3 proxies stand in for the dropped block); . = the layer is skipped", highlight=False)
     if "totals" in result:
         tt = result["totals"]
         console.print(
@@ -655,6 +800,12 @@ def render_report(result: dict) -> None:
             f"params {_fmt_n(tt['params'])} vs {_fmt_n(tt['finetune_params'])}",
             highlight=False,
         )
+
+
+def _usage_cell(cell: dict) -> str:
+    """``B``, ``B+2``, ``+3`` or ``.``: the block, the proxies entering the layer, or neither."""
+    proxies = f"+{cell['proxies']}" if cell["proxies"] else ""
+    return ("B" + proxies) if cell["block"] else (proxies or ".")
 
 
 def _accuracy_line(acc: dict, sizes: dict | None) -> str:

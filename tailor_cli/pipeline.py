@@ -9,28 +9,31 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
+import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import timm
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, defaults
 from . import distributed as dist
 from .backbone import backbone_identity, check_backbone_name, create_backbone, describe_chain
 from .checkpoint import read_json, read_safetensors, write_json, write_safetensors
 from .counting import network_params, path_costs, student_macs, student_params, model_macs
 from .errors import RunError, UsageError, DataError
 from .losses import TEACHER_LOSSES, ComplexityModel
-from .pruning import plan as plan_pruning
+from .pruning import connecting_threshold, plan as plan_pruning
 from .runs import (CHECKPOINT, MODEL, check_settings, check_writable, locate_teacher, lock_created, lock_dir, prepare_stage,
                    read_run, read_summary, require_stage, reset_run, stage_done, write_run, write_summary)
 from .student import Structure, Student
-from .weights import resolve_weights_path
-from .train import (Callbacks, StudentObjective, TeacherObjective, TrainConfig, autocast_context, fit,
+from .weights import PKG_PREFIX, resolve_weights_path
+from .train import (BEST, Callbacks, StudentObjective, TeacherObjective, TrainConfig, autocast_context, fit,
                     resolve_device)
 
 
@@ -51,9 +54,9 @@ class DataOptions:
 
 @dataclass
 class TrainOptions:
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 0.1
+    epochs: int = defaults.EPOCHS
+    batch_size: int = defaults.BATCH_SIZE["tailor"]
+    lr: float = defaults.LR["tailor"]
     lr_step: int | None = None  # default: 40% of the epochs (SVHN demo: 20 epochs, decay every 8)
     seed: int = 0
     device: str = "auto"
@@ -61,19 +64,28 @@ class TrainOptions:
     amp_dtype: str = "bfloat16"
     channels_last: bool | None = None  # None: on for CUDA
     compile: bool = False  # torch.compile the training forward
-    clip_grad: float | None = 10.0  # max gradient norm per step (docs/method.md, "Hyperparameters"); None: off
+    clip_grad: float | None = defaults.CLIP_GRAD  # max gradient norm of the weights per step; None: off
     resume: bool = False
     overwrite: bool = False
+    keep_checkpoints: bool = False  # keep checkpoint.safetensors (and best.safetensors) once the stage is done
 
-    def validate(self) -> None:
+    @classmethod
+    def for_stage(cls, stage: str, *, epochs: int | None = None, lr: float | None = None,
+                  batch_size: int | None = None, **rest) -> "TrainOptions":
+        """Options of a training stage (teacher, tailor, finetune), its defaults (``defaults.py``) for those not given."""
+        return cls(epochs=defaults.EPOCHS if epochs is None else epochs, lr=defaults.LR[stage] if lr is None else lr,
+                   batch_size=defaults.BATCH_SIZE[stage] if batch_size is None else batch_size, **rest)
+
+    def validate(self, flag: str = "") -> None:
+        """``flag``: the prefix of the options as the command names them (``teacher-`` for ``--teacher-epochs``)."""
         if self.epochs <= 0:
-            raise UsageError(f"--epochs must be positive, got {self.epochs}")
+            raise UsageError(f"--{flag}epochs must be positive, got {self.epochs}")
         if self.batch_size <= 0:
-            raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
+            raise UsageError(f"--{flag}batch-size must be positive, got {self.batch_size}")
         if not self.lr > 0:
-            raise UsageError(f"--lr must be positive, got {self.lr}")
+            raise UsageError(f"--{flag}lr must be positive, got {self.lr}")
         if self.clip_grad is not None and not self.clip_grad > 0:
-            raise UsageError(f"--clip-grad must be positive, got {self.clip_grad}; use --no-clip-grad to train unclipped")
+            raise UsageError(f"--clip-grad must be positive, got {self.clip_grad}; pass --no-clip-grad to train unclipped")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
         if self.amp_dtype not in ("bfloat16", "float16"):
@@ -114,7 +126,7 @@ def stage_settings(train: TrainOptions, device: torch.device, data: DataOptions 
             "data": _data_path(data.data) if data.data else saved.get("path"),
             "task": data.task if data.task is not None else saved.get("task"),
             "img_size": data.img_size if data.img_size is not None else saved.get("img_size"),
-            "val_fraction": data.val_fraction if data.val_fraction is not None else saved.get("val_fraction", 0.1),
+            "val_fraction": data.val_fraction if data.val_fraction is not None else saved.get("val_fraction", defaults.VAL_FRACTION),
             "hflip": data.hflip if data.hflip is not None else saved.get("hflip"),
             "augment": data.augment, "skip_bad": data.skip_bad,
         }
@@ -183,7 +195,7 @@ def _load_data(run_meta: dict | None, opts: DataOptions, data_config: dict, run:
         img_size=opts.img_size if opts.img_size is not None else saved.get("img_size"),
         split_file=run / "split.json",
         task=opts.task or saved.get("task"),
-        val_fraction=opts.val_fraction if opts.val_fraction is not None else saved.get("val_fraction", 0.1),
+        val_fraction=opts.val_fraction if opts.val_fraction is not None else saved.get("val_fraction", defaults.VAL_FRACTION),
         seed=saved.get("seed", seed),
         download=opts.download,
         cache=opts.cache,
@@ -225,7 +237,7 @@ def _data_record(task, opts: DataOptions, seed: int) -> dict:
         "path": _data_path(opts.data), "given": opts.data, "layout": task.layout, "name": task.name,
         "task": opts.task, "img_size": task.img_size, "mean": list(task.mean), "std": list(task.std),
         "interpolation": task.interpolation, "crop_pct": task.crop_pct, "crop_mode": task.crop_mode, "hflip": task.hflip,
-        "val_fraction": opts.val_fraction if opts.val_fraction is not None else 0.1, "seed": seed,
+        "val_fraction": opts.val_fraction if opts.val_fraction is not None else defaults.VAL_FRACTION, "seed": seed,
     }
 
 
@@ -353,10 +365,10 @@ def train_teacher(run: Path, bb: BackboneOptions, data: DataOptions, train: Trai
                         "task_name": task.name})
     elif run_meta["backbone"]["sha256"] != identity["sha256"]:
         raise RunError(f"run '{run}' was made with other backbone weights; use another --output or --overwrite")
-    return _fit_teacher(run, model, task, data, train, device, cb, stage_settings(train, device, data, bb, read_run(run)))
+    return _fit_teacher(run, bb, model, task, data, train, device, cb, stage_settings(train, device, data, bb, read_run(run)))
 
 
-def _fit_teacher(run: Path, model: nn.Module, task, data: DataOptions, train: TrainOptions,
+def _fit_teacher(run: Path, bb: BackboneOptions, model: nn.Module, task, data: DataOptions, train: TrainOptions,
                  device: torch.device, cb: Callbacks, settings: dict, made_by: str = "teacher") -> dict:
     t0 = time.perf_counter()
     cfg = train.config(device)
@@ -366,7 +378,9 @@ def _fit_teacher(run: Path, model: nn.Module, task, data: DataOptions, train: Tr
     stage_dir = run / "teacher"
     write_json(stage_dir / "config.json", {"stage": "teacher", "train": asdict(train), "resolved": asdict(cfg),
                                            "data": asdict(data) | {"data": data.data}, "device": str(device),
-                                           "settings": settings, "made_by": made_by})
+                                           "settings": settings, "made_by": made_by,
+                                           "command": "teacher",
+                                           "options": _options(settings, train, data, weights=_weights_option(bb))})
     train_loader, val_loader = _loaders(task, train.batch_size, device, train.seed, data.workers)
     _say_distributed(cb, train)
     model = dist.sync_batchnorm(model, device)
@@ -381,6 +395,7 @@ def _fit_teacher(run: Path, model: nn.Module, task, data: DataOptions, train: Tr
                "params": network_params(model), "macs": model_macs(model, task.img_size),
                "skipped_images": list(task.skipped), "wall_seconds": round(time.perf_counter() - t0, 1)}
     write_summary(run, "teacher", summary)
+    _drop_resume_files(stage_dir, train)
     dist.barrier()  # other ranks may read the teacher next
     return summary
 
@@ -389,28 +404,35 @@ def _fit_teacher(run: Path, model: nn.Module, task, data: DataOptions, train: Tr
 @dataclass
 class TailorOptions:
     teacher: Path | None = None
-    max_skip: int = 3
-    complexity_weight: float = 0.3
-    teacher_weight: float = 10.0
-    teacher_loss: str = "mse"  # "mse" (the paper's form) or "relative" (scale-free); see losses.teacher_term
-    teacher_train: TrainOptions = field(default_factory=lambda: TrainOptions(lr=0.01, batch_size=64))
+    max_skip: int = defaults.MAX_SKIP
+    complexity_weight: float = defaults.COMPLEXITY_WEIGHT
+    teacher_weight: float = defaults.TEACHER_WEIGHT
+    teacher_loss: str = defaults.TEACHER_LOSS  # "mse" (the paper's form) or "relative" (scale-free); see losses.teacher_term
+    teacher_train: TrainOptions = field(default_factory=lambda: TrainOptions.for_stage("teacher"))  # trained in the run
+
+    def validate(self) -> None:
+        if self.max_skip < 1:
+            raise UsageError(f"--max-skip must be at least 1, got {self.max_skip}")
+        if self.complexity_weight < 0 or self.teacher_weight < 0:
+            raise UsageError("--complexity-weight and --teacher-weight must be >= 0")
+        if self.teacher_loss not in TEACHER_LOSSES:
+            raise UsageError(f"--teacher-loss must be one of {', '.join(TEACHER_LOSSES)}, got '{self.teacher_loss}'")
 
 
 @_one_writer(create=True)
 def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOptions, opts: TailorOptions,
-           callbacks: Callbacks | None = None) -> dict:
+           callbacks: Callbacks | None = None, on_ready: Callable[[dict], None] | None = None) -> dict:
     """Build the student and train it with CE + g1 E[C] + g2 Omega (stage 2).
 
     Without ``opts.teacher`` (and no finished teacher in ``run``), trains one first in ``run/teacher``.
+    ``on_ready`` is called with the run's backbone identity and task name (as ``run.json`` records
+    them) as soon as they are known, before any training, also when the stage is already done:
+    ``run`` checks its export there.
     """
     cb = callbacks or Callbacks()
     train.validate()
-    if opts.max_skip < 1:
-        raise UsageError(f"--max-skip must be at least 1, got {opts.max_skip}")
-    if opts.complexity_weight < 0 or opts.teacher_weight < 0:
-        raise UsageError("--complexity-weight and --teacher-weight must be >= 0")
-    if opts.teacher_loss not in TEACHER_LOSSES:
-        raise UsageError(f"--teacher-loss must be one of {', '.join(TEACHER_LOSSES)}, got '{opts.teacher_loss}'")
+    opts.teacher_train.validate("teacher-")
+    opts.validate()
     device = resolve_device(train.device)
     check_writable(run)
     run_meta = read_run(run) if (run / "run.json").exists() else None
@@ -428,6 +450,8 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
 
     done = prepare_stage(run, "tailor", resume=train.resume, overwrite=train.overwrite, settings=settings_now(run_meta))
     if done:
+        if on_ready is not None:
+            on_ready(read_run(run))
         cb.on_message(f"tailor: already complete in {run}")
         return read_summary(run, "tailor")
     if teacher_dir is not None:
@@ -443,6 +467,8 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
         identity = backbone_identity(backbone, name=bb.name, weights=bb.weights, pretrained=bb.pretrained)
         if teacher_dir is not None:
             _check_teacher(teacher_dir, identity, task.classes)
+        if on_ready is not None:
+            on_ready({"backbone": identity, "task_name": (run_meta or {}).get("task_name", task.name)})
     if run_meta is None:
         run_meta = {"backbone": identity, "data": _data_record(task, data, train.seed), "classes": task.classes,
                     "task_name": task.name}
@@ -465,9 +491,9 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
             if not made_by_tailor and (teacher_dir / CHECKPOINT).is_file():
                 raise RunError(f"'{teacher_dir}' is an unfinished `nettailor teacher` stage; finish it first with "
                                f"`nettailor teacher --output {run} --resume` and its options")
-            cb.on_message(f"tailor: no --teacher given; fine-tuning one first in {teacher_dir}")
+            cb.on_message(f"tailor: the student learns from a fine-tuned teacher; fine-tuning one first in {teacher_dir}")
             prepare_stage(run, "teacher", resume=t_opts.resume, overwrite=False, settings=t_settings)
-            _fit_teacher(run, copy.deepcopy(backbone), task, data, t_opts, device, cb, t_settings, made_by="tailor")
+            _fit_teacher(run, bb, copy.deepcopy(backbone), task, data, t_opts, device, cb, t_settings, made_by="tailor")
     meta = read_run(run)
     inside = teacher_dir.resolve() == (run / "teacher").resolve()
     meta["teacher"] = "teacher" if inside else str(teacher_dir.resolve())
@@ -477,13 +503,19 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
     teacher.eval().requires_grad_(False)
     student = Student(backbone, len(task.classes), max_skip=opts.max_skip)
     costs, backbone_macs = path_costs(student, task.img_size)
+    settings = settings_now(read_run(run))
+    t = opts.teacher_train  # its options are tailor's --teacher-* when tailor trains the teacher in the run
+    in_run = {"teacher_epochs": t.epochs, "teacher_lr": t.lr, "teacher_batch_size": t.batch_size}
+    options = _options(settings, train, data, weights=_weights_option(bb), **(in_run if inside else {}),
+                       drop=("teacher",) if inside else ())
     return _fit_student(run, "tailor", student, teacher, task, data, train, device, cb,
                         complexity=ComplexityModel(student.structure, costs),
                         g1=opts.complexity_weight, g2=opts.teacher_weight, teacher_loss=opts.teacher_loss,
                         keep="last",  # the architecture is what the complexity schedule ends with
-                        extra={"settings": settings_now(read_run(run)), "max_skip": opts.max_skip, "complexity_weight": opts.complexity_weight,
+                        extra={"settings": settings, "max_skip": opts.max_skip, "complexity_weight": opts.complexity_weight,
                                "teacher_weight": opts.teacher_weight, "teacher": str(teacher_dir),
-                               "path_costs": costs, "backbone_macs": backbone_macs})
+                               "path_costs": costs, "backbone_macs": backbone_macs,
+                               "command": "tailor", "options": options})
 
 
 def _fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | None, task, data: DataOptions,
@@ -522,6 +554,7 @@ def _fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | N
                "attention": [a.tolist() if a is not None else None for a in student.attention()],
                "wall_seconds": round(time.perf_counter() - t0, 1)}
     write_summary(run, stage, summary)
+    _drop_resume_files(stage_dir, train)
     dist.barrier()
     return summary
 
@@ -569,9 +602,40 @@ def _say_distributed(cb: Callbacks, train: TrainOptions) -> None:
                       f"{info.world_size * train.batch_size}; --lr {train.lr} used as given (no scaling rule)")
 
 
+_RUN_DATA = ("img_size", "val_fraction", "hflip")  # data settings only the run's first stage takes
+
+
+def _options(settings: dict, train: TrainOptions, data: DataOptions, *, drop: tuple[str, ...] = (), **extra) -> dict:
+    """A stage's options under its command's names: what ``nettailor <stage> -c STAGE/config.json`` reads back.
+
+    Its ``settings`` (with defaults resolved), the options that change only speed, and ``extra``;
+    values left unset are left out, so they resolve again as they did here.
+    """
+    speed = {"device": train.device, "workers": data.workers, "cache": data.cache, "compile": train.compile,
+             "channels_last": train.channels_last, "keep_checkpoints": train.keep_checkpoints}
+    options = json.loads(json.dumps({**settings, **speed, **extra}, default=str))
+    return {key: value for key, value in options.items() if value is not None and key not in drop}
+
+
+def _weights_option(bb: BackboneOptions) -> str | None:
+    """``--weights`` as a record gives it back: ``pkg:NAME`` as given, a file by its absolute path."""
+    if bb.weights is None or str(bb.weights).startswith(PKG_PREFIX):
+        return None if bb.weights is None else str(bb.weights)
+    return str(Path(bb.weights).resolve())
+
+
+def _drop_resume_files(stage_dir: Path, train: TrainOptions) -> None:
+    """A finished stage's ``model.safetensors`` is all that later stages read: its checkpoint (weights and
+    optimiser state, for --resume) and best-epoch copy go, unless ``keep_checkpoints``."""
+    if train.keep_checkpoints or not dist.is_main():
+        return
+    for name in (CHECKPOINT, BEST):
+        (stage_dir / name).unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------- prune
 @_one_writer(create=False)
-def prune(run: Path, *, threshold: float = 0.05, drop_blocks: int = 0, overwrite: bool = False,
+def prune(run: Path, *, threshold: float = defaults.THRESHOLD, drop_blocks: int = 0, overwrite: bool = False,
           callbacks: Callbacks | None = None) -> dict:
     """Drop low-attention proxies and the K weakest blocks, then everything orphaned (stage 3)."""
     cb = callbacks or Callbacks()
@@ -610,7 +674,7 @@ def prune(run: Path, *, threshold: float = 0.05, drop_blocks: int = 0, overwrite
 
 # --------------------------------------------------------------------------- finetune
 @_one_writer(create=False)
-def finetune(run: Path, data: DataOptions, train: TrainOptions, *, teacher_weight: float = 10.0,
+def finetune(run: Path, data: DataOptions, train: TrainOptions, *, teacher_weight: float = defaults.TEACHER_WEIGHT,
              callbacks: Callbacks | None = None) -> dict:
     """Retrain the pruned student with the complexity weight 0, teacher term on (stage 4)."""
     cb = callbacks or Callbacks()
@@ -632,7 +696,8 @@ def finetune(run: Path, data: DataOptions, train: TrainOptions, *, teacher_weigh
         teacher = load_teacher(locate_teacher(run, run_meta), device).eval().requires_grad_(False)
     return _fit_student(run, "finetune", student, teacher, task, data, train, device, cb, complexity=None,
                         g1=0.0, g2=teacher_weight, teacher_loss=tailored_teacher_loss(run),
-                        extra={"settings": settings, "teacher_weight": teacher_weight})
+                        extra={"settings": settings, "teacher_weight": teacher_weight, "command": "finetune",
+                               "options": _options(settings, train, data, drop=_RUN_DATA)})
 
 
 def check_run_resume(run_dir: Path, threshold: float, drop_blocks: int | None, tolerance: float,
@@ -673,15 +738,25 @@ def check_run_resume(run_dir: Path, threshold: float, drop_blocks: int | None, t
 # --------------------------------------------------------------------------- automatic architecture
 @dataclass
 class SearchOptions:
-    tolerance: float = 0.5  # accuracy points below the teacher's validation accuracy
+    tolerance: float = defaults.TOLERANCE  # accuracy points below the teacher's validation accuracy
     max_macs: float | None = None  # absolute MACs, or a fraction of the full network when <= 1
-    search_epochs: int = 2
-    threshold: float = 0.05
+    search_epochs: int = defaults.SEARCH_EPOCHS
+    threshold: float = defaults.THRESHOLD
+
+    def validate(self) -> None:
+        if not 0.0 <= self.threshold < 1.0:
+            raise UsageError(f"--threshold must be in [0, 1), got {self.threshold}")
+        if self.tolerance < 0:
+            raise UsageError(f"--tolerance must be >= 0, got {self.tolerance}")
+        if self.search_epochs <= 0:
+            raise UsageError(f"--search-epochs must be positive, got {self.search_epochs}")
+        if self.max_macs is not None and not self.max_macs > 0:
+            raise UsageError(f"--max-macs must be positive, got {self.max_macs}")
 
 
 @_one_writer(create=False)
 def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_train: TrainOptions,
-               opts: SearchOptions, *, teacher_weight: float = 10.0, overwrite: bool = False,
+               opts: SearchOptions, *, teacher_weight: float = defaults.TEACHER_WEIGHT, overwrite: bool = False,
                callbacks: Callbacks | None = None) -> dict:
     """Choose K (blocks to drop) automatically, then prune and fine-tune the chosen network fully.
 
@@ -706,10 +781,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     t0 = time.perf_counter()
     search_train.validate()
     final_train.validate()
-    if opts.tolerance < 0:
-        raise UsageError(f"--tolerance must be >= 0, got {opts.tolerance}")
-    if opts.search_epochs <= 0:
-        raise UsageError(f"--search-epochs must be positive, got {opts.search_epochs}")
+    opts.validate()
     run_meta = read_run(run)
     tailor_dir = require_stage(run, "tailor", "prune --auto")
     if stage_done(run, "prune") and not overwrite:
@@ -726,8 +798,6 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
                                              num_classes=len(run_meta["classes"])), img_size)
     budget = None
     if opts.max_macs is not None:
-        if opts.max_macs <= 0:
-            raise UsageError(f"--max-macs must be positive, got {opts.max_macs}")
         budget = opts.max_macs * full_macs if opts.max_macs <= 1 else opts.max_macs
 
     # Structure and MACs of every K cost no training: prune in memory and count.
@@ -752,7 +822,9 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
                     "macs": student_macs(pruned, img_size).total, "free_blocks": len(res.free_blocks)}
     candidates = [k for k in plans if plans[k]["status"] == "untried"]
     if not candidates:
-        raise UsageError("every K disconnects the classifier at this --threshold; lower it")
+        t = connecting_threshold(student.structure, alphas, threshold=opts.threshold, drop_blocks=0)
+        raise UsageError(f"every K disconnects the classifier at --threshold {opts.threshold}; "
+                         + (f"--threshold {t:g} or lower keeps it connected" if t is not None else "lower it"))
     task = _load_data(run_meta, data, _data_config(run_meta["backbone"]["architecture"]), run, search_train.seed)
     teacher = load_teacher(t_dir, device).eval().requires_grad_(False) if teacher_weight > 0 else None
     val_loader = make_loader(task.val, batch_size=max(search_train.batch_size, 64), train=False, device=device,
@@ -775,6 +847,10 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
                                keep="last", held_out=False)
         trained, _ = load_student(run / stage, device)
         correct[k] = correct_mask(trained, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last)
+        if not search_train.keep_checkpoints:  # compared: its record stays, its weights are not used again
+            dist.barrier()
+            if dist.is_main():
+                (run / stage / MODEL).unlink()
         row.update(status="tried", val_acc=summary["val_acc"])
         cb.on_message(f"search: K={k} keeps {row['blocks_kept']}/{num_blocks} blocks, "
                       f"{row['macs'] / 1e6:.1f}M MACs, val_acc {row['val_acc']:.2f} (teacher {teacher_acc:.2f})")
@@ -841,3 +917,104 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
                            f"{-check.diff:.2f} points below the teacher's {teacher_acc:.2f}%: more than --tolerance "
                            f"{opts.tolerance} plus the noise of {check.n} validation images ({check.margin:.2f})")
     return result
+
+
+# --------------------------------------------------------------------------- the whole pipeline
+def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: DataOptions, opts: TailorOptions,
+                 tailor_train: TrainOptions, finetune_train: TrainOptions, search: SearchOptions,
+                 drop_blocks: int | None = None, *, resume: bool = False, overwrite: bool = False,
+                 callbacks: Callbacks | None = None) -> dict:
+    """``nettailor run``: teacher (``opts.teacher_train``), tailor, the K search (or K = ``drop_blocks``),
+    finetune, export to ``export_dir`` (default ``run/export``), and the report of the run.
+
+    Every option of every stage, the export directory and K against the backbone's blocks are
+    checked before anything is trained; the export's weights, once the backbone is loaded and
+    still before the first epoch. The K search's candidates train with ``finetune_train``'s batch
+    size and learning rate. Returns the report with ``export``, ``wall_seconds`` and, when the
+    chosen network misses the tolerance, ``error`` (exit 7).
+    """
+    from .adapter import check_export_target, export_task
+    from .report import report_run
+
+    cb = callbacks or Callbacks()
+    t0 = time.perf_counter()
+    export_dir = Path(export_dir) if export_dir is not None else run / "export"
+    trains = {"teacher": opts.teacher_train, "tailor": tailor_train, "finetune": finetune_train}
+    num_blocks = _check_run_options(bb, trains, opts, search, drop_blocks, export_dir, resume=resume,
+                                    overwrite=overwrite)
+    trains = {stage: replace(train, resume=resume) for stage, train in trains.items()}
+    opts, tailor_train, finetune_train = (replace(opts, teacher_train=trains["teacher"]), trains["tailor"],
+                                          trains["finetune"])
+
+    def ready(meta: dict) -> None:  # backbone and data known, nothing trained yet
+        check_export_target(export_dir, meta["backbone"], meta.get("task_name"))
+
+    with lock_dir(run):  # one writer across all the stages (each stage locks it again)
+        if resume:
+            check_run_resume(run, search.threshold, drop_blocks, search.tolerance, search.max_macs, search.search_epochs)
+        if overwrite:
+            reset_run(run)
+        searching = drop_blocks is None and not (resume and stage_done(run, "prune"))
+        tries = 1 + math.ceil(math.log2(num_blocks + 1))  # the reference, then a bisection over at most L+1 networks
+        cb.on_plan([("teacher", opts.teacher_train.epochs), ("tailor", tailor_train.epochs)]
+                   + [("search", tries * search.search_epochs)] * searching + [("finetune", finetune_train.epochs)])
+        tailor(run, bb, data, tailor_train, opts, cb, on_ready=ready)
+        meta = {k: v for k, v in read_run(run).items() if k != "format"}
+        write_run(run, meta | {"command": "run", "options": _run_options(bb, data, trains, opts, search, drop_blocks)})
+        searched = None
+        if searching:
+            search_train = replace(finetune_train, epochs=search.search_epochs)
+            searched = auto_prune(run, data, search_train, finetune_train, search, teacher_weight=opts.teacher_weight,
+                                  overwrite=True, callbacks=cb)
+        else:
+            if drop_blocks is not None and not (resume and stage_done(run, "prune")):
+                prune(run, threshold=search.threshold, drop_blocks=drop_blocks, overwrite=True, callbacks=cb)
+            finetune(run, data, finetune_train, teacher_weight=opts.teacher_weight, callbacks=cb)
+        result = report_run(run)
+        result["export"] = export_task(run, export_dir, overwrite=True)
+    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    if searched is not None and searched.get("error"):
+        result["error"] = searched["error"]  # exit 7: the document says why, as prune --auto's does
+    return result
+
+
+def _check_run_options(bb: BackboneOptions, trains: dict[str, TrainOptions], opts: TailorOptions,
+                       search: SearchOptions, drop_blocks: int | None, export_dir: Path, *, resume: bool,
+                       overwrite: bool) -> int:
+    """What ``run`` can check before loading data or weights; returns the backbone's number of blocks."""
+    from .adapter import check_export_target
+    from .pruning import validate_args
+
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    for stage, train in trains.items():
+        train.validate(f"{stage}-")
+    opts.validate()
+    search.validate()
+    if drop_blocks is not None and search.max_macs is not None:
+        raise UsageError("--max-macs chooses K itself; drop --drop-blocks (or drop --max-macs to use exactly K)")
+    check_backbone_name(bb.name)
+    with torch.device("meta"):  # the architecture alone: no weights, no memory
+        model = timm.create_model(bb.name.split(".", 1)[0], pretrained=False, num_classes=0)
+    num_blocks = len(describe_chain(model).blocks)
+    if drop_blocks is not None:
+        validate_args(search.threshold, drop_blocks, num_blocks)
+    check_export_target(export_dir, {"architecture": model.pretrained_cfg["architecture"]})
+    return num_blocks
+
+
+def _run_options(bb: BackboneOptions, data: DataOptions, trains: dict[str, TrainOptions], opts: TailorOptions,
+                 search: SearchOptions, drop_blocks: int | None) -> dict:
+    """``run``'s options under its own names, recorded in ``run.json``: ``nettailor run -c RUN/run.json`` repeats it."""
+    common = trains["tailor"]
+    options = {"data": _data_path(data.data) if data.data else None, "task": data.task, "img_size": data.img_size,
+               "val_fraction": data.val_fraction, "hflip": data.hflip, "skip_bad": data.skip_bad,
+               "cache": data.cache, "workers": data.workers, "backbone": bb.name, "pretrained": bb.pretrained,
+               "weights": _weights_option(bb),
+               "max_skip": opts.max_skip, "teacher_loss": opts.teacher_loss, "threshold": search.threshold,
+               "drop_blocks": drop_blocks, "tolerance": search.tolerance, "max_macs": search.max_macs,
+               "search_epochs": search.search_epochs, "seed": common.seed, "device": common.device,
+               "amp": common.amp, "keep_checkpoints": common.keep_checkpoints}
+    for stage, train in trains.items():
+        options |= {f"{stage}_epochs": train.epochs, f"{stage}_lr": train.lr, f"{stage}_batch_size": train.batch_size}
+    return {key: value for key, value in options.items() if value is not None}

@@ -11,6 +11,7 @@ The last node must survive, or the classifier would be disconnected.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import UsageError
@@ -39,9 +40,50 @@ def validate_args(threshold: float, drop_blocks: int, num_blocks: int) -> None:
 
 
 def plan(structure: Structure, alphas: list[list[float]], *, threshold: float, drop_blocks: int) -> PruneResult:
-    """Return the pruned structure. ``alphas[l-1]`` lists layer l's attention in path order."""
+    """Return the pruned structure. ``alphas[l-1]`` lists layer l's attention in path order.
+
+    A pruning that disconnects the classifier is refused with the values that would work.
+    """
     num_blocks = sum(s.block for s in structure.layers)
     validate_args(threshold, drop_blocks, num_blocks)
+    result = _plan(structure, alphas, threshold=threshold, drop_blocks=drop_blocks)
+    if result is None:
+        raise PruneError(
+            f"this pruning disconnects the classifier (no path reaches layer {structure.num_layers}); "
+            + disconnect_advice(structure, alphas, threshold=threshold, drop_blocks=drop_blocks)
+        )
+    return result
+
+
+def disconnect_advice(structure: Structure, alphas: list[list[float]], *, threshold: float, drop_blocks: int) -> str:
+    """What would connect the classifier: the largest K at this threshold, the largest threshold at this K."""
+    advice = []
+    k = next((k for k in range(drop_blocks - 1, -1, -1)
+              if _plan(structure, alphas, threshold=threshold, drop_blocks=k) is not None), None)
+    if k is not None:
+        advice.append(f"at --threshold {threshold}, --drop-blocks {k} is the most that keeps it connected")
+    t = connecting_threshold(structure, alphas, threshold=threshold, drop_blocks=drop_blocks)
+    if t is not None:
+        advice.append(f"with --drop-blocks {drop_blocks}, --threshold {t:g} or lower does")
+    else:
+        advice.append(f"no threshold keeps it connected with --drop-blocks {drop_blocks}")
+    return "; ".join(advice) + "; or let nettailor search K (`prune --auto`, or `run` without --drop-blocks)"
+
+
+def connecting_threshold(structure: Structure, alphas: list[list[float]], *, threshold: float,
+                         drop_blocks: int) -> float | None:
+    """The largest threshold under ``threshold`` that keeps the classifier connected at ``drop_blocks``.
+
+    Keeping more paths never disconnects, so it is one of the attention values (or 0); it is shown
+    rounded down, which keeps at least as many paths. None when even 0 disconnects.
+    """
+    lower = sorted({a for layer in alphas for a in layer if a < threshold} | {0.0}, reverse=True)
+    t = next((t for t in lower if _plan(structure, alphas, threshold=t, drop_blocks=drop_blocks) is not None), None)
+    return None if t is None else math.floor(t * 1e4) / 1e4
+
+
+def _plan(structure: Structure, alphas: list[list[float]], *, threshold: float, drop_blocks: int) -> PruneResult | None:
+    """:func:`plan` without the checks; None when the classifier is disconnected."""
     L = structure.num_layers
     layers: list[LayerSpec] = []
     removed_proxies = []
@@ -93,8 +135,5 @@ def plan(structure: Structure, alphas: list[list[float]], *, threshold: float, d
         if not changed:
             break
     if not layers[-1].alive:
-        raise PruneError(
-            f"this pruning disconnects the classifier (no path reaches layer {L}); "
-            "use a lower --threshold or fewer --drop-blocks"
-        )
+        return None
     return PruneResult(Structure(layers), removed_proxies, removed_blocks, free_blocks, orphaned, rounds)

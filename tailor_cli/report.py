@@ -19,6 +19,18 @@ def _full_network(architecture: str, num_classes: int, img_size: int) -> dict:
     return {"params": network_params(model), "macs": model_macs(model, img_size)}
 
 
+# What became of each layer's universal block (the report's "universal block" column; README.md, "Reading the report").
+LAYER_STATUS = {
+    "kept": "the pretrained block runs",
+    "dropped": "the block is removed and the layer's proxies stand in",
+    "skipped": "the block and the layer's proxies are removed, a longer proxy jumps over the layer",
+}
+
+
+def layer_status(block_kept: bool, has_proxies: bool) -> str:
+    return "kept" if block_kept else ("dropped" if has_proxies else "skipped")
+
+
 def student_report(student: Student, *, task: str, architecture: str, img_size: int, accuracy: dict,
                    stage: str, adapter_bytes: int | None = None) -> dict:
     """Per layer: block kept?, its alpha, kept proxies with alphas, params and MACs; plus totals.
@@ -38,6 +50,7 @@ def student_report(student: Student, *, task: str, architecture: str, img_size: 
             "timm_module": info.name,
             "block_type": info.block_type,
             "block_kept": spec.block,
+            "status": layer_status(spec.block, bool(spec.proxies)),
             "block_alpha": a[0] if spec.block else None,
             "proxies": [{"from_node": s, "skip": i + 1 - s, "alpha": a[keys.index(f"proxy{s}")],
                          "form": layer.proxies[str(s)].form.describe()} for s in spec.proxies],

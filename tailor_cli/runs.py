@@ -46,21 +46,21 @@ def stage_done(run: Path, stage: str) -> bool:
     return (run / stage / MODEL).is_file() and (run / stage / SUMMARY).is_file()
 
 
-def check_writable(path: Path) -> None:
-    """Fail before any work if ``path`` (or its nearest existing parent) cannot be written."""
+def check_writable(path: Path, flag: str = "--output") -> None:
+    """Fail before any work if ``path`` (or its nearest existing parent) cannot be written (``flag`` names it)."""
     probe = Path(path)
     while not probe.exists():
         if probe.parent == probe:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise RunError(f"output path '{path}' is inside a file ('{probe}'); choose another --output")
+        raise RunError(f"output path '{path}' is inside a file ('{probe}'); choose another {flag}")
     try:
         fd, tmp = tempfile.mkstemp(dir=probe, prefix=".nettailor-write-test.")
         os.close(fd)
         os.unlink(tmp)
     except OSError as err:
-        raise RunError(f"output directory '{path}' is not writable ({err.strerror}); choose another --output") from err
+        raise RunError(f"output directory '{path}' is not writable ({err.strerror}); choose another {flag}") from err
 
 
 def prepare_stage(run: Path, stage: str, *, resume: bool, overwrite: bool, settings: dict | None = None) -> bool:

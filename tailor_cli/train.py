@@ -58,6 +58,8 @@ class Callbacks:
     def on_step(self, stage: str, epoch: int, step: int, steps: int) -> None: ...
     def on_epoch_end(self, stage: str, row: dict) -> None: ...
     def on_message(self, message: str) -> None: ...
+    def on_plan(self, stages: list[tuple[str, int]]) -> None:
+        """The stages to come and their epochs, in order (the K search's an estimate): for an ETA of a pipeline."""
 
 
 Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
@@ -399,12 +401,13 @@ def fit(
                     break
             if stop.signum is not None:
                 code = EXIT_SIGTERM if stop.signum == signal.SIGTERM else EXIT_SIGINT
-                where = f"after epoch {epoch}" if epoch > 0 or ckpt_path.exists() else "before the first checkpoint"
-                raise Interrupted(
-                    f"{stage} interrupted in epoch {epoch + 1}; last checkpoint {where}: {ckpt_path}. "
-                    "Rerun the same command with --resume to continue",
-                    exit_code=code,
-                )
+                if ckpt_path.exists():
+                    raise Interrupted(f"{stage} interrupted in epoch {epoch + 1}; its checkpoint after epoch {epoch} "
+                                      f"is kept ({ckpt_path}). Rerun the same command with --resume to continue",
+                                      exit_code=code)
+                raise Interrupted(f"{stage} interrupted in epoch {epoch + 1}, before its first checkpoint: nothing of "
+                                  "it was saved. Rerun the same command to start it again (`nettailor run`: with "
+                                  "--resume, to keep the stages already done)", exit_code=code)
             lr = opt.param_groups[0]["lr"]  # the rate this epoch trained with
             sched.step()
             train_time = time.perf_counter() - t0

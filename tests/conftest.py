@@ -34,6 +34,6 @@ def tailored_run(tmp_path_factory, folder_data) -> Path:
 
     run = tmp_path_factory.mktemp("runs") / "shapes"
     res = CliRunner().invoke(app, ["tailor", "--data", str(folder_data), "--output", str(run), "--epochs", "2",
-                                   "--teacher-epochs", "2", *FAST])
+                                   "--teacher-epochs", "2", "--keep-checkpoints", *FAST])  # tests resume from them
     assert res.exit_code == 0, res.output
     return run

@@ -99,7 +99,7 @@ def test_run_on_cuda_then_export_reproduces_the_students_logits(tmp_path, folder
 
     run, out = tmp_path / "run", tmp_path / "export"
     args = [a for i, a in enumerate(GPU_FAST) if "--batch-size" not in GPU_FAST[max(i - 1, 0):i + 1]]
-    res = CliRunner().invoke(app, ["run", "--data", str(folder_data), "--output", str(run), "--out", str(out),
+    res = CliRunner().invoke(app, ["run", "--data", str(folder_data), "--output", str(run), "--export-dir", str(out),
                                    "--epochs", "1", "--drop-blocks", "1", "--threshold", "0.01", *args, "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["tasks"][0]["totals"]["blocks_kept"] == 3

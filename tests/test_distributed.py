@@ -32,7 +32,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
                            "--output", str(two), "--json"], capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     json.loads(proc.stdout)  # rank 0 alone printed: exactly one JSON document
-    assert proc.stderr.count("teacher epoch 1:") == 1  # and one log line per epoch
+    assert proc.stderr.count("teacher epoch 1/1: loss") == 1  # and one log line per epoch
     assert "effective batch 16" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "tailor_cli", "teacher", "--data", str(data), *ARGS,
                            "--batch-size", "16", "--output", str(one)], capture_output=True, text=True, env=_env(),

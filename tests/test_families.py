@@ -75,7 +75,7 @@ def test_round_trip_per_family(tmp_path_factory, name):
     run, export = root / "run", root / "export"
     res = CliRunner().invoke(app, ["run", "--data", str(data), "--backbone", name, "--no-pretrained", "--img-size", "48",
                                    "--epochs", "1", "--drop-blocks", "1", "--threshold", "0.0", "--workers", "0",
-                                   "--device", "cpu", "--output", str(run), "--out", str(export), "--json"])
+                                   "--device", "cpu", "--output", str(run), "--export-dir", str(export), "--json"])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)["tasks"][0]
     assert rep["totals"]["blocks_kept"] == rep["totals"]["blocks_total"] - 1

@@ -57,7 +57,7 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_blocks_nothing(tmp_p
         for args in (["teacher", "--data", folder_data, "--output", run, "--epochs", "1", *FAST],
                      ["teacher", "--data", folder_data, "--output", run, "--epochs", "1", "--overwrite", *FAST],
                      ["run", "--data", folder_data, "--output", run, "--epochs", "1", *RUN_FAST],
-                     ["export", tailored_run, "--out", export]):
+                     ["export", tailored_run, "--export-dir", export]):
             res = _invoke(*args)
             assert res.exit_code == 5, (args[0], res.output)
             lines = res.output.strip().splitlines()
@@ -112,7 +112,7 @@ def test_read_only_commands_take_no_lock(tmp_path, tailored_run, command):
         res = _invoke("report", tailored_run) if command == "report" else None
         if command == "predict":
             export = tmp_path / "export"
-            assert _invoke("export", tailored_run, "--out", export).exit_code == 0
+            assert _invoke("export", tailored_run, "--export-dir", export).exit_code == 0
             holder.send_signal(signal.SIGKILL)
             holder.wait()
             holder = _hold(export)

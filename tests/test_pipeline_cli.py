@@ -86,7 +86,7 @@ def test_finetune_keeps_structure_and_trains_without_complexity(finished_run):
 
 def test_export_then_load_reproduces_the_finetuned_students_logits(tmp_path, finished_run, folder_data):
     out = tmp_path / "export"
-    res = invoke("export", finished_run, "--out", out, "--json")
+    res = invoke("export", finished_run, "--export-dir", out, "--json")
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
     assert (out / "backbone.safetensors").is_file() and (out / info["task"] / "adapter.safetensors").is_file()
@@ -113,9 +113,9 @@ def test_export_then_load_reproduces_the_finetuned_students_logits(tmp_path, fin
 
 def test_second_task_reuses_backbone_and_another_backbone_is_refused(tmp_path, finished_run, tailored_run, folder_data):
     out = tmp_path / "export"
-    assert invoke("export", finished_run, "--out", out, "--task-name", "a").exit_code == 0
+    assert invoke("export", finished_run, "--export-dir", out, "--task-name", "a").exit_code == 0
     before = (out / "backbone.safetensors").stat().st_mtime_ns
-    res = invoke("export", tailored_run, "--out", out, "--task-name", "b", "--json")
+    res = invoke("export", tailored_run, "--export-dir", out, "--task-name", "b", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["backbone_reused"] is True
     assert (out / "backbone.safetensors").stat().st_mtime_ns == before
@@ -128,7 +128,7 @@ def test_second_task_reuses_backbone_and_another_backbone_is_refused(tmp_path, f
     res = invoke("tailor", "--data", folder_data, "--output", other, "--epochs", "1", "--seed", "1",
                  *[a if a != "test_resnet" else "test_resnet" for a in FAST])
     assert res.exit_code == 0, res.output
-    res = invoke("export", other, "--out", out, "--task-name", "c")
+    res = invoke("export", other, "--export-dir", out, "--task-name", "c")
     assert res.exit_code == 8
     assert "holds another backbone" in res.stderr
 
@@ -145,12 +145,43 @@ def test_report_on_run_and_export_as_json_and_text(tmp_path, finished_run):
     res = invoke("report", finished_run)
     assert res.exit_code == 0 and "blocks kept 3/4" in res.stdout
     out = tmp_path / "export"
-    invoke("export", finished_run, "--out", out)
+    invoke("export", finished_run, "--export-dir", out)
     res = invoke("report", out, "--json")
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert rep["kind"] == "export" and rep["totals"]["tasks"] == 1
     assert rep["totals"]["disk_bytes"] > rep["totals"]["adapter_bytes"]
+
+
+def test_report_words_are_explained(finished_run, capsys):
+    from tailor_cli.cli import render_report
+
+    rep = json.loads(invoke("report", finished_run, "--json").stdout)
+    layers = rep["tasks"][0]["layers"]
+    assert layers[1]["proxies"]  # threshold 0.01 keeps them
+    layers[1].update(block_kept=False, block_alpha=None, status="dropped")  # proxies stand in
+    layers[2].update(block_kept=False, block_alpha=None, proxies=[], status="skipped")  # nothing computes it
+    second = json.loads(json.dumps(rep["tasks"][0]))
+    second["task"] = "other"
+    rep["tasks"].append(second)
+    rep["matrix"]["tasks"].append("other")
+    for row, layer in zip(rep["matrix"]["cells"], layers):
+        row[0] = {"block": layer["block_kept"], "proxies": len(layer["proxies"])}
+        row.append(dict(row[0]))
+    render_report(rep)
+    text = capsys.readouterr().out
+    title = "task 'shapes': its network after the 'finetune' stage (test_resnet at 32 px)"
+    assert text.count(title) == 1 and "dead" not in text
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+            if line.startswith("|") and line.split("|")[1].strip().isdigit()}
+    assert [rows[str(i)][2] for i in (1, 2, 3)] == ["kept", "dropped", "skipped"]
+    for word in ("kept =", "dropped =", "skipped =", "alpha =", "proxies ="):  # the legend says what each word means
+        assert word in text
+    cells = [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| 1.0 ") or
+             line.startswith("| 2.0 ") or line.startswith("| 3.0 ")]
+    assert cells == ["B" + (f"+{len(layers[0]['proxies'])}" if layers[0]["proxies"] else ""),
+                     f"+{len(layers[1]['proxies'])}", "."]  # never ".+n" for a dropped block with proxies
+    assert text.count("block usage") == 1 and ". = the layer is skipped" in text
 
 
 def test_json_stdout_is_exactly_one_document_in_a_real_process(finished_run):
@@ -163,8 +194,9 @@ def test_json_stdout_is_exactly_one_document_in_a_real_process(finished_run):
 def test_run_command_does_the_whole_pipeline(tmp_path, folder_data):
     res = invoke("run", "--data", folder_data, "--backbone", "test_resnet", "--no-pretrained", "--img-size", "32", "--threshold", "0.01",
                  "--epochs", "1", "--drop-blocks", "1", "--workers", "0", "--device", "cpu",
-                 "--output", tmp_path / "run", "--out", tmp_path / "export", "--json")
+                 "--output", tmp_path / "run", "--export-dir", tmp_path / "export", "--json")
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert rep["tasks"][0]["stage"] == "finetune"
     assert (tmp_path / "export" / "backbone.safetensors").is_file()
+    assert "--teacher" not in res.stderr  # `run` has no --teacher: its messages never name one

@@ -102,8 +102,25 @@ def test_fixpoint_result_has_no_dangling_paths():
 def test_disconnecting_the_classifier_is_refused():
     s = Structure.full(3, 1)
     alphas = [[0.9, 0.1], [0.9, 0.1], [0.2, 0.01]]  # last layer: block dropped, proxy under threshold
-    with pytest.raises(PruneError, match="disconnects the classifier"):
+    with pytest.raises(PruneError, match="disconnects the classifier") as info:
         plan(s, alphas, threshold=0.05, drop_blocks=1)
+    # the message names values that work, and each of them does
+    assert "--drop-blocks 0 is the most that keeps it connected" in str(info.value)
+    assert "with --drop-blocks 1, --threshold 0.01 or lower does" in str(info.value)
+    assert "prune --auto" in str(info.value)
+    plan(s, alphas, threshold=0.05, drop_blocks=0)
+    plan(s, alphas, threshold=0.01, drop_blocks=1)
+
+
+def test_a_disconnect_no_threshold_can_mend_says_so():
+    s = Structure.full(3, 1)
+    alphas = [[0.6, 0.4], [0.6, 0.4], [0.6, 0.4]]
+    s.layers[2].proxies = []  # the last layer has only its block: dropping every block disconnects
+    alphas[2] = [0.6]
+    with pytest.raises(PruneError) as info:
+        plan(s, alphas, threshold=0.05, drop_blocks=3)
+    assert "--drop-blocks 2 is the most" in str(info.value)
+    assert "no threshold keeps it connected with --drop-blocks 3" in str(info.value)
 
 
 @pytest.mark.parametrize("threshold,k,msg", [(-0.1, 0, "threshold"), (1.0, 0, "threshold"), (0.05, 5, "drop-blocks"),

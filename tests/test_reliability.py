@@ -95,6 +95,27 @@ def test_interrupt_checkpoints_and_says_how_to_resume(tmp_path, bigger_data, sig
     load_file(ckpt)  # a complete, readable checkpoint
 
 
+def test_interrupt_before_the_first_checkpoint_says_nothing_was_saved(tmp_path, folder_data, monkeypatch):
+    import os
+
+    from tailor_cli.cli import Reporter
+
+    def ctrl_c(self, stage, epoch, step, steps):  # Ctrl-C during the first step of the first epoch
+        os.kill(os.getpid(), signal.SIGINT)
+
+    run = tmp_path / "run"
+    args = ["teacher", "--data", folder_data, "--output", run, "--epochs", "2", *FAST]
+    with monkeypatch.context() as patch:
+        patch.setattr(Reporter, "on_step", ctrl_c)
+        res = invoke(*args)
+    assert res.exit_code == 130, res.output
+    err = res.stderr.strip().splitlines()[-1]
+    assert "before its first checkpoint: nothing of it was saved" in err and "checkpoint.safetensors" not in err
+    assert not (run / "teacher" / "checkpoint.safetensors").exists()
+    again = invoke(*args)  # as the message says: the same command starts it again
+    assert again.exit_code == 0, again.output
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path, folder_data):
     res = invoke("teacher", "--data", folder_data, "--output", tmp_path / "run", "--epochs", "3", "--lr", "1e30",
                  *FAST)
@@ -197,7 +218,7 @@ def test_wrong_stage_for_the_command(tmp_path, folder_data):
     assert invoke("teacher", "--data", folder_data, "--output", run, "--epochs", "1", *FAST).exit_code == 0
     _assert_clean_failure(invoke("prune", run), 5, "needs a finished 'tailor' stage", "nettailor tailor")
     _assert_clean_failure(invoke("finetune", run), 5, "'prune' stage")
-    _assert_clean_failure(invoke("export", run, "--out", tmp_path / "e"), 5, "no tailored student")
+    _assert_clean_failure(invoke("export", run, "--export-dir", tmp_path / "e"), 5, "no tailored student")
     assert not (tmp_path / "e").exists()
 
 
@@ -320,7 +341,7 @@ def test_stage_that_died_before_its_first_checkpoint_restarts_without_flags(tmp_
     run = tmp_path / "run"
     res = invoke("teacher", "--data", folder_data, "--output", run, "--epochs", "1", *FAST)
     assert res.exit_code == 0, res.output
-    for name in ("model.safetensors", "summary.json", "checkpoint.safetensors", "metrics.jsonl"):
+    for name in ("model.safetensors", "summary.json", "metrics.jsonl"):
         (run / "teacher" / name).unlink()  # only config.json is left, as after a failure in epoch 1
     again = invoke("teacher", "--data", folder_data, "--output", run, "--epochs", "1", *FAST)
     assert again.exit_code == 0, again.output
@@ -434,7 +455,7 @@ def test_resumed_tailor_keeps_its_external_teacher(tmp_path, folder_data):
     teacher = tmp_path / "t"
     assert invoke("teacher", "--data", folder_data, "--output", teacher, "--epochs", "1", *FAST).exit_code == 0
     run = tmp_path / "r"
-    args = ["tailor", "--data", folder_data, "--output", run, "--epochs", "1", *FAST]
+    args = ["tailor", "--data", folder_data, "--output", run, "--epochs", "1", "--keep-checkpoints", *FAST]
     assert invoke(*args, "--teacher", teacher).exit_code == 0
     _unfinish(run / "tailor")
     res = invoke(*args, "--resume")  # no --teacher: the run's own record says which
@@ -460,7 +481,7 @@ def test_in_run_teacher_is_checked_and_continued_by_tailor(tmp_path, tailored_ru
 
 def test_resume_compares_resolved_values(tmp_path, folder_data):
     run = tmp_path / "run"
-    args = ["teacher", "--data", folder_data, "--output", run, "--epochs", "2", *FAST]
+    args = ["teacher", "--data", folder_data, "--output", run, "--epochs", "2", "--keep-checkpoints", *FAST]
     assert invoke(*args).exit_code == 0
     _unfinish(run / "teacher")
     settings = json.loads((run / "teacher" / "config.json").read_text())["settings"]
@@ -478,7 +499,7 @@ def test_resume_compares_resolved_values(tmp_path, folder_data):
 def test_run_resume_after_a_search_continues_the_finetune(tmp_path, folder_data):
     run = tmp_path / "run"
     args = ["run", "--data", folder_data, "--output", run, "--epochs", "1", "--threshold", "0.01",
-            "--search-epochs", "1", "--tolerance", "100", *RUN_FAST]
+            "--search-epochs", "1", "--tolerance", "100", "--keep-checkpoints", *RUN_FAST]
     assert invoke(*args).exit_code == 0
     _unfinish(run / "finetune")
     res = invoke(*args, "--resume")

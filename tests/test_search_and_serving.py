@@ -97,7 +97,7 @@ def three_tasks(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     for name, n_classes, k in (("alpha", 2, 1), ("beta", 3, 2), ("gamma", 4, 0)):
         data = make_imagefolder(root / "data" / name, n_classes=n_classes, per_class=8, size=(34, 30), seed=n_classes)
         run = root / "runs" / name
-        res = invoke("run", "--data", data, "--output", run, "--out", export, "--epochs", "1", "--drop-blocks", k,
+        res = invoke("run", "--data", data, "--output", run, "--export-dir", export, "--epochs", "1", "--drop-blocks", k,
                      "--threshold", "0.01", *TINY)
         assert res.exit_code == 0, res.output
         runs[name] = run
@@ -162,7 +162,9 @@ def test_predict_matches_each_finetuned_student(three_tasks, tmp_path):
             assert p["top"][0]["index"] == int(probs[i].argmax())
             assert abs(p["top"][0]["prob"] - float(probs[i].max())) < 1e-5
     plain = invoke("predict", export, imgs / "red.jpg", "--device", "cpu")
-    assert plain.exit_code == 0 and len(plain.stdout.strip().splitlines()) == 3  # one line per task
+    header, *rows = plain.stdout.strip().splitlines()
+    assert plain.exit_code == 0 and header == "task\timage\tpredictions"  # piped: a header names the columns
+    assert [row.split("\t")[:2] for row in rows] == [[t, str(imgs / "red.jpg")] for t in ("alpha", "beta", "gamma")]
 
 
 def test_predict_bad_inputs(three_tasks, tmp_path):
@@ -262,7 +264,7 @@ def test_block_usage_plot(three_tasks, tmp_path, suffix):
 def test_run_searches_k_by_default_and_its_export_is_served(tmp_path, folder_data):
     run, export = tmp_path / "run", tmp_path / "export"
     res = invoke("run", "--data", folder_data, *TINY, "--epochs", "1", "--search-epochs", "1", "--tolerance", "100",
-                 "--threshold", "0.01", "--output", run, "--out", export, "--json")
+                 "--threshold", "0.01", "--output", run, "--export-dir", export, "--json")
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     search = out["tasks"][0]["search"]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch.utils.data
 
+from .. import defaults
 from ..errors import DataError
 from .cache import cached_splits
 from .checks import (
@@ -47,7 +48,7 @@ def _default_hflip(raw: RawTask) -> bool:
 
 def load_task_data(data: str, *, data_config: dict, img_size: int | None = None,
                    split_file: Path | None = None, task: str | None = None,
-                   val_fraction: float = 0.1, seed: int = 0, download: bool = False,
+                   val_fraction: float = defaults.VAL_FRACTION, seed: int = 0, download: bool = False,
                    cache: bool = False, hflip: bool | None = None, skip_bad: bool = False,
                    expected_classes: list[str] | None = None, root_for_download: Path | None = None,
                    train_scale: tuple[float, float] | None = None, verify: bool = True,

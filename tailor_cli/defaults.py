@@ -1,0 +1,25 @@
+"""Default settings, declared once: the CLI's options and the core's option dataclasses read them here.
+
+Kept free of heavy imports (no torch, no timm) so that ``nettailor --help`` stays fast.
+The per-stage training values are the authors' (docs/method.md, "Pipeline").
+"""
+from __future__ import annotations
+
+EPOCHS = 20  # of each training stage
+LR = {"teacher": 0.01, "tailor": 0.1, "finetune": 0.01}  # finetune's also trains the K search's candidates
+BATCH_SIZE = {"teacher": 64, "tailor": 32, "finetune": 32}
+CLIP_GRAD = 10.0  # max L2 norm of the weights' gradients per step, every stage (docs/method.md, "Hyperparameters")
+TRAIN_STAGES = tuple(LR)
+
+VAL_FRACTION = 0.1  # of the training data, for data without a validation split
+
+MAX_SKIP = 3
+COMPLEXITY_WEIGHT = 0.3
+TEACHER_WEIGHT = 10.0
+TEACHER_LOSS = "mse"
+
+THRESHOLD = 0.05
+TOLERANCE = 0.5
+SEARCH_EPOCHS = 2
+
+PROGRESS_SECONDS = 30.0  # non-TTY progress: a line at most this often inside an epoch ($NETTAILOR_PROGRESS_SECONDS)
