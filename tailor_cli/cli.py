@@ -22,8 +22,19 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, defaults
-from .errors import (EXIT_DATA, EXIT_EXPORT, EXIT_INTERNAL, EXIT_MODEL, EXIT_RUN, EXIT_SIGINT, EXIT_SIGTERM,
-                     EXIT_TOLERANCE, EXIT_TRAINING, EXIT_USAGE, TailorError)
+from .errors import (
+    EXIT_DATA,
+    EXIT_EXPORT,
+    EXIT_INTERNAL,
+    EXIT_MODEL,
+    EXIT_RUN,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_TOLERANCE,
+    EXIT_TRAINING,
+    EXIT_USAGE,
+    TailorError,
+)
 
 EXIT_CODES_HELP = (
     f"Exit codes: 0 ok; {EXIT_INTERNAL} internal error (a bug; rerun with --debug); {EXIT_USAGE} bad arguments; "
@@ -118,7 +129,8 @@ Cache = Annotated[bool, typer.Option("--cache", help="Decode and resize once, ke
                                          "(refused if over 80% of available memory).")]
 Hflip = Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Horizontal flips in training "
                                                "[default: off for digits, characters, traffic signs].")]
-SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images instead of failing (each image is decoded once up front; the skipped ones are logged and listed in summary.json).")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images instead of failing (each image is "
+                                       "decoded once up front; the skipped ones are logged and listed in summary.json).")]
 Augment = Annotated[bool, typer.Option("--augment/--no-augment", help="Random-resized-crop (and flips) in "
                                        "training; --no-augment trains on the evaluation transform.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader workers [default: from CPU count].")]
@@ -132,6 +144,9 @@ Amp = Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed preci
 AmpDtype = Annotated[str, typer.Option("--amp-dtype", help="bfloat16 or float16 (with a gradient scaler).")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the training forward (CUDA: faster "
                                        "steps after a warm-up compile).")]
+ClipGrad = Annotated[Optional[float], typer.Option("--clip-grad", help="Clip each step's gradient norm (the "
+                                                  "weights', never the attention logits') to this; 0: no clipping "
+                                                  f"[default: {defaults.CLIP_GRAD:g}].")]
 ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
                                                       help="Channels-last memory format [default: on for CUDA].")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the stage from its last checkpoint.")]
@@ -403,7 +418,7 @@ def teacher(
     batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto",
     amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
     channels_last: ChannelsLast = None, resume: Resume = False, overwrite: Overwrite = False,
-    keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
+    clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
 ):
     def body():
         from .pipeline import BackboneOptions, TrainOptions, train_teacher
@@ -414,7 +429,7 @@ def teacher(
         train = TrainOptions.for_stage("teacher", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step,
                                        seed=seed, device=device, amp=amp, amp_dtype=amp_dtype, resume=resume,
                                        overwrite=overwrite, compile=compile_model, channels_last=channels_last,
-                                       keep_checkpoints=keep_checkpoints)
+                                       keep_checkpoints=keep_checkpoints, clip_grad=_clip_grad(clip_grad))
         rep = Reporter()
         try:
             result = train_teacher(run, BackboneOptions(backbone, pretrained, weights),
@@ -444,15 +459,17 @@ def tailor(
     batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto",
     amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
     channels_last: ChannelsLast = None, resume: Resume = False, overwrite: Overwrite = False,
-    keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
+    clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
 ):
     def body():
-        from .pipeline import BackboneOptions, TailorOptions, TrainOptions, tailor as run_tailor
+        from .pipeline import BackboneOptions, TailorOptions, TrainOptions
+        from .pipeline import tailor as run_tailor
 
         if data is None:
             raise _usage("--data is required (a dataset folder, torchvision:NAME, or 'digits')")
         run = output or _default_output(data, backbone)
-        common = dict(seed=seed, device=device, amp=amp, amp_dtype=amp_dtype, keep_checkpoints=keep_checkpoints)
+        common = dict(seed=seed, device=device, amp=amp, amp_dtype=amp_dtype, keep_checkpoints=keep_checkpoints,
+                      clip_grad=_clip_grad(clip_grad))
         t_train = TrainOptions.for_stage("teacher", epochs=teacher_epochs if teacher_epochs is not None else epochs,
                                          lr=teacher_lr, batch_size=teacher_batch_size, **common)
         train = TrainOptions.for_stage("tailor", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step,
@@ -490,13 +507,14 @@ def prune(
                                                "candidate.")] = defaults.SEARCH_EPOCHS,
     epochs: Annotated[int, typer.Option("--epochs", help="--auto: epochs of the final fine-tuning.")] = defaults.EPOCHS,
     data: Data = None, cache: Cache = False, workers: Workers = None, batch_size: BatchSize = None, lr: Lr = None,
-    seed: Seed = 0, device: Device = "auto", amp: Amp = None, keep_checkpoints: KeepCheckpoints = False,
+    seed: Seed = 0, device: Device = "auto", amp: Amp = None, clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False,
     overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False,
 ):
     """Stage 3: remove low-attention proxies and the K weakest blocks, then everything orphaned."""
 
     def body():
-        from .pipeline import SearchOptions, TrainOptions, auto_prune, prune as run_prune
+        from .pipeline import SearchOptions, TrainOptions, auto_prune
+        from .pipeline import prune as run_prune
 
         if auto and drop_blocks:
             raise _usage("--auto searches K itself; drop --drop-blocks (or drop --auto to prune exactly K blocks)")
@@ -507,7 +525,8 @@ def prune(
             return
         d = _data_opts(data, None, None, None, False, cache, None, False, workers)
         mk = lambda n: TrainOptions.for_stage("finetune", epochs=n, lr=lr, batch_size=batch_size, seed=seed,
-                                              device=device, amp=amp, keep_checkpoints=keep_checkpoints)
+                                              device=device, amp=amp, keep_checkpoints=keep_checkpoints,
+                                              clip_grad=_clip_grad(clip_grad))
         try:
             result = auto_prune(run, d, mk(search_epochs), mk(epochs),
                                 SearchOptions(tolerance=tolerance, max_macs=max_macs, search_epochs=search_epochs,
@@ -542,16 +561,17 @@ def finetune(
     augment: Augment = True, epochs: Epochs = defaults.EPOCHS, batch_size: BatchSize = None, lr: Lr = None,
     lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto", amp: Amp = None, amp_dtype: AmpDtype = "bfloat16",
     compile_model: Compile = False, channels_last: ChannelsLast = None, resume: Resume = False,
-    overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False, json_out: Json = False,
-    debug: Debug = False,
+    overwrite: Overwrite = False, clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False,
+    json_out: Json = False, debug: Debug = False,
 ):
     def body():
-        from .pipeline import TrainOptions, finetune as run_finetune
+        from .pipeline import TrainOptions
+        from .pipeline import finetune as run_finetune
 
         train = TrainOptions.for_stage("finetune", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step,
                                        seed=seed, device=device, amp=amp, amp_dtype=amp_dtype, resume=resume,
                                        overwrite=overwrite, compile=compile_model, channels_last=channels_last,
-                                       keep_checkpoints=keep_checkpoints)
+                                       keep_checkpoints=keep_checkpoints, clip_grad=_clip_grad(clip_grad))
         rep = Reporter()
         try:
             result = run_finetune(run, _data_opts(data, task, None, None, False, cache, None, skip_bad, workers,
@@ -678,7 +698,7 @@ def run(
     seed: Seed = 0, device: Device = "auto", amp: Amp = None, resume: Resume = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run again: remove what nettailor wrote "
                                             "in its directory first.")] = False,
-    keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
+    clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
 ):
     """The whole pipeline in one command: teacher, tailor, prune, finetune, export, report."""
 
@@ -690,7 +710,7 @@ def run(
         if epochs <= 0:
             raise _usage(f"--epochs must be positive, got {epochs}")
         target = _export_dir(export_dir, out)
-        common = dict(seed=seed, device=device, amp=amp, keep_checkpoints=keep_checkpoints)
+        common = dict(seed=seed, device=device, amp=amp, keep_checkpoints=keep_checkpoints, clip_grad=_clip_grad(clip_grad))
         stage = lambda name, n, lr, bs: TrainOptions.for_stage(name, epochs=epochs if n is None else n, lr=lr,
                                                                batch_size=bs, **common)
         run_dir = output or _default_output(data, backbone)
@@ -711,6 +731,13 @@ def run(
         _fail_on_tolerance(result)
 
     _execute(debug, body, json_out)
+
+
+def _clip_grad(value: float | None) -> float | None:
+    """``--clip-grad``: not given -> the default, 0 -> no clipping (``None`` in the core)."""
+    if value is None:
+        return defaults.CLIP_GRAD
+    return None if value == 0 else value
 
 
 def _usage(message: str) -> TailorError:

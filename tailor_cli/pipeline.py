@@ -25,16 +25,40 @@ from . import __version__, defaults
 from . import distributed as dist
 from .backbone import backbone_identity, check_backbone_name, create_backbone, describe_chain
 from .checkpoint import read_json, read_safetensors, write_json, write_safetensors
-from .counting import network_params, path_costs, student_macs, student_params, model_macs
-from .errors import RunError, UsageError, DataError
+from .counting import model_macs, network_params, path_costs, student_macs, student_params
+from .errors import DataError, RunError, UsageError
 from .losses import TEACHER_LOSSES, ComplexityModel
-from .pruning import connecting_threshold, plan as plan_pruning
-from .runs import (CHECKPOINT, MODEL, check_settings, check_writable, locate_teacher, lock_created, lock_dir, prepare_stage,
-                   read_run, read_summary, require_stage, reset_run, stage_done, write_run, write_summary)
+from .pruning import connecting_threshold
+from .pruning import plan as plan_pruning
+from .runs import (
+    CHECKPOINT,
+    MODEL,
+    check_settings,
+    check_writable,
+    locate_teacher,
+    lock_created,
+    lock_dir,
+    prepare_stage,
+    read_run,
+    read_summary,
+    require_stage,
+    reset_run,
+    stage_done,
+    write_run,
+    write_summary,
+)
 from .student import Structure, Student
+from .train import (
+    BEST,
+    Callbacks,
+    StudentObjective,
+    TeacherObjective,
+    TrainConfig,
+    autocast_context,
+    fit,
+    resolve_device,
+)
 from .weights import PKG_PREFIX, resolve_weights_path
-from .train import (BEST, Callbacks, StudentObjective, TeacherObjective, TrainConfig, autocast_context, fit,
-                    resolve_device)
 
 
 # --------------------------------------------------------------------------- options
@@ -85,7 +109,7 @@ class TrainOptions:
         if not self.lr > 0:
             raise UsageError(f"--{flag}lr must be positive, got {self.lr}")
         if self.clip_grad is not None and not self.clip_grad > 0:
-            raise UsageError(f"--clip-grad must be positive, got {self.clip_grad}; pass --no-clip-grad to train unclipped")
+            raise UsageError(f"--clip-grad must be positive, got {self.clip_grad}; pass --clip-grad 0 to train unclipped")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
         if self.amp_dtype not in ("bfloat16", "float16"):
@@ -658,7 +682,8 @@ def prune(run: Path, *, threshold: float = defaults.THRESHOLD, drop_blocks: int 
     summary = {
         "stage": "prune", "threshold": threshold, "drop_blocks": drop_blocks,
         "removed_proxies": [{"layer": l, "source": s} for l, s in result.removed_proxies],
-        "removed_blocks": result.removed_blocks, "free_blocks": result.free_blocks, "orphaned": result.orphaned, "fixpoint_rounds": result.rounds,
+        "removed_blocks": result.removed_blocks, "free_blocks": result.free_blocks, "orphaned": result.orphaned,
+        "fixpoint_rounds": result.rounds,
         "before": before, "after": after, "tailor_val_acc": read_summary(run, "tailor")["val_acc"],
         "structure": after["structure"], "params": after["params"], "macs": after["macs"],
         "attention": [a.tolist() if a is not None else None for a in student.attention()],
