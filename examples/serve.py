@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 
 import torch
+
 from tailor_cli.adapter import load_export
 from tailor_cli.data import eval_transform, open_image
 from tailor_cli.errors import TailorError
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -24,10 +24,9 @@ from torch import nn
 from . import __version__
 from .backbone import tensors_sha256
 from .checkpoint import read_json, read_safetensors, write_json, write_safetensors
-from .counting import network_params, student_macs, student_params, model_macs
+from .counting import model_macs, network_params, student_macs, student_params
 from .errors import ExportError, RunError
-from .runs import (check_writable, locate_teacher, latest_student_stage, lock_dir, read_run, read_summary,
-                   require_stage)
+from .runs import check_writable, latest_student_stage, locate_teacher, lock_dir, read_run, read_summary, require_stage
 from .student import Structure, Student
 
 FORMAT_VERSION = 1

@@ -237,8 +237,14 @@ def _efficientnet_final_act(name: str, block: nn.Module) -> str | None:
     inverted residuals end in a norm without activation, its attention blocks in a layer scale.
     Other kinds raise :class:`ModelError`, as does an activation followed by more layers.
     """
-    from timm.models._efficientnet_blocks import (ConvBnAct, DepthwiseSeparableConv, EdgeResidual,
-                                                  InvertedResidual, MobileAttention, UniversalInvertedResidual)
+    from timm.models._efficientnet_blocks import (
+        ConvBnAct,
+        DepthwiseSeparableConv,
+        EdgeResidual,
+        InvertedResidual,
+        MobileAttention,
+        UniversalInvertedResidual,
+    )
 
     if isinstance(block, MobileAttention):  # MobileNetV4 hybrids: norm first, attention, layer scale: linear
         return None

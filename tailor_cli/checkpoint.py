@@ -64,7 +64,8 @@ def read_json(path: Path, *, what: str = "file") -> dict:
         with open(path) as f:
             obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RunError(f"{what} '{path}' is not valid JSON ({err.msg if hasattr(err, 'msg') else err}); delete it or rerun the stage") from err
+        reason = err.msg if hasattr(err, "msg") else err
+        raise RunError(f"{what} '{path}' is not valid JSON ({reason}); delete it or rerun the stage") from err
     if not isinstance(obj, dict):
         raise RunError(f"{what} '{path}' must hold a JSON object")
     return obj

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
+
 from .adapter import load_export
 from .data import IMG_EXTENSIONS, eval_transform, open_image
 from .errors import DataError

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 PROXY_BUDGET = 12  # a proxy costs at most 1/PROXY_BUDGET of the block it stands in for (where it can)
 
 

@@ -10,7 +10,7 @@ from .adapter import ADAPTER_CONFIG, BACKBONE_FILE, load_export
 from .checkpoint import read_json
 from .counting import model_macs, network_params, student_macs, student_params
 from .errors import RunError
-from .runs import locate_teacher, latest_student_stage, read_run, read_summary
+from .runs import latest_student_stage, locate_teacher, read_run, read_summary
 from .student import Student
 
 

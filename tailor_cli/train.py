@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_reduce_sum, barrier, broadcast_buffers, is_main
-from .runs import CHECKPOINT
 from .checkpoint import append_jsonl, read_jsonl, read_safetensors, write_safetensors
+from .distributed import all_reduce_sum, barrier, broadcast_buffers, is_main
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, TrainingError, UsageError
 from .losses import ComplexityModel, teacher_term
+from .runs import CHECKPOINT
 from .student import Student, teacher_forward
 
 METRICS = "metrics.jsonl"

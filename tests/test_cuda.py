@@ -10,16 +10,16 @@ import json
 import pytest
 import timm
 import torch
+from conftest import FAST
 from typer.testing import CliRunner
 
-from conftest import FAST
 from tailor_cli.backbone import describe_chain
 from tailor_cli.cli import app
 from tailor_cli.counting import path_costs
 from tailor_cli.losses import ComplexityModel
 from tailor_cli.pipeline import TrainOptions
 from tailor_cli.student import LayerSpec, Structure, Student
-from tailor_cli.train import StudentObjective, make_optimizer, TrainConfig
+from tailor_cli.train import StudentObjective, TrainConfig, make_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

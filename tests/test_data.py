@@ -10,20 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from datagen import (class_image, make_decathlon, make_gtsrb, make_imagefolder,  # noqa: E402
-                     write_garbage, write_truncated)
+from datagen import class_image, make_decathlon, make_gtsrb, make_imagefolder, write_garbage, write_truncated  # noqa: E402
 
-from tailor_cli.data import (GTSRB_CLASSES, TaskData, default_num_workers, load_task_data,  # noqa: E402
-                             make_loader, make_split)
-from tailor_cli.errors import DataError, UsageError  # noqa: E402
 from tailor_cli import data as data_mod  # noqa: E402
+from tailor_cli.data import GTSRB_CLASSES, TaskData, default_num_workers, load_task_data, make_loader, make_split  # noqa: E402
 from tailor_cli.data import cache as cache_mod  # noqa: E402
 from tailor_cli.data import checks as checks_mod  # noqa: E402
+from tailor_cli.errors import DataError, UsageError  # noqa: E402
 
 # timm.data.resolve_data_config({}, model=timm.create_model("test_resnet")) as a literal (fast).
 CFG = {"input_size": (3, 160, 160), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),

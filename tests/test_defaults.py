@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from datagen import make_imagefolder
 from torch import nn
 from typer.testing import CliRunner
 
-from datagen import make_imagefolder
 from tailor_cli.cli import app
 from tailor_cli.train import TrainConfig, fit
 

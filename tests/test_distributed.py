@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from datagen import make_imagefolder, randomise_bn_stats
+from safetensors.torch import load_file
 
 ARGS = ["--backbone", "test_resnet", "--no-pretrained", "--img-size", "64", "--workers", "0", "--device", "cpu",
         "--epochs", "1", "--no-augment", "--lr", "0.05"]

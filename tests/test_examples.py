@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import timm
-from safetensors.torch import save_file
-
 from datagen import make_gtsrb, make_imagefolder
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

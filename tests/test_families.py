@@ -6,14 +6,14 @@ import json
 import pytest
 import timm
 import torch
+from datagen import make_imagefolder, randomise_bn_stats
 from PIL import Image
 from typer.testing import CliRunner
 
-from datagen import make_imagefolder, randomise_bn_stats
 from tailor_cli.adapter import load_task
 from tailor_cli.backbone import describe_chain
-from tailor_cli.counting import student_macs, student_params
 from tailor_cli.cli import app
+from tailor_cli.counting import student_macs, student_params
 from tailor_cli.pipeline import load_student
 from tailor_cli.proxies import PROXY_BUDGET
 from tailor_cli.student import LayerSpec, Structure, Student

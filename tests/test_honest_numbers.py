@@ -5,9 +5,9 @@ import json
 import shutil
 from pathlib import Path
 
+from datagen import make_imagefolder
 from typer.testing import CliRunner
 
-from datagen import make_imagefolder
 from tailor_cli.cli import app
 
 runner = CliRunner()

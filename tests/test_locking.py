@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAST
 from typer.testing import CliRunner
 
-from conftest import FAST
 from tailor_cli.cli import app
 
 LOCK = ".nettailor.lock"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST
 from typer.testing import CliRunner
 
-from conftest import FAST
 from tailor_cli.adapter import load_export, load_task
 from tailor_cli.checkpoint import read_jsonl
 from tailor_cli.cli import app

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST
+from datagen import make_imagefolder
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import FAST
-from datagen import make_imagefolder
 from tailor_cli.checkpoint import read_jsonl
 from tailor_cli.cli import app
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from datagen import make_imagefolder
 from PIL import Image
 from typer.testing import CliRunner
 
-from datagen import make_imagefolder
 from tailor_cli.adapter import load_export, load_task
 from tailor_cli.cli import app
-from tailor_cli.pipeline import load_student
 from tailor_cli.data import eval_transform
+from tailor_cli.pipeline import load_student
 from tailor_cli.predict import collect_images
 
 runner = CliRunner()

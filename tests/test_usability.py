@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import FAST
 from rich.console import Console
 from typer.testing import CliRunner
 
-from conftest import FAST
 from tailor_cli.cli import Reporter, app
 
 runner = CliRunner()
