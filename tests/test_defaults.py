@@ -108,3 +108,18 @@ def test_attention_logits_are_not_clipped(tmp_path):
               train_loader=[(images, labels)], val_loader=[(images, labels)], device=torch.device("cpu"), cfg=cfg)
     assert torch.allclose(logits.detach(), torch.full((3,), -0.1 * 100.0))  # the full step
     assert row["max_grad_norm"] == pytest.approx(500.0 * 2 ** 0.5, rel=1e-2) and row["clipped_steps"] == 1
+
+
+def test_clip_grad_option(tmp_path, folder_data):
+    from conftest import FAST
+
+    run = tmp_path / "off"
+    res = runner.invoke(app, ["teacher", "--data", str(folder_data), "--output", str(run), *FAST, "--epochs", "1",
+                              "--clip-grad", "0"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "teacher" / "config.json").read_text())["settings"]["clip_grad"] == "off"
+    (row,) = [json.loads(line) for line in (run / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert row["clipped_steps"] == 0 and row["max_grad_norm"] > 0
+    res = runner.invoke(app, ["teacher", "--data", str(folder_data), "--output", str(tmp_path / "bad"), *FAST,
+                              "--clip-grad", "-1"])
+    assert res.exit_code == 2 and "--clip-grad must be positive" in res.stderr and "Traceback" not in res.output
