@@ -97,12 +97,7 @@ class Setup:
         from tailor_cli.counting import path_costs
         from tailor_cli.losses import ComplexityModel
         from tailor_cli.student import Student
-        from tailor_cli.train import (
-            StudentObjective,
-            TeacherObjective,
-            TrainConfig,
-            make_optimizer,
-        )
+        from tailor_cli.train import StudentObjective, TeacherObjective, TrainConfig, make_optimizer
 
         self.args = args
         self.device = torch.device(args.device)
@@ -137,7 +132,7 @@ class Setup:
             self.tailor_objective = StudentObjective(self.student, self.teacher, describe_chain(self.teacher),
                                                      complexity, COMPLEXITY_WEIGHT, TEACHER_WEIGHT,
                                                      forward=compile_(self.student))
-            logits = {id(p) for p in self.student.attention_parameters()}  # pipeline._student_groups
+            logits = {id(p) for p in self.student.attention_parameters()}  # stages.common._student_groups
             rest = [p for p in self.student.trainable_parameters() if id(p) not in logits]
             groups = [{"params": rest}, {"params": self.student.attention_parameters(), "weight_decay": 0.0}]
             self.tailor_opt, _ = make_optimizer(groups, TrainConfig(epochs=1, lr=0.1, lr_step=1))

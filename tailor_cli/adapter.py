@@ -68,7 +68,7 @@ def export_task(run: Path, out: Path, *, task_name: str | None = None, overwrite
 
 
 def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool) -> dict:
-    from .pipeline import load_student
+    from .loading import load_student
 
     run_meta = read_run(run)
     stage = latest_student_stage(run)

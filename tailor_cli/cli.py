@@ -373,7 +373,7 @@ def _stage_help(stage: str, text: str) -> str:
 
 
 def _data_opts(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers, augment=True):
-    from .pipeline import DataOptions
+    from .stages import DataOptions
 
     return DataOptions(data=data, task=task, img_size=img_size, val_fraction=val_fraction, download=download,
                        cache=cache, hflip=hflip, skip_bad=skip_bad, workers=workers, augment=augment)
@@ -421,7 +421,7 @@ def teacher(
     clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
 ):
     def body():
-        from .pipeline import BackboneOptions, TrainOptions, train_teacher
+        from .stages import BackboneOptions, TrainOptions, train_teacher
 
         if data is None:
             raise _usage("--data is required (a dataset folder, torchvision:NAME, or 'digits')")
@@ -462,8 +462,8 @@ def tailor(
     clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
 ):
     def body():
-        from .pipeline import BackboneOptions, TailorOptions, TrainOptions
-        from .pipeline import tailor as run_tailor
+        from .stages import BackboneOptions, TailorOptions, TrainOptions
+        from .stages.tailor import tailor as run_tailor
 
         if data is None:
             raise _usage("--data is required (a dataset folder, torchvision:NAME, or 'digits')")
@@ -513,8 +513,8 @@ def prune(
     """Stage 3: remove low-attention proxies and the K weakest blocks, then everything orphaned."""
 
     def body():
-        from .pipeline import SearchOptions, TrainOptions, auto_prune
-        from .pipeline import prune as run_prune
+        from .stages import SearchOptions, TrainOptions, auto_prune
+        from .stages.prune import prune as run_prune
 
         if auto and drop_blocks:
             raise _usage("--auto searches K itself; drop --drop-blocks (or drop --auto to prune exactly K blocks)")
@@ -565,8 +565,8 @@ def finetune(
     json_out: Json = False, debug: Debug = False,
 ):
     def body():
-        from .pipeline import TrainOptions
-        from .pipeline import finetune as run_finetune
+        from .stages import TrainOptions
+        from .stages.finetune import finetune as run_finetune
 
         train = TrainOptions.for_stage("finetune", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step,
                                        seed=seed, device=device, amp=amp, amp_dtype=amp_dtype, resume=resume,
@@ -703,7 +703,7 @@ def run(
     """The whole pipeline in one command: teacher, tailor, prune, finetune, export, report."""
 
     def body():
-        from .pipeline import BackboneOptions, SearchOptions, TailorOptions, TrainOptions, run_pipeline
+        from .stages import BackboneOptions, SearchOptions, TailorOptions, TrainOptions, run_pipeline
 
         if data is None:
             raise _usage("--data is required (a dataset folder, torchvision:NAME, or 'digits')")

@@ -80,7 +80,7 @@ def student_report(student: Student, *, task: str, architecture: str, img_size: 
 
 def report_run(run: Path) -> dict:
     """Report of a run directory's latest student stage."""
-    from .pipeline import load_student
+    from .loading import load_student
 
     run = Path(run)
     meta = read_run(run)

@@ -17,7 +17,7 @@ from tailor_cli.backbone import describe_chain
 from tailor_cli.cli import app
 from tailor_cli.counting import path_costs
 from tailor_cli.losses import ComplexityModel
-from tailor_cli.pipeline import TrainOptions
+from tailor_cli.stages import TrainOptions
 from tailor_cli.student import LayerSpec, Structure, Student
 from tailor_cli.train import StudentObjective, TrainConfig, make_optimizer
 
@@ -95,7 +95,7 @@ def test_tailor_step_never_synchronises_with_the_host():
 
 def test_run_on_cuda_then_export_reproduces_the_students_logits(tmp_path, folder_data):
     from tailor_cli.adapter import load_export
-    from tailor_cli.pipeline import load_student
+    from tailor_cli.loading import load_student
 
     run, out = tmp_path / "run", tmp_path / "export"
     args = [a for i, a in enumerate(GPU_FAST) if "--batch-size" not in GPU_FAST[max(i - 1, 0):i + 1]]

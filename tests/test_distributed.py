@@ -46,9 +46,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     a = load_file(str(two / "teacher" / "model.safetensors"))
     b = load_file(str(one / "teacher" / "model.safetensors"))
     sys.path.insert(0, str(Path(__file__).parents[1]))
-    from tailor_cli.pipeline import BackboneOptions, _build_backbone
+    from tailor_cli.stages import BackboneOptions
+    from tailor_cli.stages.common import build_backbone
 
-    init = _build_backbone(BackboneOptions("test_resnet", False, None), 2, 0).state_dict()
+    init = build_backbone(BackboneOptions("test_resnet", False, None), 2, 0).state_dict()
     params = [k for k in a if a[k].is_floating_point() and "running" not in k]
     moved = max((b[k] - init[k]).abs().max().item() for k in params)
     diff = max((a[k] - b[k]).abs().max().item() for k in params)

@@ -14,7 +14,7 @@ from tailor_cli.adapter import load_task
 from tailor_cli.backbone import describe_chain
 from tailor_cli.cli import app
 from tailor_cli.counting import student_macs, student_params
-from tailor_cli.pipeline import load_student
+from tailor_cli.loading import load_student
 from tailor_cli.proxies import PROXY_BUDGET
 from tailor_cli.student import LayerSpec, Structure, Student
 

@@ -73,7 +73,7 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_blocks_nothing(tmp_p
 
 
 def test_run_holds_the_lock_across_its_stages_and_a_failed_new_run_leaves_nothing(tmp_path, folder_data, monkeypatch):
-    import tailor_cli.pipeline as pipeline
+    import tailor_cli.stages.run as run_module  # where `run` finds its stages
     from tailor_cli.errors import DataError
 
     run = tmp_path / "runs" / "r"
@@ -83,7 +83,7 @@ def test_run_holds_the_lock_across_its_stages_and_a_failed_new_run_leaves_nothin
         seen.append((run_dir / LOCK).read_text().strip())
         raise DataError("stop here")
 
-    monkeypatch.setattr(pipeline, "tailor", tailor)
+    monkeypatch.setattr(run_module, "tailor", tailor)
     res = _invoke("run", "--data", folder_data, "--output", run, "--epochs", "1", *RUN_FAST)
     assert res.exit_code == 3, res.output
     assert seen == [str(os.getpid())]

@@ -292,12 +292,12 @@ def test_debug_shows_the_traceback(tmp_path, folder_data):
 
 
 def test_out_of_memory_suggests_a_smaller_batch(tmp_path, folder_data, monkeypatch):
-    import tailor_cli.pipeline as pipeline
+    import tailor_cli.stages as stages
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(pipeline, "train_teacher", oom)
+    monkeypatch.setattr(stages, "train_teacher", oom)
     res = invoke("teacher", "--data", folder_data, "--output", tmp_path / "r", *FAST)
     _assert_clean_failure(res, 6, "out of memory", "--batch-size")
 
@@ -518,14 +518,16 @@ def test_tailor_uses_a_teacher_trained_by_the_teacher_command_in_the_same_run(tm
 
 
 def test_run_that_misses_the_tolerance_exits_7_with_one_document_saying_why(tmp_path, folder_data, monkeypatch):
-    import tailor_cli.pipeline as pipeline
+    import tailor_cli.stages.run as run_module  # where `run` finds its stages
+    from tailor_cli.stages.finetune import finetune
+    from tailor_cli.stages.prune import prune
 
     def missed(run, data, search_train, final_train, opts, **kwargs):  # a search whose choice misses
-        pipeline.prune(run, threshold=0.01, drop_blocks=1, overwrite=True)
-        final = pipeline.finetune(run, data, final_train)
+        prune(run, threshold=0.01, drop_blocks=1, overwrite=True)
+        final = finetune(run, data, final_train)
         return {**final, "error": "the chosen network (K=1) reaches 40.00%, more than 0.5 points below"}
 
-    monkeypatch.setattr(pipeline, "auto_prune", missed)
+    monkeypatch.setattr(run_module, "auto_prune", missed)
     res = invoke("run", "--data", folder_data, "--output", tmp_path / "r", "--epochs", "1", *RUN_FAST, "--json")
     assert res.exit_code == 7, res.output
     doc = json.loads(res.stdout)  # exactly one document: the report, with the reason

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from tailor_cli.adapter import load_export, load_task
 from tailor_cli.cli import app
 from tailor_cli.data import eval_transform
-from tailor_cli.pipeline import load_student
+from tailor_cli.loading import load_student
 from tailor_cli.predict import collect_images
 
 runner = CliRunner()

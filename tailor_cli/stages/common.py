@@ -1,0 +1,237 @@
+"""What the stages share: the run's data and backbone, loaders, the one-writer lock, the student's
+training, held-out accuracies."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from .. import defaults
+from .. import distributed as dist
+from ..backbone import create_backbone, describe_chain
+from ..checkpoint import read_json, write_json, write_safetensors
+from ..counting import student_macs, student_params
+from ..errors import DataError, UsageError
+from ..loading import student_meta
+from ..runs import CHECKPOINT, MODEL, lock_created, lock_dir, read_run, write_summary
+from ..student import Student
+from ..train import BEST, Callbacks, StudentObjective, autocast_context, fit
+from .options import BackboneOptions, DataOptions, TrainOptions, data_path
+
+REDO_TEACHER = "`nettailor teacher --output {run} --overwrite` redoes it (and the run)"
+
+
+def other_data(saved: dict, given: str | None) -> bool:
+    """Whether ``given`` (a --data) names other data than a run's record ``saved`` (run.json "data")."""
+    return given is not None and saved.get("path") not in (None, data_path(given))
+
+
+def check_run_data(run: Path, run_meta: dict | None, data: DataOptions) -> None:
+    """Every stage of a run trains on the run's data (a later --data must name the same)."""
+    if run_meta is None or not other_data(run_meta["data"], data.data):
+        return
+    saved = run_meta["data"]
+    raise UsageError(
+        f"run '{run}' was made on '{saved.get('given') or saved['path']}', not '{data.data}'; pass that --data, "
+        "choose another --output, or start the run over (teacher/run --overwrite)"
+    )
+
+
+def one_writer(create: bool):
+    """Run the decorated stage holding its run directory's lock (``runs.lock_dir``): one writer per run.
+
+    ``create``: the stage may start a new run (teacher, tailor), so the lock makes the directory.
+    """
+    def wrap(stage):
+        @functools.wraps(stage)
+        def locked(run, *args, **kwargs):
+            with lock_dir(Path(run), create=create):
+                return stage(run, *args, **kwargs)
+        return locked
+    return wrap
+
+
+@contextlib.contextmanager
+def new_run_guard(run: Path):
+    """If ``run`` did not exist and setup fails, remove whatever setup wrote (e.g. split.json)."""
+    existed = run.exists() and not lock_created(run)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+
+
+def load_data(run_meta: dict | None, opts: DataOptions, data_config: dict, run: Path, seed: int):
+    from ..data import load_task_data
+
+    saved = (run_meta or {}).get("data", {})
+    data = opts.data or saved.get("path")
+    if data is None:
+        raise UsageError("--data is required")
+    return load_task_data(
+        data,
+        data_config=data_config,
+        img_size=opts.img_size if opts.img_size is not None else saved.get("img_size"),
+        split_file=run / "split.json",
+        task=opts.task or saved.get("task"),
+        val_fraction=opts.val_fraction if opts.val_fraction is not None else saved.get("val_fraction", defaults.VAL_FRACTION),
+        seed=saved.get("seed", seed),
+        download=opts.download,
+        cache=opts.cache,
+        hflip=opts.hflip if opts.hflip is not None else saved.get("hflip"),
+        skip_bad=opts.skip_bad,
+        expected_classes=(run_meta or {}).get("classes"),
+        augment=opts.augment,
+    )
+
+
+def say_skipped(cb: Callbacks, task) -> None:
+    """--skip-bad: say how many unreadable images were left out, and which."""
+    if task.skipped:
+        shown = ", ".join(task.skipped[:3]) + (", ..." if len(task.skipped) > 3 else "")
+        cb.on_message(f"data: skipped {len(task.skipped)} unreadable image(s) (--skip-bad): {shown}")
+
+
+def loaders(task, batch_size: int, device: torch.device, seed: int, workers: int | None):
+    from ..data import make_loader
+
+    train = make_loader(task.train, batch_size=batch_size, train=True, device=device, num_workers=workers, seed=seed,
+                        sampler=dist.train_sampler(task.train, seed))
+    val = make_loader(dist.eval_shard(task.val), batch_size=max(batch_size, 64), train=False, device=device,
+                      num_workers=workers, seed=seed)
+    if len(train) == 0:
+        raise DataError(
+            f"the training split has {len(task.train)} images, fewer than one batch of {batch_size}; lower --batch-size"
+        )
+    return train, val
+
+
+def data_record(task, opts: DataOptions, seed: int) -> dict:
+    return {
+        "path": data_path(opts.data), "given": opts.data, "layout": task.layout, "name": task.name,
+        "task": opts.task, "img_size": task.img_size, "mean": list(task.mean), "std": list(task.std),
+        "interpolation": task.interpolation, "crop_pct": task.crop_pct, "crop_mode": task.crop_mode, "hflip": task.hflip,
+        "val_fraction": opts.val_fraction if opts.val_fraction is not None else defaults.VAL_FRACTION, "seed": seed,
+    }
+
+
+def build_backbone(bb: BackboneOptions, num_classes: int, seed: int) -> nn.Module:
+    """The pretrained backbone; seeded so that a random init (--no-pretrained) is the same in every stage."""
+    torch.manual_seed(seed)
+    return create_backbone(bb.name, num_classes=num_classes, pretrained=bb.pretrained, weights=bb.weights)
+
+
+def data_config(name: str) -> dict:
+    """timm's data config for a backbone name (mean/std/interpolation/crop), without weights."""
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    return timm.data.resolve_data_config({}, model=model)
+
+
+def _student_groups(student: Student, weight_decay: float) -> list[dict]:
+    """Attention logits get no weight decay and no gradient clipping (docs/method.md)."""
+    logits = set(id(p) for p in student.attention_parameters())
+    rest = [p for p in student.trainable_parameters() if id(p) not in logits]
+    logits = [p for p in student.attention_parameters() if p.requires_grad]
+    return [{"params": rest}, {"params": logits, "weight_decay": 0.0, "clip": False}]
+
+
+def fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | None, task, data: DataOptions,
+                 train: TrainOptions, device: torch.device, cb: Callbacks, *, complexity, g1: float, g2: float,
+                 teacher_loss: str, extra: dict, keep: str = "best", held_out: bool = True) -> dict:
+    t0 = time.perf_counter()
+    cfg = train.config(device)
+    student = student.to(device)
+    if complexity is not None:
+        complexity = complexity.to(device)
+    if cfg.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
+    stage_dir = run / stage
+    write_json(stage_dir / "config.json", {"stage": stage, "train": asdict(train), "resolved": asdict(cfg),
+                                           "data": asdict(data), "device": str(device), **extra})
+    train_loader, val_loader = loaders(task, train.batch_size, device, train.seed, data.workers)
+    chain = describe_chain(teacher) if teacher is not None else None
+    for layer in student.layers:  # a softmax over one path is the constant 1: nothing to learn
+        if layer.alive and layer.logits.numel() == 1:
+            layer.logits.requires_grad_(False)
+    say_distributed(cb, train)
+    student = dist.sync_batchnorm(student, device)
+    forward = maybe_compile(dist.wrap(student, device), train.compile)
+    objective = StudentObjective(student, teacher, chain, complexity, g1, g2, forward=forward,
+                                 teacher_loss=teacher_loss)
+    arch = read_run(run)["backbone"]["architecture"]
+    row = fit(stage=stage, stage_dir=stage_dir, model=student, objective=objective,
+              param_groups=_student_groups(student, 5e-4), train_loader=train_loader, val_loader=val_loader,
+              device=device, cfg=cfg, resume=train.resume, callbacks=cb,
+              checkpoint_extra=student_meta(student, arch, stage), keep=keep)
+    write_safetensors(stage_dir / MODEL, student.state_dict(), student_meta(student, arch, stage))
+    summary = {"stage": stage, **accuracies(row, student, task, train, device, cfg, held_out=held_out),
+               "structure": student.structure.counts(), "params": student_params(student),
+               "macs": student_macs(student, task.img_size).total, "skipped_images": list(task.skipped),
+               "attention": [a.tolist() if a is not None else None for a in student.attention()],
+               "wall_seconds": round(time.perf_counter() - t0, 1)}
+    write_summary(run, stage, summary)
+    drop_resume_files(stage_dir, train)
+    dist.barrier()
+    return summary
+
+
+def accuracies(row: dict, model: nn.Module, task, train: TrainOptions, device: torch.device, cfg,
+                held_out: bool = True) -> dict:
+    """A stage's accuracies: validation (of the epoch kept) and, where the data has one, test.
+
+    The test split is evaluated once, on the final weights, and only reported: no choice
+    (epoch kept, K) ever reads it.
+    """
+    from ..data import make_loader
+    from ..train import evaluate
+
+    out = {"val_acc": row["val_acc"], "best_val_acc": row["best_val_acc"], "kept_epoch": row["kept_epoch"],
+           "epochs": row["epochs_trained"], "test_acc": None,
+           "split_sizes": {"train": len(task.train), "val": len(task.val),
+                           "test": len(task.test) if task.test is not None else None}}
+    if held_out and task.test is not None:
+        loader = make_loader(dist.eval_shard(task.test), batch_size=max(train.batch_size, 64), train=False,
+                             device=device, num_workers=0)
+        amp = autocast_context(cfg, device)
+        out["test_acc"] = evaluate(model, loader, device, amp_ctx=amp, channels_last=cfg.channels_last)["acc"]
+    return out
+
+
+def tailored_teacher_loss(run: Path) -> str:
+    """The teacher-term form the run's student was tailored with; fine-tuning keeps it.
+
+    Runs made before the option existed were tailored with the paper's plain MSE.
+    """
+    config = read_json(run / "tailor" / "config.json", what="tailor config")
+    return config.get("settings", {}).get("teacher_loss", "mse")
+
+
+def maybe_compile(module: nn.Module, enabled: bool) -> nn.Module:
+    """``torch.compile`` the training forward (--compile); weights stay shared with ``module``."""
+    return torch.compile(module) if enabled else module
+
+
+def say_distributed(cb: Callbacks, train: TrainOptions) -> None:
+    info = dist.info()
+    if info.enabled:
+        cb.on_message(f"distributed: {info.world_size} processes x --batch-size {train.batch_size} = effective batch "
+                      f"{info.world_size * train.batch_size}; --lr {train.lr} used as given (no scaling rule)")
+
+
+def drop_resume_files(stage_dir: Path, train: TrainOptions) -> None:
+    """A finished stage's ``model.safetensors`` is all that later stages read: its checkpoint (weights and
+    optimiser state, for --resume) and best-epoch copy go, unless ``keep_checkpoints``."""
+    if train.keep_checkpoints or not dist.is_main():
+        return
+    for name in (CHECKPOINT, BEST):
+        (stage_dir / name).unlink(missing_ok=True)

@@ -1,0 +1,175 @@
+"""The options of each stage, their defaults (``tailor_cli.defaults``) and the settings a stage records."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import defaults
+from ..errors import UsageError
+from ..losses import TEACHER_LOSSES
+from ..train import TrainConfig
+from ..weights import PKG_PREFIX, resolve_weights_path
+
+
+@dataclass
+class DataOptions:
+    data: str | None = None
+    task: str | None = None
+    img_size: int | None = None
+    val_fraction: float | None = None
+    download: bool = False
+    cache: bool = False
+    hflip: bool | None = None
+    skip_bad: bool = False
+    workers: int | None = None
+    augment: bool = True
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = defaults.EPOCHS
+    batch_size: int = defaults.BATCH_SIZE["tailor"]
+    lr: float = defaults.LR["tailor"]
+    lr_step: int | None = None  # default: 40% of the epochs (SVHN demo: 20 epochs, decay every 8)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None  # None: on for CUDA (bf16)
+    amp_dtype: str = "bfloat16"
+    channels_last: bool | None = None  # None: on for CUDA
+    compile: bool = False  # torch.compile the training forward
+    clip_grad: float | None = defaults.CLIP_GRAD  # max gradient norm of the weights per step; None: off
+    resume: bool = False
+    overwrite: bool = False
+    keep_checkpoints: bool = False  # keep checkpoint.safetensors (and best.safetensors) once the stage is done
+
+    @classmethod
+    def for_stage(cls, stage: str, *, epochs: int | None = None, lr: float | None = None,
+                  batch_size: int | None = None, **rest) -> "TrainOptions":
+        """Options of a training stage (teacher, tailor, finetune), its defaults (``defaults.py``) for those not given."""
+        return cls(epochs=defaults.EPOCHS if epochs is None else epochs, lr=defaults.LR[stage] if lr is None else lr,
+                   batch_size=defaults.BATCH_SIZE[stage] if batch_size is None else batch_size, **rest)
+
+    def validate(self, flag: str = "") -> None:
+        """``flag``: the prefix of the options as the command names them (``teacher-`` for ``--teacher-epochs``)."""
+        if self.epochs <= 0:
+            raise UsageError(f"--{flag}epochs must be positive, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise UsageError(f"--{flag}batch-size must be positive, got {self.batch_size}")
+        if not self.lr > 0:
+            raise UsageError(f"--{flag}lr must be positive, got {self.lr}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise UsageError(f"--clip-grad must be positive, got {self.clip_grad}; pass --clip-grad 0 to train unclipped")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
+        if self.amp_dtype not in ("bfloat16", "float16"):
+            raise UsageError(f"--amp-dtype must be bfloat16 or float16, got '{self.amp_dtype}'")
+
+    def config(self, device: torch.device) -> TrainConfig:
+        amp = self.amp if self.amp is not None else device.type == "cuda"
+        cl = self.channels_last if self.channels_last is not None else device.type == "cuda"
+        return TrainConfig(
+            epochs=self.epochs, lr=self.lr, lr_step=self.lr_step or max(1, round(0.4 * self.epochs)),
+            seed=self.seed, amp=amp, amp_dtype=self.amp_dtype, channels_last=cl,
+            check_every=1 if device.type == "cpu" else 50, clip_grad=self.clip_grad,
+        )
+
+
+@dataclass
+class BackboneOptions:
+    name: str = "resnet34"
+    pretrained: bool = True
+    weights: Path | None = None
+
+
+@dataclass
+class TailorOptions:
+    teacher: Path | None = None
+    max_skip: int = defaults.MAX_SKIP
+    complexity_weight: float = defaults.COMPLEXITY_WEIGHT
+    teacher_weight: float = defaults.TEACHER_WEIGHT
+    teacher_loss: str = defaults.TEACHER_LOSS  # "mse" (the paper's form) or "relative" (scale-free); see losses.teacher_term
+    teacher_train: TrainOptions = field(default_factory=lambda: TrainOptions.for_stage("teacher"))  # trained in the run
+
+    def validate(self) -> None:
+        if self.max_skip < 1:
+            raise UsageError(f"--max-skip must be at least 1, got {self.max_skip}")
+        if self.complexity_weight < 0 or self.teacher_weight < 0:
+            raise UsageError("--complexity-weight and --teacher-weight must be >= 0")
+        if self.teacher_loss not in TEACHER_LOSSES:
+            raise UsageError(f"--teacher-loss must be one of {', '.join(TEACHER_LOSSES)}, got '{self.teacher_loss}'")
+
+
+@dataclass
+class SearchOptions:
+    tolerance: float = defaults.TOLERANCE  # accuracy points below the teacher's validation accuracy
+    max_macs: float | None = None  # absolute MACs, or a fraction of the full network when <= 1
+    search_epochs: int = defaults.SEARCH_EPOCHS
+    threshold: float = defaults.THRESHOLD
+
+    def validate(self) -> None:
+        if not 0.0 <= self.threshold < 1.0:
+            raise UsageError(f"--threshold must be in [0, 1), got {self.threshold}")
+        if self.tolerance < 0:
+            raise UsageError(f"--tolerance must be >= 0, got {self.tolerance}")
+        if self.search_epochs <= 0:
+            raise UsageError(f"--search-epochs must be positive, got {self.search_epochs}")
+        if self.max_macs is not None and not self.max_macs > 0:
+            raise UsageError(f"--max-macs must be positive, got {self.max_macs}")
+
+
+def data_path(data: str) -> str:
+    p = Path(data)
+    return str(p.resolve()) if p.exists() else data
+
+
+def stage_settings(train: TrainOptions, device: torch.device, data: DataOptions | None = None,
+                   bb: BackboneOptions | None = None, run_meta: dict | None = None, **extra) -> dict:
+    """What a stage's result depends on, resolved: recorded in its config.json, compared on --resume.
+
+    Options not given take the run's values (``run.json``) and defaults are resolved (``lr_step``,
+    ``amp`` for the device), so naming a value the run already uses is no change. Options that
+    only change speed (device, workers, cache, compile, channels-last) are left out.
+    """
+    cfg = train.config(device)
+    out = {"epochs": train.epochs, "batch_size": train.batch_size, "lr": train.lr, "lr_step": cfg.lr_step,
+           "seed": train.seed, "amp": cfg.amp, "amp_dtype": cfg.amp_dtype if cfg.amp else None,
+           "clip_grad": cfg.clip_grad if cfg.clip_grad is not None else "off"}
+    if data is not None:
+        saved = (run_meta or {}).get("data", {})
+        out |= {
+            "data": data_path(data.data) if data.data else saved.get("path"),
+            "task": data.task if data.task is not None else saved.get("task"),
+            "img_size": data.img_size if data.img_size is not None else saved.get("img_size"),
+            "val_fraction": data.val_fraction if data.val_fraction is not None else saved.get("val_fraction", defaults.VAL_FRACTION),
+            "hflip": data.hflip if data.hflip is not None else saved.get("hflip"),
+            "augment": data.augment, "skip_bad": data.skip_bad,
+        }
+    if bb is not None:
+        out |= {"backbone": bb.name, "pretrained": bb.pretrained,
+                "weights": str(resolve_weights_path(bb.weights).resolve()) if bb.weights else None}
+    return out | extra
+
+
+RUN_DATA = ("img_size", "val_fraction", "hflip")  # data settings only the run's first stage takes
+
+
+def recorded_options(settings: dict, train: TrainOptions, data: DataOptions, *, drop: tuple[str, ...] = (), **extra) -> dict:
+    """A stage's options under its command's names: what ``nettailor <stage> -c STAGE/config.json`` reads back.
+
+    Its ``settings`` (with defaults resolved), the options that change only speed, and ``extra``;
+    values left unset are left out, so they resolve again as they did here.
+    """
+    speed = {"device": train.device, "workers": data.workers, "cache": data.cache, "compile": train.compile,
+             "channels_last": train.channels_last, "keep_checkpoints": train.keep_checkpoints}
+    options = json.loads(json.dumps({**settings, **speed, **extra}, default=str))
+    return {key: value for key, value in options.items() if value is not None and key not in drop}
+
+
+def weights_option(bb: BackboneOptions) -> str | None:
+    """``--weights`` as a record gives it back: ``pkg:NAME`` as given, a file by its absolute path."""
+    if bb.weights is None or str(bb.weights).startswith(PKG_PREFIX):
+        return None if bb.weights is None else str(bb.weights)
+    return str(Path(bb.weights).resolve())

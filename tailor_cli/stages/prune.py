@@ -1,0 +1,55 @@
+"""Stage 3, prune: remove the paths under the threshold and the K weakest blocks (trains nothing)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import defaults
+from ..checkpoint import write_safetensors
+from ..counting import student_macs, student_params
+from ..errors import RunError
+from ..loading import load_student, student_meta
+from ..pruning import plan as plan_pruning
+from ..runs import MODEL, prepare_stage, read_run, read_summary, require_stage, stage_done, write_summary
+from ..train import Callbacks
+from .common import one_writer
+
+
+@one_writer(create=False)
+def prune(run: Path, *, threshold: float = defaults.THRESHOLD, drop_blocks: int = 0, overwrite: bool = False,
+          callbacks: Callbacks | None = None) -> dict:
+    """Drop low-attention proxies and the K weakest blocks, then everything orphaned (stage 3)."""
+    cb = callbacks or Callbacks()
+    run_meta = read_run(run)
+    tailor_dir = require_stage(run, "tailor", "prune")
+    student, meta = load_student(tailor_dir, torch.device("cpu"))
+    alphas = [a.tolist() if a is not None else [] for a in student.attention()]
+    result = plan_pruning(student.structure, alphas, threshold=threshold, drop_blocks=drop_blocks)
+    if stage_done(run, "prune") and not overwrite:
+        raise RunError(f"'{run}' is already pruned; pass --overwrite to prune again (this also discards 'finetune')")
+    prepare_stage(run, "prune", resume=False, overwrite=True)
+    img_size = run_meta["data"]["img_size"]
+    before = {"params": student_params(student), "macs": student_macs(student, img_size).total,
+              "structure": student.structure.counts()}
+    student.prune_(result.structure)
+    after = {"params": student_params(student), "macs": student_macs(student, img_size).total,
+             "structure": student.structure.counts()}
+    arch = run_meta["backbone"]["architecture"]
+    write_safetensors(run / "prune" / MODEL, student.state_dict(), student_meta(student, arch, "prune"))
+    summary = {
+        "stage": "prune", "threshold": threshold, "drop_blocks": drop_blocks,
+        "removed_proxies": [{"layer": l, "source": s} for l, s in result.removed_proxies],
+        "removed_blocks": result.removed_blocks, "free_blocks": result.free_blocks, "orphaned": result.orphaned,
+        "fixpoint_rounds": result.rounds,
+        "before": before, "after": after, "tailor_val_acc": read_summary(run, "tailor")["val_acc"],
+        "structure": after["structure"], "params": after["params"], "macs": after["macs"],
+        "attention": [a.tolist() if a is not None else None for a in student.attention()],
+    }
+    write_summary(run, "prune", summary)
+    cb.on_message(
+        f"prune: kept {after['structure']['blocks']}/{before['structure']['blocks']} blocks and "
+        f"{after['structure']['proxies']}/{before['structure']['proxies']} proxies; "
+        f"MACs {before['macs'] / 1e6:.1f}M -> {after['macs'] / 1e6:.1f}M"
+    )
+    return summary

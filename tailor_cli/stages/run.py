@@ -1,0 +1,121 @@
+"""``nettailor run``: every stage in order, every option checked before the first epoch; testable
+without Typer."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import timm
+import torch
+
+from ..backbone import check_backbone_name, describe_chain
+from ..errors import UsageError
+from ..runs import lock_dir, read_run, reset_run, stage_done, write_run
+from ..train import Callbacks
+from .finetune import finetune
+from .options import BackboneOptions, DataOptions, SearchOptions, TailorOptions, TrainOptions, data_path, weights_option
+from .prune import prune
+from .search import auto_prune, check_run_resume
+from .tailor import tailor
+
+
+def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: DataOptions, opts: TailorOptions,
+                 tailor_train: TrainOptions, finetune_train: TrainOptions, search: SearchOptions,
+                 drop_blocks: int | None = None, *, resume: bool = False, overwrite: bool = False,
+                 callbacks: Callbacks | None = None) -> dict:
+    """``nettailor run``: teacher (``opts.teacher_train``), tailor, the K search (or K = ``drop_blocks``),
+    finetune, export to ``export_dir`` (default ``run/export``), and the report of the run.
+
+    Every option of every stage, the export directory and K against the backbone's blocks are
+    checked before anything is trained; the export's weights, once the backbone is loaded and
+    still before the first epoch. The K search's candidates train with ``finetune_train``'s batch
+    size and learning rate. Returns the report with ``export``, ``wall_seconds`` and, when the
+    chosen network misses the tolerance, ``error`` (exit 7).
+    """
+    from ..adapter import check_export_target, export_task
+    from ..report import report_run
+
+    cb = callbacks or Callbacks()
+    t0 = time.perf_counter()
+    export_dir = Path(export_dir) if export_dir is not None else run / "export"
+    trains = {"teacher": opts.teacher_train, "tailor": tailor_train, "finetune": finetune_train}
+    num_blocks = _check_run_options(bb, trains, opts, search, drop_blocks, export_dir, resume=resume,
+                                    overwrite=overwrite)
+    trains = {stage: replace(train, resume=resume) for stage, train in trains.items()}
+    opts, tailor_train, finetune_train = (replace(opts, teacher_train=trains["teacher"]), trains["tailor"],
+                                          trains["finetune"])
+
+    def ready(meta: dict) -> None:  # backbone and data known, nothing trained yet
+        check_export_target(export_dir, meta["backbone"], meta.get("task_name"))
+
+    with lock_dir(run):  # one writer across all the stages (each stage locks it again)
+        if resume:
+            check_run_resume(run, search.threshold, drop_blocks, search.tolerance, search.max_macs, search.search_epochs)
+        if overwrite:
+            reset_run(run)
+        searching = drop_blocks is None and not (resume and stage_done(run, "prune"))
+        tries = 1 + math.ceil(math.log2(num_blocks + 1))  # the reference, then a bisection over at most L+1 networks
+        cb.on_plan([("teacher", opts.teacher_train.epochs), ("tailor", tailor_train.epochs)]
+                   + [("search", tries * search.search_epochs)] * searching + [("finetune", finetune_train.epochs)])
+        tailor(run, bb, data, tailor_train, opts, cb, on_ready=ready)
+        meta = {k: v for k, v in read_run(run).items() if k != "format"}
+        write_run(run, meta | {"command": "run", "options": _run_options(bb, data, trains, opts, search, drop_blocks)})
+        searched = None
+        if searching:
+            search_train = replace(finetune_train, epochs=search.search_epochs)
+            searched = auto_prune(run, data, search_train, finetune_train, search, teacher_weight=opts.teacher_weight,
+                                  overwrite=True, callbacks=cb)
+        else:
+            if drop_blocks is not None and not (resume and stage_done(run, "prune")):
+                prune(run, threshold=search.threshold, drop_blocks=drop_blocks, overwrite=True, callbacks=cb)
+            finetune(run, data, finetune_train, teacher_weight=opts.teacher_weight, callbacks=cb)
+        result = report_run(run)
+        result["export"] = export_task(run, export_dir, overwrite=True)
+    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    if searched is not None and searched.get("error"):
+        result["error"] = searched["error"]  # exit 7: the document says why, as prune --auto's does
+    return result
+
+
+def _check_run_options(bb: BackboneOptions, trains: dict[str, TrainOptions], opts: TailorOptions,
+                       search: SearchOptions, drop_blocks: int | None, export_dir: Path, *, resume: bool,
+                       overwrite: bool) -> int:
+    """What ``run`` can check before loading data or weights; returns the backbone's number of blocks."""
+    from ..adapter import check_export_target
+    from ..pruning import validate_args
+
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    for stage, train in trains.items():
+        train.validate(f"{stage}-")
+    opts.validate()
+    search.validate()
+    if drop_blocks is not None and search.max_macs is not None:
+        raise UsageError("--max-macs chooses K itself; drop --drop-blocks (or drop --max-macs to use exactly K)")
+    check_backbone_name(bb.name)
+    with torch.device("meta"):  # the architecture alone: no weights, no memory
+        model = timm.create_model(bb.name.split(".", 1)[0], pretrained=False, num_classes=0)
+    num_blocks = len(describe_chain(model).blocks)
+    if drop_blocks is not None:
+        validate_args(search.threshold, drop_blocks, num_blocks)
+    check_export_target(export_dir, {"architecture": model.pretrained_cfg["architecture"]})
+    return num_blocks
+
+
+def _run_options(bb: BackboneOptions, data: DataOptions, trains: dict[str, TrainOptions], opts: TailorOptions,
+                 search: SearchOptions, drop_blocks: int | None) -> dict:
+    """``run``'s options under its own names, recorded in ``run.json``: ``nettailor run -c RUN/run.json`` repeats it."""
+    common = trains["tailor"]
+    options = {"data": data_path(data.data) if data.data else None, "task": data.task, "img_size": data.img_size,
+               "val_fraction": data.val_fraction, "hflip": data.hflip, "skip_bad": data.skip_bad,
+               "cache": data.cache, "workers": data.workers, "backbone": bb.name, "pretrained": bb.pretrained,
+               "weights": weights_option(bb),
+               "max_skip": opts.max_skip, "teacher_loss": opts.teacher_loss, "threshold": search.threshold,
+               "drop_blocks": drop_blocks, "tolerance": search.tolerance, "max_macs": search.max_macs,
+               "search_epochs": search.search_epochs, "seed": common.seed, "device": common.device,
+               "amp": common.amp, "keep_checkpoints": common.keep_checkpoints}
+    for stage, train in trains.items():
+        options |= {f"{stage}_epochs": train.epochs, f"{stage}_lr": train.lr, f"{stage}_batch_size": train.batch_size}
+    return {key: value for key, value in options.items() if value is not None}

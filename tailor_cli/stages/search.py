@@ -1,0 +1,226 @@
+"""``prune --auto``: the search for K (docs/method.md, "Choosing K")."""
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import timm
+import torch
+
+from .. import defaults
+from .. import distributed as dist
+from ..checkpoint import read_json, write_json
+from ..counting import model_macs, student_macs, student_params
+from ..errors import RunError, UsageError
+from ..loading import load_student, load_teacher
+from ..pruning import connecting_threshold
+from ..pruning import plan as plan_pruning
+from ..runs import MODEL, locate_teacher, read_run, read_summary, require_stage, stage_done
+from ..train import Callbacks, autocast_context, resolve_device
+from .common import check_run_data, data_config, fit_student, load_data, one_writer, tailored_teacher_loss
+from .finetune import finetune
+from .options import DataOptions, SearchOptions, TrainOptions
+from .prune import prune
+
+
+def check_run_resume(run_dir: Path, threshold: float, drop_blocks: int | None, tolerance: float,
+                     max_macs: float | None, search_epochs: int) -> None:
+    """``run --resume`` keeps a finished prune (or K search) only if it was made with the same options."""
+    if not stage_done(run_dir, "prune"):
+        return
+    pruned = read_summary(run_dir, "prune")
+    frontier = run_dir / "search" / "frontier.json"
+    search = read_json(frontier, what="search frontier") if frontier.is_file() else None
+    diffs = []
+    if pruned.get("threshold") != threshold:
+        diffs.append(f"--threshold {pruned.get('threshold')} -> {threshold}")
+    if drop_blocks is not None:
+        if search is not None:
+            diffs.append(f"K was searched (K={search.get('chosen_k')}) -> --drop-blocks {drop_blocks}")
+        elif pruned.get("drop_blocks") != drop_blocks:
+            diffs.append(f"--drop-blocks {pruned.get('drop_blocks')} -> {drop_blocks}")
+    elif search is None:
+        diffs.append(f"--drop-blocks {pruned.get('drop_blocks')} -> K searched")
+    else:
+        was_budget = search.get("mode") == "budget" and isinstance(search.get("max_macs"), (int, float))
+        was = f"--max-macs {search['max_macs'] / 1e6:.2f}M MACs" if was_budget else f"--tolerance {search.get('tolerance')}"
+        if max_macs is not None:
+            full = search.get("full_macs") or 0
+            budget = max_macs * full if max_macs <= 1 else max_macs
+            if not was_budget or abs(search["max_macs"] - budget) > 1e-6 * max(budget, 1):
+                diffs.append(f"{was} -> --max-macs {budget / 1e6:.2f}M MACs")
+        elif was_budget or search.get("tolerance") != tolerance:
+            diffs.append(f"{was} -> --tolerance {tolerance}")
+        if search.get("search_epochs") != search_epochs:
+            diffs.append(f"--search-epochs {search.get('search_epochs')} -> {search_epochs}")
+    if diffs:
+        raise UsageError(f"'{run_dir}' was pruned with other options ({'; '.join(diffs)}); rerun with them to resume, "
+                         "or pass --overwrite to start again")
+
+
+@one_writer(create=False)
+def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_train: TrainOptions,
+               opts: SearchOptions, *, teacher_weight: float = defaults.TEACHER_WEIGHT, overwrite: bool = False,
+               callbacks: Callbacks | None = None) -> dict:
+    """Choose K (blocks to drop) automatically, then prune and fine-tune the chosen network fully.
+
+    Every K is pruned in memory first (no training): K values that give the same network (blocks
+    the attention left under ``threshold`` are dropped whatever K, see :mod:`tailor_cli.pruning`)
+    are one candidate. Each candidate tried is fine-tuned ``search_epochs`` under ``run/search/kK``.
+
+    Tolerance mode: the reference is the least pruned candidate, fine-tuned the same
+    ``search_epochs`` (candidates and reference compared at equal training). A candidate is
+    accepted when it is within ``tolerance`` points of the reference on the validation split,
+    allowing for the noise of the paired difference (:func:`tailor_cli.selection.compare`), and
+    the leanest accepted one is found by bisection over the candidates. Budget mode
+    (``max_macs``): the least pruned candidate whose MACs fit the budget. The chosen network is
+    then fine-tuned ``final_train.epochs`` and compared with the teacher the same way (exit 7
+    when it misses). Only validation data is read; ``run/search/frontier.json`` lists every K.
+    """
+    from ..data import make_loader
+    from ..selection import compare
+    from ..train import correct_mask
+
+    cb = callbacks or Callbacks()
+    t0 = time.perf_counter()
+    search_train.validate()
+    final_train.validate()
+    opts.validate()
+    run_meta = read_run(run)
+    tailor_dir = require_stage(run, "tailor", "prune --auto")
+    if stage_done(run, "prune") and not overwrite:
+        raise RunError(f"'{run}' is already pruned; pass --overwrite to search again (this also discards 'finetune')")
+    check_run_data(run, run_meta, data)
+    device = resolve_device(search_train.device)
+    student, _ = load_student(tailor_dir, torch.device("cpu"))
+    num_blocks = sum(s.block for s in student.structure.layers)
+    alphas = [a.tolist() if a is not None else [] for a in student.attention()]
+    img_size = int(run_meta["data"]["img_size"])
+    t_dir = locate_teacher(run, run_meta)
+    teacher_acc = read_summary(t_dir.parent, "teacher")["val_acc"]
+    full_macs = model_macs(timm.create_model(run_meta["backbone"]["architecture"], pretrained=False,
+                                             num_classes=len(run_meta["classes"])), img_size)
+    budget = None
+    if opts.max_macs is not None:
+        budget = opts.max_macs * full_macs if opts.max_macs <= 1 else opts.max_macs
+
+    # Structure and MACs of every K cost no training: prune in memory and count.
+    plans: dict[int, dict] = {}
+    seen: dict[str, int] = {}  # structure -> the first K that gives it
+    for k in range(num_blocks + 1):
+        try:
+            res = plan_pruning(student.structure, alphas, threshold=opts.threshold, drop_blocks=k)
+        except UsageError:
+            plans[k] = {"k": k, "status": "disconnected"}
+            continue
+        key = repr(res.structure.to_json())
+        if key in seen:
+            plans[k] = {**{f: plans[seen[key]][f] for f in ("blocks_kept", "proxies_kept", "params", "macs")},
+                        "k": k, "status": "same", "same_as": seen[key]}
+            continue
+        seen[key] = k
+        pruned = copy.deepcopy(student)  # the tailored student is read once; each K prunes a copy
+        pruned.prune_(res.structure)
+        plans[k] = {"k": k, "status": "untried", "structure": res.structure, "blocks_kept": res.structure.counts()["blocks"],
+                    "proxies_kept": res.structure.counts()["proxies"], "params": student_params(pruned)["total"],
+                    "macs": student_macs(pruned, img_size).total, "free_blocks": len(res.free_blocks)}
+    candidates = [k for k in plans if plans[k]["status"] == "untried"]
+    if not candidates:
+        t = connecting_threshold(student.structure, alphas, threshold=opts.threshold, drop_blocks=0)
+        raise UsageError(f"every K disconnects the classifier at --threshold {opts.threshold}; "
+                         + (f"--threshold {t:g} or lower keeps it connected" if t is not None else "lower it"))
+    task = load_data(run_meta, data, data_config(run_meta["backbone"]["architecture"]), run, search_train.seed)
+    teacher = load_teacher(t_dir, device).eval().requires_grad_(False) if teacher_weight > 0 else None
+    val_loader = make_loader(task.val, batch_size=max(search_train.batch_size, 64), train=False, device=device,
+                             num_workers=0)
+    cfg = search_train.config(device)
+    amp = autocast_context(cfg, device)
+    correct: dict[int, torch.Tensor] = {}
+
+    def evaluate_k(k: int) -> float:
+        row = plans[k]
+        if row["status"] == "tried":
+            return row["val_acc"]
+        cand = copy.deepcopy(student)
+        cand.prune_(row["structure"])
+        stage = f"search/k{k}"
+        shutil.rmtree(run / stage, ignore_errors=True)
+        opts_k = TrainOptions(**{**asdict(search_train), "epochs": opts.search_epochs, "resume": False})
+        summary = fit_student(run, stage, cand, teacher, task, data, opts_k, device, cb, complexity=None, g1=0.0,
+                               g2=teacher_weight, teacher_loss=tailored_teacher_loss(run), extra={"search_k": k},
+                               keep="last", held_out=False)
+        trained, _ = load_student(run / stage, device)
+        correct[k] = correct_mask(trained, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last)
+        if not search_train.keep_checkpoints:  # compared: its record stays, its weights are not used again
+            dist.barrier()
+            if dist.is_main():
+                (run / stage / MODEL).unlink()
+        row.update(status="tried", val_acc=summary["val_acc"])
+        cb.on_message(f"search: K={k} keeps {row['blocks_kept']}/{num_blocks} blocks, "
+                      f"{row['macs'] / 1e6:.1f}M MACs, val_acc {row['val_acc']:.2f} (teacher {teacher_acc:.2f})")
+        return row["val_acc"]
+
+    reference = min(candidates)  # the least pruned network, at the same training as every candidate
+    if budget is not None:
+        fits = [k for k in candidates if plans[k]["macs"] <= budget]
+        if not fits:
+            raise UsageError(f"no network fits --max-macs {budget / 1e6:.1f}M (the leanest needs "
+                             f"{min(plans[k]['macs'] for k in candidates) / 1e6:.1f}M)")
+        chosen = min(fits)  # fewest blocks dropped under the budget: the most accurate
+        evaluate_k(chosen)
+    else:
+        evaluate_k(reference)
+        plans[reference]["comparison"] = compare(correct[reference], correct[reference],
+                                                 tolerance=opts.tolerance).to_json()
+
+        def accepted(k: int) -> bool:
+            evaluate_k(k)
+            result = compare(correct[k], correct[reference], tolerance=opts.tolerance)
+            plans[k]["comparison"] = result.to_json()
+            return result.accepted
+
+        lo, hi, chosen = 1, len(candidates) - 1, reference  # candidates[0] is the reference: accepted
+        while lo <= hi:  # the leanest accepted candidate, assuming acceptance falls as K grows
+            mid = (lo + hi) // 2
+            if accepted(candidates[mid]):
+                chosen, lo = candidates[mid], mid + 1
+            else:
+                hi = mid - 1
+    tried = [plans[k] for k in sorted(plans) if plans[k]["status"] == "tried"]
+    frontier = []
+    for k in sorted(plans):
+        row = {key: value for key, value in plans[k].items() if key != "structure"}
+        row["macs_fraction"] = row["macs"] / full_macs if "macs" in row else None
+        row["within_tolerance"] = row["comparison"]["accepted"] if "comparison" in row else None
+        row["chosen"] = k == chosen
+        frontier.append(row)
+    search = {"mode": "budget" if budget is not None else "tolerance", "tolerance": opts.tolerance,
+              "max_macs": budget, "teacher_val_acc": teacher_acc, "full_macs": full_macs, "chosen_k": chosen,
+              "reference_k": reference if budget is None else None, "val_images": len(task.val),
+              "candidates_tried": len(tried), "k_values": len(plans), "distinct_networks": len(candidates),
+              "search_epochs": opts.search_epochs, "wall_seconds": round(time.perf_counter() - t0, 1),
+              "frontier": frontier}
+    write_json(run / "search" / "frontier.json", search)
+    cb.on_message(f"search: tried {len(tried)} of {len(candidates)} distinct networks ({len(plans)} K values); "
+                  f"chose K={chosen}")
+
+    pruned = prune(run, threshold=opts.threshold, drop_blocks=chosen, overwrite=True, callbacks=cb)
+    final = finetune(run, data, final_train, teacher_weight=teacher_weight, callbacks=cb)
+    final_model, _ = load_student(run / "finetune", device)
+    teacher_model = teacher if teacher is not None else load_teacher(t_dir, device).eval()
+    check = compare(correct_mask(final_model, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last),
+                    correct_mask(teacher_model, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last),
+                    tolerance=opts.tolerance)
+    within = check.accepted
+    search.update(final_val_acc=final["val_acc"], final_test_acc=final.get("test_acc"), within_tolerance=within,
+                  final_vs_teacher=check.to_json())
+    write_json(run / "search" / "frontier.json", search)
+    result = {"stage": "finetune", "run": str(run), "search": search, "prune": pruned, **final}
+    if budget is None and not within:
+        result["error"] = (f"the chosen network (K={chosen}) reaches {final['val_acc']:.2f}% on validation, "
+                           f"{-check.diff:.2f} points below the teacher's {teacher_acc:.2f}%: more than --tolerance "
+                           f"{opts.tolerance} plus the noise of {check.n} validation images ({check.margin:.2f})")
+    return result
