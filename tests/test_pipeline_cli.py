@@ -154,7 +154,7 @@ def test_report_on_run_and_export_as_json_and_text(tmp_path, finished_run):
 
 
 def test_report_words_are_explained(finished_run, capsys):
-    from tailor_cli.cli import render_report
+    from tailor_cli.cli.render import render_report
 
     rep = json.loads(invoke("report", finished_run, "--json").stdout)
     layers = rep["tasks"][0]["layers"]

@@ -98,7 +98,7 @@ def test_interrupt_checkpoints_and_says_how_to_resume(tmp_path, bigger_data, sig
 def test_interrupt_before_the_first_checkpoint_says_nothing_was_saved(tmp_path, folder_data, monkeypatch):
     import os
 
-    from tailor_cli.cli import Reporter
+    from tailor_cli.cli.progress import Reporter
 
     def ctrl_c(self, stage, epoch, step, steps):  # Ctrl-C during the first step of the first epoch
         os.kill(os.getpid(), signal.SIGINT)
@@ -393,7 +393,7 @@ def test_bad_option_values_are_usage_errors(tmp_path, folder_data, args, needle)
 
 
 def test_option_parsing_errors_are_one_line_and_json_gets_an_error_document(capsys, tmp_path):
-    from tailor_cli.cli import _invoke
+    from tailor_cli.cli import invoke as _invoke
 
     assert _invoke(["teacher", "--data", "digits", "--bogus"]) == 2
     out, err = capsys.readouterr()

@@ -12,7 +12,8 @@ from conftest import FAST
 from rich.console import Console
 from typer.testing import CliRunner
 
-from tailor_cli.cli import Reporter, app
+from tailor_cli.cli import app
+from tailor_cli.cli.progress import Reporter
 
 runner = CliRunner()
 TINY = ["--backbone", "test_resnet", "--no-pretrained", "--img-size", "32", "--workers", "0", "--device", "cpu"]
@@ -97,7 +98,7 @@ def test_piped_progress_prints_lines_inside_an_epoch_with_an_eta(tmp_path, folde
 
 def test_terminal_progress_keeps_the_total_and_gives_stage_and_run_eta(monkeypatch):
     clock = iter(range(0, 10_000, 10))  # 10 s per call of time.monotonic
-    monkeypatch.setattr("tailor_cli.cli._now", lambda: next(clock))
+    monkeypatch.setattr("tailor_cli.cli.progress._now", lambda: next(clock))
     rep = Reporter(console=Console(file=io.StringIO(), force_terminal=True, width=120))
     rep.on_plan([("teacher", 2), ("tailor", 3), ("search", 4), ("finetune", 3)])
     rep.on_stage_start("teacher", 2, 3, 0)
@@ -180,7 +181,7 @@ def test_a_stage_config_json_reproduces_its_settings_and_flags_win(tmp_path, fol
     ("epochs: [1", "is not valid YAML"),
 ])
 def test_bad_config_files_are_one_line_usage_errors(tmp_path, capsys, content, needle):
-    from tailor_cli.cli import _invoke
+    from tailor_cli.cli import invoke as _invoke
 
     path = tmp_path / "bad.yaml"
     path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))

@@ -1,0 +1,341 @@
+"""The commands: each parses its options, turns them into the core's options, calls one core
+function and renders its result. Validation beyond the option types happens in the core
+(``tailor_cli.stages``), before any file is written.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import defaults
+from ..errors import UsageError
+from .app import app, execute, fail_on_tolerance
+from .options import (
+    Amp,
+    AmpDtype,
+    Augment,
+    Backbone,
+    BatchSize,
+    Cache,
+    ChannelsLast,
+    ClipGrad,
+    Compile,
+    Config,
+    Data,
+    Debug,
+    Device,
+    Download,
+    Epochs,
+    ExportDir,
+    FinetuneBatchSize,
+    FinetuneEpochs,
+    FinetuneLr,
+    Hflip,
+    ImgSize,
+    Json,
+    KeepCheckpoints,
+    Lr,
+    LrStep,
+    MaxSkip,
+    OldOut,
+    Output,
+    Overwrite,
+    Pretrained,
+    Resume,
+    Seed,
+    SkipBad,
+    TailorBatchSize,
+    TailorEpochs,
+    TailorLr,
+    Task,
+    TeacherBatchSize,
+    TeacherEpochs,
+    TeacherLoss,
+    TeacherLr,
+    TeacherWeight,
+    Threshold,
+    ValFraction,
+    Weights,
+    Workers,
+    data_options,
+    default_output,
+    export_dir_value,
+    require_data,
+    stage_help,
+    train_options,
+)
+from .output import emit
+from .progress import reporting
+from .render import render_export, render_predictions, render_report, render_search, render_stage
+
+
+@app.command(help=stage_help("teacher", "Stage 1: fine-tune the whole backbone (new classifier) on the task."))
+def teacher(
+    config: Config = None, data: Data = None, backbone: Backbone = "resnet34", output: Output = None,
+    pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
+    val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
+    skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = defaults.EPOCHS,
+    batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto",
+    amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
+    channels_last: ChannelsLast = None, resume: Resume = False, overwrite: Overwrite = False,
+    clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
+):
+    def body():
+        from ..stages import BackboneOptions, train_teacher
+
+        require_data(data)
+        run = output or default_output(data, backbone)
+        train = train_options("teacher", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step, seed=seed,
+                              device=device, amp=amp, amp_dtype=amp_dtype, resume=resume, overwrite=overwrite,
+                              compile=compile_model, channels_last=channels_last, keep_checkpoints=keep_checkpoints,
+                              clip_grad=clip_grad)
+        with reporting() as rep:
+            result = train_teacher(run, BackboneOptions(backbone, pretrained, weights),
+                                   data_options(data, task, img_size, val_fraction, download, cache, hflip, skip_bad,
+                                                workers, augment), train, rep)
+        emit({"run": str(run), **result}, json_out, render_stage)
+
+    execute(debug, body, json_out)
+
+
+@app.command(help=stage_help("tailor", "Stage 2: build the student (frozen blocks + proxies + attention) and "
+                                       "train it."))
+def tailor(
+    config: Config = None, data: Data = None, backbone: Backbone = "resnet34", output: Output = None,
+    teacher_run: Annotated[Optional[Path], typer.Option("--teacher", help="A finished teacher run; omitted: one "
+                                                        "is trained first in RUN/teacher.")] = None,
+    max_skip: MaxSkip = defaults.MAX_SKIP,
+    complexity_weight: Annotated[float, typer.Option("--complexity-weight", help="g1, weight of E[C].")] = defaults.COMPLEXITY_WEIGHT,
+    teacher_weight: TeacherWeight = defaults.TEACHER_WEIGHT,
+    teacher_epochs: TeacherEpochs = None, teacher_lr: TeacherLr = None, teacher_batch_size: TeacherBatchSize = None,
+    teacher_loss: TeacherLoss = defaults.TEACHER_LOSS,
+    pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
+    val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
+    skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = defaults.EPOCHS,
+    batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto",
+    amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
+    channels_last: ChannelsLast = None, resume: Resume = False, overwrite: Overwrite = False,
+    clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
+):
+    def body():
+        from ..stages import BackboneOptions, TailorOptions
+        from ..stages.tailor import tailor as run_tailor
+
+        require_data(data)
+        run = output or default_output(data, backbone)
+        common = dict(seed=seed, device=device, amp=amp, amp_dtype=amp_dtype, keep_checkpoints=keep_checkpoints,
+                      clip_grad=clip_grad)
+        t_train = train_options("teacher", epochs=teacher_epochs if teacher_epochs is not None else epochs,
+                                lr=teacher_lr, batch_size=teacher_batch_size, **common)
+        train = train_options("tailor", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step, resume=resume,
+                              overwrite=overwrite, compile=compile_model, channels_last=channels_last, **common)
+        with reporting() as rep:
+            result = run_tailor(
+                run, BackboneOptions(backbone, pretrained, weights),
+                data_options(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers, augment),
+                train, TailorOptions(teacher=teacher_run, max_skip=max_skip, complexity_weight=complexity_weight,
+                                     teacher_weight=teacher_weight, teacher_loss=teacher_loss, teacher_train=t_train),
+                rep)
+        emit({"run": str(run), **result}, json_out, render_stage)
+
+    execute(debug, body, json_out)
+
+
+@app.command()
+def prune(
+    run: Annotated[Path, typer.Argument(help="A run directory with a finished 'tailor' stage.")],
+    config: Config = None, threshold: Threshold = defaults.THRESHOLD,
+    drop_blocks: Annotated[int, typer.Option("--drop-blocks", "-k", help="Remove the K universal blocks with the "
+                                             "lowest attention.")] = 0,
+    auto: Annotated[bool, typer.Option("--auto", help="Search K: the leanest network within --tolerance of the "
+                                       "teacher (or the most accurate under --max-macs), then fine-tune it.")] = False,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="--auto: accuracy points allowed below the "
+                                             "teacher on the validation split.")] = defaults.TOLERANCE,
+    max_macs: Annotated[Optional[float], typer.Option("--max-macs", help="--auto: MACs budget, absolute or a "
+                                                      "fraction (<= 1) of the full network.")] = None,
+    search_epochs: Annotated[int, typer.Option("--search-epochs", help="--auto: fine-tuning epochs per "
+                                               "candidate.")] = defaults.SEARCH_EPOCHS,
+    epochs: Annotated[int, typer.Option("--epochs", help="--auto: epochs of the final fine-tuning.")] = defaults.EPOCHS,
+    data: Data = None, cache: Cache = False, workers: Workers = None, batch_size: BatchSize = None, lr: Lr = None,
+    seed: Seed = 0, device: Device = "auto", amp: Amp = None, clip_grad: ClipGrad = None,
+    keep_checkpoints: KeepCheckpoints = False, overwrite: Overwrite = False, json_out: Json = False,
+    debug: Debug = False,
+):
+    """Stage 3: remove low-attention proxies and the K weakest blocks, then everything orphaned."""
+
+    def body():
+        from ..stages import SearchOptions, auto_prune
+        from ..stages.prune import prune as run_prune
+
+        if auto and drop_blocks:
+            raise UsageError("--auto searches K itself; drop --drop-blocks (or drop --auto to prune exactly K blocks)")
+        with reporting() as rep:
+            if not auto:
+                result = run_prune(run, threshold=threshold, drop_blocks=drop_blocks, overwrite=overwrite,
+                                   callbacks=rep)
+                emit({"run": str(run), **result}, json_out, render_stage)
+                return
+            finetune = lambda n: train_options("finetune", epochs=n, lr=lr, batch_size=batch_size, seed=seed,
+                                               device=device, amp=amp, keep_checkpoints=keep_checkpoints,
+                                               clip_grad=clip_grad)
+            result = auto_prune(run, data_options(data, None, None, None, False, cache, None, False, workers),
+                                finetune(search_epochs), finetune(epochs),
+                                SearchOptions(tolerance=tolerance, max_macs=max_macs, search_epochs=search_epochs,
+                                              threshold=threshold), overwrite=overwrite, callbacks=rep)
+        emit(result, json_out, render_search)
+        fail_on_tolerance(result)
+
+    execute(debug, body, json_out)
+
+
+@app.command(help=stage_help("finetune", "Stage 4: retrain the pruned student (complexity weight 0, teacher term "
+                                         "on)."))
+def finetune(
+    run: Annotated[Path, typer.Argument(help="A run directory with a finished 'prune' stage.")],
+    config: Config = None, teacher_weight: TeacherWeight = defaults.TEACHER_WEIGHT,
+    data: Data = None, task: Task = None, cache: Cache = False, skip_bad: SkipBad = False, workers: Workers = None,
+    augment: Augment = True, epochs: Epochs = defaults.EPOCHS, batch_size: BatchSize = None, lr: Lr = None,
+    lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto", amp: Amp = None, amp_dtype: AmpDtype = "bfloat16",
+    compile_model: Compile = False, channels_last: ChannelsLast = None, resume: Resume = False,
+    overwrite: Overwrite = False, clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False,
+    json_out: Json = False, debug: Debug = False,
+):
+    def body():
+        from ..stages.finetune import finetune as run_finetune
+
+        train = train_options("finetune", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step, seed=seed,
+                              device=device, amp=amp, amp_dtype=amp_dtype, resume=resume, overwrite=overwrite,
+                              compile=compile_model, channels_last=channels_last, keep_checkpoints=keep_checkpoints,
+                              clip_grad=clip_grad)
+        with reporting() as rep:
+            result = run_finetune(run, data_options(data, task, None, None, False, cache, None, skip_bad, workers,
+                                                    augment), train, teacher_weight=teacher_weight, callbacks=rep)
+        emit({"run": str(run), **result}, json_out, render_stage)
+
+    execute(debug, body, json_out)
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A run directory (its latest student stage is exported).")],
+    export_dir: ExportDir = None, out: OldOut = None,
+    task_name: Annotated[Optional[str], typer.Option("--task-name", help="Name of the task in the export "
+                                                     "[default: the dataset's name].")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace this task's adapter if the export "
+                                            "directory already holds it.")] = False,
+    json_out: Json = False, debug: Debug = False,
+):
+    """Stage 5: write the task's adapter beside the shared frozen backbone."""
+
+    def body():
+        from ..adapter import export_task
+
+        target = export_dir_value(export_dir, out)
+        if target is None:
+            raise UsageError("--export-dir is required (the export directory: shared backbone + one folder per task)")
+        emit(export_task(run, target, task_name=task_name, overwrite=overwrite), json_out, render_export)
+
+    execute(debug, body, json_out)
+
+
+@app.command()
+def report(
+    path: Annotated[Path, typer.Argument(help="A run directory or an export directory.")],
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the block-usage diagram to FILE.png or "
+                                                 "FILE.svg (needs matplotlib: pip install matplotlib).")] = None,
+    json_out: Json = False, debug: Debug = False,
+):
+    """Stage 6: per-task block usage (blocks, proxies, attention), params, MACs, accuracy."""
+
+    def body():
+        from ..report import report_path
+
+        result = report_path(path)
+        if plot is not None:
+            from ..plot import plot_block_usage
+
+            result["plot"] = str(plot_block_usage(result, plot))
+        emit(result, json_out, render_report)
+
+    execute(debug, body, json_out)
+
+
+@app.command()
+def predict(
+    export_dir: Annotated[Path, typer.Argument(help="An export directory (shared backbone + task adapters).")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="Task to run (repeatable) [default: all].")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes to show per image.")] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    device: Device = "auto", json_out: Json = False, debug: Debug = False,
+):
+    """Run exported tasks on images: one shared backbone, each task's own tailored network."""
+
+    def body():
+        from ..predict import predict as run_predict
+        from ..train import resolve_device
+
+        if top_k <= 0 or batch_size <= 0:
+            raise UsageError("--top-k and --batch-size must be positive")
+        result = run_predict(export_dir, images, tasks=task, top_k=top_k, batch_size=batch_size,
+                             device=resolve_device(device))
+        emit(result, json_out, render_predictions)
+
+    execute(debug, body, json_out)
+
+
+@app.command()
+def run(
+    config: Config = None, data: Data = None, backbone: Backbone = "resnet34", output: Output = None,
+    export_dir: Annotated[Optional[Path], typer.Option("--export-dir", help="Export directory for the adapter "
+                                                       "[default: RUN/export].")] = None,
+    out: OldOut = None, pretrained: Pretrained = True, weights: Weights = None, task: Task = None,
+    img_size: ImgSize = None, val_fraction: ValFraction = None, download: Download = False, cache: Cache = False,
+    hflip: Hflip = None, skip_bad: SkipBad = False, workers: Workers = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs of each training stage (see --STAGE-epochs).")] = defaults.EPOCHS,
+    teacher_epochs: TeacherEpochs = None, teacher_lr: TeacherLr = None, teacher_batch_size: TeacherBatchSize = None,
+    tailor_epochs: TailorEpochs = None, tailor_lr: TailorLr = None, tailor_batch_size: TailorBatchSize = None,
+    finetune_epochs: FinetuneEpochs = None, finetune_lr: FinetuneLr = None,
+    finetune_batch_size: FinetuneBatchSize = None,
+    threshold: Threshold = defaults.THRESHOLD,
+    drop_blocks: Annotated[Optional[int], typer.Option("--drop-blocks", "-k", help="Drop exactly K blocks "
+                                                       "[default: search K automatically].")] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Accuracy points allowed below the teacher; "
+                                             "the exit code is 7 when the chosen network misses it.")] = defaults.TOLERANCE,
+    max_macs: Annotated[Optional[float], typer.Option("--max-macs", help="MACs budget instead of a tolerance.")] = None,
+    search_epochs: Annotated[int, typer.Option("--search-epochs", help="Fine-tuning epochs of each K search "
+                                               "candidate.")] = defaults.SEARCH_EPOCHS,
+    max_skip: MaxSkip = defaults.MAX_SKIP, teacher_loss: TeacherLoss = defaults.TEACHER_LOSS,
+    seed: Seed = 0, device: Device = "auto", amp: Amp = None, resume: Resume = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run again: remove what nettailor wrote "
+                                            "in its directory first.")] = False,
+    clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
+):
+    """The whole pipeline in one command: teacher, tailor, prune, finetune, export, report."""
+
+    def body():
+        from ..stages import BackboneOptions, SearchOptions, TailorOptions, run_pipeline
+
+        require_data(data)
+        if epochs <= 0:
+            raise UsageError(f"--epochs must be positive, got {epochs}")
+        target = export_dir_value(export_dir, out)
+        stage = lambda name, n, lr, bs: train_options(name, epochs=epochs if n is None else n, lr=lr, batch_size=bs,
+                                                      seed=seed, device=device, amp=amp,
+                                                      keep_checkpoints=keep_checkpoints, clip_grad=clip_grad)
+        with reporting() as rep:
+            result = run_pipeline(
+                output or default_output(data, backbone), target, BackboneOptions(backbone, pretrained, weights),
+                data_options(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers),
+                TailorOptions(max_skip=max_skip, teacher_loss=teacher_loss,
+                              teacher_train=stage("teacher", teacher_epochs, teacher_lr, teacher_batch_size)),
+                stage("tailor", tailor_epochs, tailor_lr, tailor_batch_size),
+                stage("finetune", finetune_epochs, finetune_lr, finetune_batch_size),
+                SearchOptions(tolerance=tolerance, max_macs=max_macs, search_epochs=search_epochs, threshold=threshold),
+                drop_blocks, resume=resume, overwrite=overwrite, callbacks=rep)
+        emit(result, json_out, render_report)
+        fail_on_tolerance(result)
+
+    execute(debug, body, json_out)
