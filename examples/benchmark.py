@@ -96,8 +96,9 @@ class Setup:
         from tailor_cli.backbone import describe_chain
         from tailor_cli.counting import path_costs
         from tailor_cli.losses import ComplexityModel
+        from tailor_cli.objectives import StudentObjective, TeacherObjective
         from tailor_cli.student import Student
-        from tailor_cli.train import StudentObjective, TeacherObjective, TrainConfig, make_optimizer
+        from tailor_cli.train import TrainConfig, make_optimizer
 
         self.args = args
         self.device = torch.device(args.device)

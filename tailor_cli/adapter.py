@@ -47,8 +47,8 @@ _INPUT_FIELDS = {"img_size": int, "mean": list, "std": list, "interpolation": st
 
 def _shared_from_student(student: Student) -> dict[str, torch.Tensor]:
     """timm-named frozen parameters of a student (stem + its blocks)."""
-    params = dict(student.named_parameters())
-    return {student.timm_name(k): v.detach() for k, v in params.items() if student.timm_name(k) is not None}
+    named = ((student.timm_name(k), v) for k, v in student.named_parameters())
+    return {name: v.detach() for name, v in named if name is not None}
 
 
 def _adapter_tensors(student: Student) -> dict[str, torch.Tensor]:

@@ -1,8 +1,10 @@
-"""Atomic file writes and safetensors I/O.
+"""Atomic file writes, safetensors I/O, and training checkpoints.
 
 Every file the tool writes goes to a temporary name in the same directory, is
 fsynced, then renamed over the target: a killed process leaves either the old
-file or the new one, never half of one. Weights are only ever safetensors.
+file or the new one, never half of one. Weights are only ever safetensors: a
+training checkpoint too (model and optimiser tensors in the file, the epoch,
+scheduler and loss-scaler state as its JSON metadata), so resuming unpickles nothing.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .errors import RunError
 
@@ -124,3 +127,53 @@ def read_safetensors(path: Path, *, what: str = "weights", device: str = "cpu") 
         except json.JSONDecodeError:
             meta[k] = v
     return tensors, meta
+
+
+# --------------------------------------------------------------------------- training checkpoints
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(path: Path, model: nn.Module, opt, sched, *, epoch: int, best: float, best_epoch: int,
+                    extra: dict, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Model and optimiser tensors; epoch, scheduler, optimiser scalars and the loss scaler's state as metadata."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = _optimizer_tensors(opt)
+    tensors.update(opt_tensors)
+    meta = {"epoch": epoch, "best_acc": best, "best_epoch": best_epoch, "scheduler": sched.state_dict(),
+            "optimizer": opt_meta, **extra}
+    if scaler is not None:
+        meta["grad_scaler"] = scaler.state_dict()  # scale, growth tracker and factors: plain numbers
+    write_safetensors(path, tensors, meta)
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt, sched, device,
+                    scaler: torch.amp.GradScaler | None = None) -> dict:
+    tensors, meta = read_safetensors(path, what="checkpoint", device=str(device) if device.type != "mps" else "cpu")
+    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(model_state)
+    _load_optimizer(opt, tensors, meta["optimizer"])
+    sched.load_state_dict(meta["scheduler"])
+    if scaler is not None and meta.get("grad_scaler"):
+        scaler.load_state_dict(meta["grad_scaler"])
+    return meta

@@ -8,6 +8,8 @@ from __future__ import annotations
 EPOCHS = 20  # of each training stage
 LR = {"teacher": 0.01, "tailor": 0.1, "finetune": 0.01}  # finetune's also trains the K search's candidates
 BATCH_SIZE = {"teacher": 64, "tailor": 32, "finetune": 32}
+MOMENTUM = 0.9  # SGD, every stage
+WEIGHT_DECAY = 5e-4  # none on the attention logits
 CLIP_GRAD = 10.0  # max L2 norm of the weights' gradients per step, every stage (docs/method.md, "Hyperparameters")
 TRAIN_STAGES = tuple(LR)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -141,8 +142,10 @@ class _AllReduceBatchNorm(nn.BatchNorm2d):
         var = (stats[c:2 * c] / n - mean.square()).clamp(min=0)
         if self.track_running_stats:
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                tracked = self.num_batches_tracked
+                assert tracked is not None  # track_running_stats keeps it
+                tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(tracked)
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)).clamp(max=1e9), alpha=m)
         shape = (1, c, 1, 1)
@@ -159,11 +162,17 @@ class _AllReduceBatchNormAct(_AllReduceBatchNorm):
         return self.act(self.drop(super().forward(x)))
 
 
-def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Under torchrun, make every BatchNorm's statistics cover the global batch (see :func:`convert_batchnorm`)."""
+M = TypeVar("M", bound=nn.Module)
+
+
+def sync_batchnorm(model: M, device: torch.device) -> M:
+    """Under torchrun, make every BatchNorm's statistics cover the global batch (see :func:`convert_batchnorm`).
+
+    The BatchNorms below ``model`` are replaced in place, so ``model`` itself comes back.
+    """
     if not _INFO.enabled:
         return model
-    return convert_batchnorm(model, device)
+    return cast(M, convert_batchnorm(model, device))
 
 
 def convert_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
@@ -182,7 +191,7 @@ def convert_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     from timm.layers import BatchNormAct2d
 
     for name, child in list(model.named_children()):
-        if type(child) in (nn.BatchNorm2d, BatchNormAct2d):
+        if isinstance(child, nn.BatchNorm2d) and type(child) in (nn.BatchNorm2d, BatchNormAct2d):
             setattr(model, name, _all_reduce_copy(child))
         else:
             convert_batchnorm(child, device)

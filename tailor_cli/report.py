@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -40,7 +41,7 @@ def student_report(student: Student, *, task: str, architecture: str, img_size: 
     """
     cost = student_macs(student, img_size)
     alphas = student.attention()
-    layers = []
+    layers: list[dict[str, Any]] = []
     for i, (layer, spec, info) in enumerate(zip(student.layers, student.structure.layers, student.infos)):
         a = alphas[i].tolist() if alphas[i] is not None else []
         keys = spec.path_keys()

@@ -27,7 +27,7 @@ from pathlib import Path
 try:
     import fcntl
 except ImportError:  # not POSIX: no locking
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 from .checkpoint import read_json, write_json
 from .errors import RunError

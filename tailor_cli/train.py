@@ -1,9 +1,10 @@
 """One readable training loop for every stage (teacher, tailor, finetune).
 
-A stage is: an *objective* (images, labels -> loss, logits, named terms), the
-parameters to train, loaders, and a stage directory. Each epoch ends with an
-evaluation, a line in ``metrics.jsonl`` and an atomic checkpoint, so a killed
-run loses at most the epoch in progress and ``resume=True`` continues exactly
+A stage is: an *objective* (images, labels -> loss, logits, named terms; see
+:mod:`tailor_cli.objectives`), the parameters to train, loaders, and a stage
+directory. Each epoch ends with an evaluation, a line in ``metrics.jsonl`` and an
+atomic checkpoint (:mod:`tailor_cli.checkpoint`), so a killed run loses at most
+the epoch in progress and ``resume=True`` continues exactly
 (each epoch re-seeds the RNGs from ``seed + epoch``, so a resumed epoch draws
 the same shuffling and augmentation as an uninterrupted one).
 
@@ -25,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import append_jsonl, read_jsonl, read_safetensors, write_safetensors
+from . import defaults
+from .checkpoint import append_jsonl, load_checkpoint, read_jsonl, read_safetensors, save_checkpoint, write_safetensors
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, is_main
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, TrainingError, UsageError
-from .losses import ComplexityModel, teacher_term
+from .objectives import Objective
 from .runs import CHECKPOINT
-from .student import Student, teacher_forward
 
 METRICS = "metrics.jsonl"
 BEST = "best.safetensors"  # weights of the best validation epoch so far (keep="best")
@@ -41,8 +42,8 @@ class TrainConfig:
     epochs: int
     lr: float
     lr_step: int  # epochs between x0.1 decays
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = defaults.MOMENTUM
+    weight_decay: float = defaults.WEIGHT_DECAY  # a parameter group may set its own (0 for attention logits)
     seed: int = 0
     amp: bool = False
     amp_dtype: str = "bfloat16"
@@ -60,72 +61,6 @@ class Callbacks:
     def on_message(self, message: str) -> None: ...
     def on_plan(self, stages: list[tuple[str, int]]) -> None:
         """The stages to come and their epochs, in order (the K search's an estimate): for an ETA of a pipeline."""
-
-
-Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
-
-
-# --------------------------------------------------------------------------- objectives
-class TeacherObjective:
-    """Plain fine-tuning: cross-entropy of the whole network."""
-
-    terms = ("ce",)
-
-    def __init__(self, model: nn.Module, forward: nn.Module | None = None):
-        self.model = model
-        self.forward = forward if forward is not None else model  # DDP and/or compiled wrapper
-
-    def __call__(self, images, labels):
-        logits = self.forward(images)
-        ce = F.cross_entropy(logits, labels)
-        return ce, logits, {"ce": ce}
-
-
-class StudentObjective:
-    """CE + g1 * E[C] + g2 * Omega. The teacher runs once per step without autograd."""
-
-    def __init__(
-        self,
-        student: Student,
-        teacher: nn.Module | None,
-        teacher_chain,
-        complexity: ComplexityModel | None,
-        complexity_weight: float,
-        teacher_weight: float,
-        forward: nn.Module | None = None,
-        teacher_loss: str = "mse",
-    ):
-        self.student, self.teacher, self.chain = student, teacher, teacher_chain
-        self.forward = forward if forward is not None else student  # DDP and/or compiled wrapper
-        self.complexity = complexity
-        self.g1, self.g2 = complexity_weight, teacher_weight
-        self.teacher_loss = teacher_loss
-        if self.g2 > 0 and teacher is None:
-            raise ValueError("a teacher is required when teacher_weight > 0")
-        if self.g1 > 0 and complexity is None:
-            raise ValueError("a complexity model is required when complexity_weight > 0")
-        self.terms = ("ce",) + (("complexity",) if self.g1 > 0 else ()) + (("teacher",) if self.g2 > 0 else ())
-
-    def __call__(self, images, labels):
-        alphas = self.student.attention()  # once per step, shared by forward and E[C]
-        use_teacher = self.g2 > 0
-        if use_teacher:
-            with torch.inference_mode():
-                t_logits, t_feats = teacher_forward(self.teacher, self.chain, images)
-            logits, feats = self.forward(images, alphas=alphas, return_features=True)
-        else:
-            logits = self.forward(images, alphas=alphas)
-        ce = F.cross_entropy(logits, labels)
-        loss, terms = ce, {"ce": ce}
-        if self.g1 > 0:
-            ec = self.complexity(alphas)
-            loss = loss + self.g1 * ec
-            terms["complexity"] = ec
-        if use_teacher:
-            omega = teacher_term(logits, feats, t_logits, t_feats, kind=self.teacher_loss)
-            loss = loss + self.g2 * omega
-            terms["teacher"] = omega
-        return loss, logits, terms
 
 
 # --------------------------------------------------------------------------- helpers
@@ -182,10 +117,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp_ctx=contextl
     model.train(was_training)
     totals = all_reduce_sum(torch.stack([correct.double(), loss_sum.double(),
                                          torch.tensor(float(count), device=device, dtype=torch.float64)]))
-    correct, loss_sum, count = totals[0].item(), totals[1].item(), int(totals[2].item())
-    if count == 0:
+    n_right, loss_total, n = totals[0].item(), totals[1].item(), int(totals[2].item())
+    if n == 0:
         return {"acc": float("nan"), "loss": float("nan"), "n": 0}
-    return {"acc": 100.0 * correct / count, "loss": loss_sum / count, "n": count}
+    return {"acc": 100.0 * n_right / n, "loss": loss_total / n, "n": n}
 
 
 @torch.inference_mode()
@@ -213,9 +148,9 @@ def correct_mask(model: nn.Module, loader, device: torch.device, *, amp_ctx=cont
 class StopFlag:
     """SIGINT/SIGTERM set a flag checked between steps; a second Ctrl-C aborts at once."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signum: int | None = None
-        self._old = {}
+        self._old: dict = {}
 
     def __enter__(self):
         import threading
@@ -236,30 +171,6 @@ class StopFlag:
         return False
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{idx}.{key}"] = value
-            else:
-                scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, idx, key = name.split(".", 2)
-            state.setdefault(int(idx), {})[key] = value
-    for name, value in meta["scalars"].items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def autocast_context(cfg: TrainConfig, device: torch.device) -> Callable:
     """A factory of the mixed-precision context the config asks for (``nullcontext`` without AMP)."""
     if not (cfg.amp and device.type in ("cuda", "cpu", "mps")):
@@ -273,31 +184,6 @@ def make_grad_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradSc
     if cfg.amp and cfg.amp_dtype == "float16" and device.type in ("cuda", "cpu", "mps"):
         return torch.amp.GradScaler(device.type)
     return None
-
-
-def save_checkpoint(path: Path, model: nn.Module, opt, sched, *, epoch: int, best: float, best_epoch: int,
-                    extra: dict, scaler: torch.amp.GradScaler | None = None) -> None:
-    """Model and optimiser tensors; epoch, scheduler, optimiser scalars and the loss scaler's state as metadata."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    opt_tensors, opt_meta = _optimizer_tensors(opt)
-    tensors.update(opt_tensors)
-    meta = {"epoch": epoch, "best_acc": best, "best_epoch": best_epoch, "scheduler": sched.state_dict(),
-            "optimizer": opt_meta, **extra}
-    if scaler is not None:
-        meta["grad_scaler"] = scaler.state_dict()  # scale, growth tracker and factors: plain numbers
-    write_safetensors(path, tensors, meta)
-
-
-def load_checkpoint(path: Path, model: nn.Module, opt, sched, device,
-                    scaler: torch.amp.GradScaler | None = None) -> dict:
-    tensors, meta = read_safetensors(path, what="checkpoint", device=str(device) if device.type != "mps" else "cpu")
-    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(model_state)
-    _load_optimizer(opt, tensors, meta["optimizer"])
-    sched.load_state_dict(meta["scheduler"])
-    if scaler is not None and meta.get("grad_scaler"):
-        scaler.load_state_dict(meta["grad_scaler"])
-    return meta
 
 
 # --------------------------------------------------------------------------- the loop
@@ -423,8 +309,9 @@ def fit(
                 "epoch_seconds": round(train_time, 3), "images_per_second": round(seen / max(train_time, 1e-9), 1),
                 "max_grad_norm": grads[0].item(), "clipped_steps": int(grads[1].item()),
             })
-            if isinstance(model, Student):
-                row["attention"] = [a.tolist() if a is not None else None for a in model.attention()]
+            record = getattr(objective, "epoch_record", None)  # the student's attention, for one
+            if record is not None:
+                row.update(record())
             best = max(best, val["acc"])
             if best_key is None or _rank(row) >= best_key:
                 best_key, best_epoch = _rank(row), epoch + 1

@@ -17,9 +17,10 @@ from tailor_cli.backbone import describe_chain
 from tailor_cli.cli import app
 from tailor_cli.counting import path_costs
 from tailor_cli.losses import ComplexityModel
+from tailor_cli.objectives import StudentObjective
 from tailor_cli.stages import TrainOptions
 from tailor_cli.student import LayerSpec, Structure, Student
-from tailor_cli.train import StudentObjective, TrainConfig, make_optimizer
+from tailor_cli.train import TrainConfig, make_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

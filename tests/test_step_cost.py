@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from tailor_cli.backbone import describe_chain
 from tailor_cli.counting import path_costs
 from tailor_cli.losses import ComplexityModel
+from tailor_cli.objectives import StudentObjective, TeacherObjective
 from tailor_cli.student import Student
-from tailor_cli.train import StudentObjective, TeacherObjective, TrainConfig, fit
+from tailor_cli.train import TrainConfig, fit
 
 SYNCING = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
 NUM_CLASSES = 3

@@ -8,6 +8,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Callable
 
 import timm
 import torch
@@ -20,9 +21,10 @@ from ..checkpoint import read_json, write_json, write_safetensors
 from ..counting import student_macs, student_params
 from ..errors import DataError, UsageError
 from ..loading import student_meta
+from ..objectives import StudentObjective
 from ..runs import CHECKPOINT, MODEL, lock_created, lock_dir, read_run, write_summary
 from ..student import Student
-from ..train import BEST, Callbacks, StudentObjective, autocast_context, fit
+from ..train import BEST, Callbacks, autocast_context, fit
 from .options import BackboneOptions, DataOptions, TrainOptions, data_path
 
 REDO_TEACHER = "`nettailor teacher --output {run} --overwrite` redoes it (and the run)"
@@ -116,6 +118,7 @@ def loaders(task, batch_size: int, device: torch.device, seed: int, workers: int
 
 
 def data_record(task, opts: DataOptions, seed: int) -> dict:
+    assert opts.data is not None  # a run's first stage is always given --data
     return {
         "path": data_path(opts.data), "given": opts.data, "layout": task.layout, "name": task.name,
         "task": opts.task, "img_size": task.img_size, "mean": list(task.mean), "std": list(task.std),
@@ -136,10 +139,10 @@ def data_config(name: str) -> dict:
     return timm.data.resolve_data_config({}, model=model)
 
 
-def _student_groups(student: Student, weight_decay: float) -> list[dict]:
+def _student_groups(student: Student) -> list[dict]:
     """Attention logits get no weight decay and no gradient clipping (docs/method.md)."""
-    logits = set(id(p) for p in student.attention_parameters())
-    rest = [p for p in student.trainable_parameters() if id(p) not in logits]
+    logit_ids = set(id(p) for p in student.attention_parameters())
+    rest = [p for p in student.trainable_parameters() if id(p) not in logit_ids]
     logits = [p for p in student.attention_parameters() if p.requires_grad]
     return [{"params": rest}, {"params": logits, "weight_decay": 0.0, "clip": False}]
 
@@ -170,7 +173,7 @@ def fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | No
                                  teacher_loss=teacher_loss)
     arch = read_run(run)["backbone"]["architecture"]
     row = fit(stage=stage, stage_dir=stage_dir, model=student, objective=objective,
-              param_groups=_student_groups(student, 5e-4), train_loader=train_loader, val_loader=val_loader,
+              param_groups=_student_groups(student), train_loader=train_loader, val_loader=val_loader,
               device=device, cfg=cfg, resume=train.resume, callbacks=cb,
               checkpoint_extra=student_meta(student, arch, stage), keep=keep)
     write_safetensors(stage_dir / MODEL, student.state_dict(), student_meta(student, arch, stage))
@@ -216,7 +219,7 @@ def tailored_teacher_loss(run: Path) -> str:
     return config.get("settings", {}).get("teacher_loss", "mse")
 
 
-def maybe_compile(module: nn.Module, enabled: bool) -> nn.Module:
+def maybe_compile(module: nn.Module, enabled: bool) -> Callable[..., Any]:
     """``torch.compile`` the training forward (--compile); weights stay shared with ``module``."""
     return torch.compile(module) if enabled else module
 

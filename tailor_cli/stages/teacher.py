@@ -13,8 +13,9 @@ from ..backbone import backbone_identity, check_backbone_name
 from ..checkpoint import write_json, write_safetensors
 from ..counting import model_macs, network_params
 from ..errors import RunError, UsageError
+from ..objectives import TeacherObjective
 from ..runs import MODEL, check_writable, prepare_stage, read_run, read_summary, reset_run, write_run, write_summary
-from ..train import Callbacks, TeacherObjective, fit, resolve_device
+from ..train import Callbacks, fit, resolve_device
 from .common import (
     accuracies,
     build_backbone,
