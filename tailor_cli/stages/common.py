@@ -25,7 +25,7 @@ from ..objectives import StudentObjective
 from ..runs import CHECKPOINT, MODEL, lock_created, lock_dir, read_run, write_summary
 from ..student import Student
 from ..train import BEST, Callbacks, autocast_context, fit
-from .options import BackboneOptions, DataOptions, TrainOptions, data_path
+from .options import BackboneOptions, DataOptions, TrainOptions, data_path, with_run_data
 
 REDO_TEACHER = "`nettailor teacher --output {run} --overwrite` redoes it (and the run)"
 
@@ -75,21 +75,21 @@ def new_run_guard(run: Path):
 def load_data(run_meta: dict | None, opts: DataOptions, data_config: dict, run: Path, seed: int):
     from ..data import load_task_data
 
-    saved = (run_meta or {}).get("data", {})
-    data = opts.data or saved.get("path")
-    if data is None:
+    used = with_run_data(opts, run_meta)
+    if used.data is None:
         raise UsageError("--data is required")
+    assert used.val_fraction is not None  # with_run_data falls back to the default
     return load_task_data(
-        data,
+        used.data,
         data_config=data_config,
-        img_size=opts.img_size if opts.img_size is not None else saved.get("img_size"),
+        img_size=used.img_size,
         split_file=run / "split.json",
-        task=opts.task or saved.get("task"),
-        val_fraction=opts.val_fraction if opts.val_fraction is not None else saved.get("val_fraction", defaults.VAL_FRACTION),
-        seed=saved.get("seed", seed),
+        task=used.task,
+        val_fraction=used.val_fraction,
+        seed=(run_meta or {}).get("data", {}).get("seed", seed),
         download=opts.download,
         cache=opts.cache,
-        hflip=opts.hflip if opts.hflip is not None else saved.get("hflip"),
+        hflip=used.hflip,
         skip_bad=opts.skip_bad,
         expected_classes=(run_meta or {}).get("classes"),
         augment=opts.augment,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -120,6 +120,24 @@ class SearchOptions:
             raise UsageError(f"--max-macs must be positive, got {self.max_macs}")
 
 
+def with_run_data(opts: DataOptions, run_meta: dict | None) -> DataOptions:
+    """The data options a stage uses: each one not given takes the run's record (``run.json`` "data").
+
+    The run's first stage records them; a later stage that names the value the run already uses
+    makes no change. The one place where "the given value, else the run's" is decided.
+    """
+    saved = (run_meta or {}).get("data", {})
+    return replace(
+        opts,
+        data=opts.data or saved.get("path"),
+        task=opts.task or saved.get("task"),
+        img_size=opts.img_size if opts.img_size is not None else saved.get("img_size"),
+        val_fraction=opts.val_fraction if opts.val_fraction is not None else saved.get("val_fraction",
+                                                                                         defaults.VAL_FRACTION),
+        hflip=opts.hflip if opts.hflip is not None else saved.get("hflip"),
+    )
+
+
 def data_path(data: str) -> str:
     p = Path(data)
     return str(p.resolve()) if p.exists() else data
@@ -138,15 +156,10 @@ def stage_settings(train: TrainOptions, device: torch.device, data: DataOptions 
            "seed": train.seed, "amp": cfg.amp, "amp_dtype": cfg.amp_dtype if cfg.amp else None,
            "clip_grad": cfg.clip_grad if cfg.clip_grad is not None else "off"}
     if data is not None:
-        saved = (run_meta or {}).get("data", {})
-        out |= {
-            "data": data_path(data.data) if data.data else saved.get("path"),
-            "task": data.task if data.task is not None else saved.get("task"),
-            "img_size": data.img_size if data.img_size is not None else saved.get("img_size"),
-            "val_fraction": data.val_fraction if data.val_fraction is not None else saved.get("val_fraction", defaults.VAL_FRACTION),
-            "hflip": data.hflip if data.hflip is not None else saved.get("hflip"),
-            "augment": data.augment, "skip_bad": data.skip_bad,
-        }
+        used = with_run_data(data, run_meta)
+        out |= {"data": data_path(used.data) if used.data else None, "task": used.task, "img_size": used.img_size,
+                "val_fraction": used.val_fraction, "hflip": used.hflip, "augment": used.augment,
+                "skip_bad": used.skip_bad}
     if bb is not None:
         out |= {"backbone": bb.name, "pretrained": bb.pretrained,
                 "weights": str(resolve_weights_path(bb.weights).resolve()) if bb.weights else None}
