@@ -75,6 +75,16 @@ def test_digits_embedded():
     assert load_task_data("digits", data_config=CFG, img_size=20).val[0][0].shape == (3, 20, 20)
 
 
+def test_digits_names_the_embedded_set_whatever_the_working_directory_holds(tmp_path, monkeypatch):
+    """A folder called digits in the working directory (a run directory, say) never shadows the embedded set."""
+    monkeypatch.chdir(tmp_path)
+    make_imagefolder(tmp_path / "digits", n_classes=2, per_class=6, split=False)
+    d = load_task_data("digits", data_config=CFG)
+    assert (d.layout, len(d.classes)) == ("digits", 10)
+    folder = load_task_data("./digits", data_config=CFG)  # the folder of that name, given as a path
+    assert (folder.layout, folder.classes) == ("imagefolder-flat", ["class_0", "class_1"])
+
+
 def test_imagefolder_split_layout(gen):
     d = load(gen["split"])
     assert d.layout == "imagefolder" and d.split == "given"

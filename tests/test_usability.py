@@ -217,3 +217,13 @@ def test_run_takes_per_stage_settings_and_its_run_json_repeats_them(tmp_path, fo
     assert (tmp_path / "export2" / "shapes" / "adapter.safetensors").is_file()
     _one_error_line(invoke("run", "-c", first / "run.json", "--export-dir", export, "--out", export), 2,
                     "pass only --export-dir")
+
+
+def test_a_run_directory_called_digits_does_not_shadow_the_embedded_digits(tmp_path, monkeypatch):
+    """`--data digits --output digits`: the run directory exists before the data is read, and used to be read as
+    an (empty) image folder: exit 3, 'digits is empty'. The bare name always means the embedded set."""
+    monkeypatch.chdir(tmp_path)
+    res = invoke("teacher", "--data", "digits", "--output", "digits", "--epochs", "1", "--batch-size", "64", *TINY)
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "digits" / "run.json").read_text())["data"]
+    assert (data["path"], data["layout"]) == ("digits", "digits")

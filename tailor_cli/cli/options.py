@@ -72,7 +72,8 @@ KeepCheckpoints = Annotated[bool, typer.Option(
     "--keep-checkpoints", help="Keep each finished stage's checkpoint (weights + optimiser state) and best-epoch "
     "copy, and the K search's candidate weights [default: only what later stages read is kept].")]
 Data = Annotated[Optional[str], typer.Option("--data", help="Dataset: a folder (ImageFolder, GTSRB, Decathlon), "
-                                             "'torchvision:NAME', or 'digits' (embedded).")]
+                                             "'torchvision:NAME', or 'digits' (embedded; a folder of that name: "
+                                             "./digits).")]
 Backbone = Annotated[str, typer.Option("--backbone", help="timm model name, optionally with a tag "
                                        "(resnet34, resnet50d, resnet34.tv_in1k).")]
 Pretrained = Annotated[bool, typer.Option("--pretrained/--no-pretrained",

@@ -26,6 +26,7 @@ DIGITS_IMG_SIZE = 32
 DIGITS_TEST_FRACTION = 0.2
 
 
+EMBEDDED_DIGITS = "digits"  # the bare name: always the embedded set (a folder of that name is given as ./digits)
 DIGITS_TEST_SEED = 20190601  # fixed: the digits test split never depends on the run's --seed
 
 
@@ -110,7 +111,7 @@ def _split_folder(root: Path, folder: Path, classes: list[str]) -> FileSamples:
 def read_task(data: str, task: str | None, download: bool, root_for_download: Path | None,
                skip_bad: bool, skipped: list[str]) -> RawTask:
     """Detect the layout of ``data`` and read its file lists (no image decoding)."""
-    if data == "digits" and not Path(data).is_dir():
+    if data == EMBEDDED_DIGITS:  # whatever the working directory holds: a run directory may be called digits
         check_no_task(task, data, "the embedded digits")
         return _read_digits()
     if data.startswith("torchvision:"):
@@ -118,7 +119,8 @@ def read_task(data: str, task: str | None, download: bool, root_for_download: Pa
         return read_torchvision(data, download, root_for_download)
     path = Path(data).expanduser()
     if not path.exists():
-        raise DataError(f"data path {data} does not exist; pass an image folder, 'digits', or torchvision:NAME")
+        raise DataError(f"data path {data} does not exist; pass an image folder, 'digits' (embedded), or "
+                        "torchvision:NAME")
     if not path.is_dir():
         raise DataError(f"data path {data} is a file, not a folder; pass the folder that holds the class folders")
     path = path.resolve()

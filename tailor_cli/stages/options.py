@@ -139,8 +139,11 @@ def with_run_data(opts: DataOptions, run_meta: dict | None) -> DataOptions:
 
 
 def data_path(data: str) -> str:
+    """``--data`` as a run records it: a folder by its absolute path; ``digits`` and ``torchvision:NAME`` as given."""
+    from ..data.layouts import EMBEDDED_DIGITS
+
     p = Path(data)
-    return str(p.resolve()) if p.exists() else data
+    return str(p.resolve()) if data != EMBEDDED_DIGITS and p.exists() else data
 
 
 def stage_settings(train: TrainOptions, device: torch.device, data: DataOptions | None = None,
