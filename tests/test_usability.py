@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -227,3 +230,14 @@ def test_a_run_directory_called_digits_does_not_shadow_the_embedded_digits(tmp_p
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "digits" / "run.json").read_text())["data"]
     assert (data["path"], data["layout"]) == ("digits", "digits")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["teacher", "--epochs", "x"], ["report", "--json"]])
+def test_help_version_and_usage_errors_answer_without_importing_torch(args):
+    """Scripts call `nettailor --help` and get usage errors without waiting seconds for torch to load."""
+    code = ("import sys\nfrom tailor_cli.cli import main\nsys.argv = ['nettailor', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules, file=sys.stderr)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    expected = 0 if args[0].startswith("--") else 2
+    assert proc.stderr.splitlines()[-1] == f"exit {expected} False", proc.stderr

@@ -6,6 +6,7 @@ traceback only with ``--debug``). :func:`invoke` does the same for click's own p
 """
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from typing import Annotated, Any, Callable
@@ -98,7 +99,13 @@ def _rank_prefix() -> str:
 
 
 def main() -> None:
-    """Console-script entry point (also under torchrun: the process group comes from the environment)."""
+    """Console-script entry point (also under torchrun: the process group comes from the environment).
+
+    Outside torchrun nothing here imports torch, so ``--help``, ``--version`` and a mistyped option
+    answer at once; the commands import what they need.
+    """
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        raise SystemExit(invoke(sys.argv[1:]))
     from ..distributed import cleanup, setup
 
     try:

@@ -7,6 +7,7 @@ on a pipe). Errors, warnings, progress and logs go to stderr.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Callable
 
@@ -42,9 +43,7 @@ def begin() -> None:
 
 def emit(result: dict, as_json: bool, render: Callable[[dict], None] | None = None) -> None:
     """The command's result: one JSON document, or ``render(result)``; under torchrun on rank 0 only."""
-    from ..distributed import is_main
-
-    if not is_main():
+    if not _is_main():
         return
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
@@ -53,12 +52,19 @@ def emit(result: dict, as_json: bool, render: Callable[[dict], None] | None = No
         render(result)
 
 
-def fail(message: str, code: int, json_out: bool):
-    """One ``error:`` line on stderr (and the JSON error document on stdout with --json), then exit ``code``."""
+def _is_main() -> bool:
+    """Rank 0 under torchrun; always outside it (without importing torch, which a usage error need not wait for)."""
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        return True
     from ..distributed import is_main
 
+    return is_main()
+
+
+def fail(message: str, code: int, json_out: bool):
+    """One ``error:`` line on stderr (and the JSON error document on stdout with --json), then exit ``code``."""
     err_console.print(f"error: {message}", highlight=False, markup=False, soft_wrap=True)
-    if json_out and is_main() and not _state["emitted"]:  # exit 7 follows its result document: no second one
+    if json_out and not _state["emitted"] and _is_main():  # exit 7 follows its result document: no second one
         sys.stdout.write(json.dumps({"error": message, "exit_code": code}) + "\n")
         sys.stdout.flush()
     raise typer.Exit(code)
