@@ -6,7 +6,6 @@ traceback only with ``--debug``). :func:`invoke` does the same for click's own p
 """
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 from typing import Annotated, Any, Callable
@@ -28,7 +27,7 @@ from ..errors import (
     TailorError,
     ToleranceError,
 )
-from .output import begin, err_console, fail
+from .output import begin, err_console, fail, under_torchrun
 
 EXIT_CODES_HELP = (
     f"Exit codes: 0 ok; {EXIT_INTERNAL} internal error (a bug; rerun with --debug); {EXIT_USAGE} bad arguments; "
@@ -104,7 +103,7 @@ def main() -> None:
     Outside torchrun nothing here imports torch, so ``--help``, ``--version`` and a mistyped option
     answer at once; the commands import what they need.
     """
-    if os.environ.get("WORLD_SIZE", "1") == "1":
+    if not under_torchrun():
         raise SystemExit(invoke(sys.argv[1:]))
     from ..distributed import cleanup, setup
 

@@ -52,9 +52,14 @@ def emit(result: dict, as_json: bool, render: Callable[[dict], None] | None = No
         render(result)
 
 
+def under_torchrun() -> bool:
+    """Launched by torchrun with more than one process (read from the environment: torch is not imported)."""
+    return os.environ.get("WORLD_SIZE", "1") != "1"
+
+
 def _is_main() -> bool:
     """Rank 0 under torchrun; always outside it (without importing torch, which a usage error need not wait for)."""
-    if os.environ.get("WORLD_SIZE", "1") == "1":
+    if not under_torchrun():
         return True
     from ..distributed import is_main
 
