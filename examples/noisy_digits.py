@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--copies", type=int, default=1, help="distorted copies per source image")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plain", action="store_true", help="write the digits as they are (8x8, no distortion): the "
+                   "splits of `--data digits --val-fraction 0.2` as a folder, for tools that read folders")
     args = p.parse_args()
     with (resources.files("tailor_cli") / "assets" / "digits.npz").open("rb") as f:
         npz = np.load(io.BytesIO(f.read()))
@@ -51,7 +53,8 @@ def main() -> None:
             folder = args.out / split / str(labels[i])
             folder.mkdir(parents=True, exist_ok=True)
             for c in range(args.copies):
-                distort(images[i], rng).save(folder / f"{i:04d}_{c}.png")
+                img = Image.fromarray(images[i]) if args.plain else distort(images[i], rng)
+                img.save(folder / f"{i:04d}_{c}.png")
     print(f"wrote {len(train) * args.copies} train, {len(val) * args.copies} val and {len(test) * args.copies} test "
           f"images to {args.out}")
 

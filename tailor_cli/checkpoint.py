@@ -174,6 +174,8 @@ def load_checkpoint(path: Path, model: nn.Module, opt, sched, device,
     model.load_state_dict(model_state)
     _load_optimizer(opt, tensors, meta["optimizer"])
     sched.load_state_dict(meta["scheduler"])
+    for group, lr in zip(opt.param_groups, sched.get_last_lr()):  # the rate where the curve stopped
+        group["lr"] = lr
     if scaler is not None and meta.get("grad_scaler"):
         scaler.load_state_dict(meta["grad_scaler"])
     return meta

@@ -31,13 +31,14 @@ class TeacherObjective:
 
     terms: tuple[str, ...] = ("ce",)
 
-    def __init__(self, model: nn.Module, forward: Callable[..., Any] | None = None):
+    def __init__(self, model: nn.Module, forward: Callable[..., Any] | None = None, label_smoothing: float = 0.0):
         self.model = model
         self.forward = forward if forward is not None else model  # DDP and/or compiled wrapper
+        self.label_smoothing = label_smoothing
 
     def __call__(self, images, labels):
         logits = self.forward(images)
-        ce = F.cross_entropy(logits, labels)
+        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         return ce, logits, {"ce": ce}
 
 
@@ -54,7 +55,9 @@ class StudentObjective:
         teacher_weight: float,
         forward: Callable[..., Any] | None = None,
         teacher_loss: str = "mse",
+        label_smoothing: float = 0.0,
     ):
+        self.label_smoothing = label_smoothing
         self.student, self.teacher, self.chain = student, teacher, teacher_chain
         self.forward = forward if forward is not None else student  # DDP and/or compiled wrapper
         self.complexity = complexity
@@ -75,7 +78,7 @@ class StudentObjective:
             logits, feats = self.forward(images, alphas=alphas, return_features=True)
         else:
             logits = self.forward(images, alphas=alphas)
-        ce = F.cross_entropy(logits, labels)
+        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         loss, terms = ce, {"ce": ce}
         if self.g1 > 0:
             ec = self.complexity(alphas)

@@ -32,6 +32,7 @@ from .distributed import all_reduce_sum, barrier, broadcast_buffers, is_main
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, TrainingError, UsageError
 from .objectives import Objective
 from .runs import CHECKPOINT
+from .schedule import make_scheduler
 
 METRICS = "metrics.jsonl"
 BEST = "best.safetensors"  # weights of the best validation epoch so far (keep="best")
@@ -41,7 +42,10 @@ BEST = "best.safetensors"  # weights of the best validation epoch so far (keep="
 class TrainConfig:
     epochs: int
     lr: float
-    lr_step: int  # epochs between x0.1 decays
+    lr_step: int  # epochs between x0.1 decays (schedule "step")
+    schedule: str = defaults.SCHEDULE  # "cosine" or "step" (tailor_cli.schedule)
+    warmup_epochs: float = 0.0  # linear warm-up before either schedule
+    label_smoothing: float = 0.0  # of the training cross-entropy (objectives); evaluation is plain CE
     momentum: float = defaults.MOMENTUM
     weight_decay: float = defaults.WEIGHT_DECAY  # a parameter group may set its own (0 for attention logits)
     seed: int = 0
@@ -89,10 +93,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def make_optimizer(groups: list[dict], cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """SGD with momentum; ``groups`` may set their own weight decay (0 for attention logits)."""
+def make_optimizer(groups: list[dict], cfg: TrainConfig,
+                   steps_per_epoch: int = 1) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD with momentum; ``groups`` may set their own weight decay (0 for attention logits).
+
+    The scheduler is stepped after every update (:mod:`tailor_cli.schedule`).
+    """
     opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.lr_step), gamma=0.1)
+    sched = make_scheduler(opt, schedule=cfg.schedule, epochs=cfg.epochs, per_epoch=steps_per_epoch,
+                           warmup_epochs=cfg.warmup_epochs, lr_step=cfg.lr_step)
     return opt, sched
 
 
@@ -218,7 +227,7 @@ def fit(
     cb = callbacks or Callbacks()
     stage_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = stage_dir / CHECKPOINT, stage_dir / METRICS
-    opt, sched = make_optimizer(param_groups, cfg)
+    opt, sched = make_optimizer(param_groups, cfg, steps_per_epoch=len(train_loader))
     scaler = make_grad_scaler(cfg, device)
     best_path = stage_dir / BEST
     start_epoch, best, best_key, best_epoch = 0, float("-inf"), None, 0
@@ -250,6 +259,7 @@ def fit(
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             (train_mode or model.train)()
+            lr = opt.param_groups[0]["lr"]  # the rate of the epoch's first update
             sums = torch.zeros(len(objective.terms) + 2, device=device)  # terms..., loss, correct
             grads = torch.zeros(2, device=device)  # largest gradient norm, steps clipped
             seen = 0
@@ -272,6 +282,7 @@ def fit(
                     grad_norm = _clip_gradients(opt, cfg.clip_grad)
                     scaler.step(opt)
                     scaler.update()
+                sched.step()  # per update: warm-up and cosine are curves over steps
                 with torch.no_grad():
                     values = torch.stack([terms[t].detach().float() for t in objective.terms] + [loss.detach().float()])
                     sums[:-1] += values * labels.numel()
@@ -294,8 +305,6 @@ def fit(
                 raise Interrupted(f"{stage} interrupted in epoch {epoch + 1}, before its first checkpoint: nothing of "
                                   "it was saved. Rerun the same command to start it again (`nettailor run`: with "
                                   "--resume, to keep the stages already done)", exit_code=code)
-            lr = opt.param_groups[0]["lr"]  # the rate this epoch trained with
-            sched.step()
             train_time = time.perf_counter() - t0
             broadcast_buffers(model)  # every rank evaluates (and rank 0 saves) the same BN statistics
             val = evaluate(model, val_loader, device, amp_ctx=amp_ctx, channels_last=cfg.channels_last)

@@ -103,8 +103,11 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
         state, _ = read_safetensors(path, what="weights file")
         return state
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    import argparse
+
+    try:  # timm's train.py saves its argparse.Namespace beside the weights: plain data, allowed
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ModelError(
             f"cannot read weights '{path}' safely ({type(err).__name__}); "
@@ -142,3 +145,29 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], *, s
             + "; ".join(parts) + ". Check --backbone matches the file."
         )
     model.load_state_dict(body, strict=False)
+
+
+def load_finetuned_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, num_classes: int) -> None:
+    """Load a whole fine-tuned network, classifier included (``--teacher FILE``); refuse one that does not fit.
+
+    The body must fit ``model``'s architecture (as :func:`load_backbone_weights` checks it) and
+    the classifier must have ``num_classes`` outputs: a one-line :class:`ModelError` otherwise.
+    """
+    classifier = model.pretrained_cfg.get("classifier", "fc")
+    own = model.state_dict()
+    state = convert_state_dict(state, own, source=source, classifier=classifier)
+    load_backbone_weights(model, state, source=source)  # the architecture first: its message names it
+    head = {k: v for k, v in state.items() if k.startswith(classifier + ".")}
+    need = {k: v for k, v in own.items() if k.startswith(classifier + ".")}
+    if set(head) != set(need):
+        raise ModelError(f"'{source}' holds no classifier ({classifier}.weight): it is a backbone, not a fine-tuned "
+                         f"model; pass it as --weights, or pass a model fine-tuned on this task as --teacher")
+    weight = head[classifier + ".weight"]
+    if weight.shape[0] != num_classes:
+        raise ModelError(f"'{source}' classifies {weight.shape[0]} classes, but the data has {num_classes}; pass a "
+                         "model fine-tuned on this task's classes")
+    wrong = [k for k, v in head.items() if v.shape != need[k].shape]
+    if wrong:
+        raise ModelError(f"'{source}' has a classifier of another shape ({wrong[0]}: {tuple(head[wrong[0]].shape)} vs "
+                         f"{tuple(need[wrong[0]].shape)}); check --backbone matches the file")
+    model.load_state_dict(head, strict=False)

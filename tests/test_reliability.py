@@ -75,6 +75,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, bigger_data):
     ra, rb = read_jsonl(ref / "tailor" / "metrics.jsonl"), read_jsonl(run / "tailor" / "metrics.jsonl")
     assert [r["epoch"] for r in rb] == [1, 2, 3]
     for x, y in zip(ra, rb):
+        assert x["lr"] == y["lr"]  # the warm-up + cosine curve continues where it stopped
         assert x["val_acc"] == y["val_acc"]
         assert abs(x["train_loss"] - y["train_loss"]) < 1e-6
 

@@ -36,6 +36,7 @@ from .options import (
     ImgSize,
     Json,
     KeepCheckpoints,
+    LabelSmoothing,
     Lr,
     LrStep,
     MaxSkip,
@@ -44,6 +45,7 @@ from .options import (
     Overwrite,
     Pretrained,
     Resume,
+    Schedule,
     Seed,
     SkipBad,
     TailorBatchSize,
@@ -54,9 +56,11 @@ from .options import (
     TeacherEpochs,
     TeacherLoss,
     TeacherLr,
+    TeacherSource,
     TeacherWeight,
     Threshold,
     ValFraction,
+    WarmupEpochs,
     Weights,
     Workers,
     data_options,
@@ -77,7 +81,8 @@ def teacher(
     pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
     val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
     skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = defaults.EPOCHS,
-    batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto",
+    batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, schedule: Schedule = None,
+    warmup_epochs: WarmupEpochs = None, label_smoothing: LabelSmoothing = None, seed: Seed = 0, device: Device = "auto",
     amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
     channels_last: ChannelsLast = None, resume: Resume = False, overwrite: Overwrite = False,
     clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
@@ -88,6 +93,7 @@ def teacher(
         require_data(data)
         run = output or default_output(data, backbone)
         train = train_options("teacher", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step, seed=seed,
+                              schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
                               device=device, amp=amp, amp_dtype=amp_dtype, resume=resume, overwrite=overwrite,
                               compile=compile_model, channels_last=channels_last, keep_checkpoints=keep_checkpoints,
                               clip_grad=clip_grad)
@@ -104,8 +110,7 @@ def teacher(
                                        "train it."))
 def tailor(
     config: Config = None, data: Data = None, backbone: Backbone = "resnet34", output: Output = None,
-    teacher_run: Annotated[Optional[Path], typer.Option("--teacher", help="A finished teacher run; omitted: one "
-                                                        "is trained first in RUN/teacher.")] = None,
+    teacher_run: TeacherSource = None,
     max_skip: MaxSkip = defaults.MAX_SKIP,
     complexity_weight: Annotated[float, typer.Option("--complexity-weight", help="g1, weight of E[C].")] = defaults.COMPLEXITY_WEIGHT,
     teacher_weight: TeacherWeight = defaults.TEACHER_WEIGHT,
@@ -114,7 +119,8 @@ def tailor(
     pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
     val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
     skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = defaults.EPOCHS,
-    batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto",
+    batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, schedule: Schedule = None,
+    warmup_epochs: WarmupEpochs = None, label_smoothing: LabelSmoothing = None, seed: Seed = 0, device: Device = "auto",
     amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
     channels_last: ChannelsLast = None, resume: Resume = False, overwrite: Overwrite = False,
     clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
@@ -126,10 +132,11 @@ def tailor(
         require_data(data)
         run = output or default_output(data, backbone)
         common = dict(seed=seed, device=device, amp=amp, amp_dtype=amp_dtype, keep_checkpoints=keep_checkpoints,
-                      clip_grad=clip_grad)
+                      clip_grad=clip_grad, schedule=schedule, label_smoothing=label_smoothing)
         t_train = train_options("teacher", epochs=teacher_epochs if teacher_epochs is not None else epochs,
                                 lr=teacher_lr, batch_size=teacher_batch_size, **common)
         train = train_options("tailor", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step, resume=resume,
+                              warmup_epochs=warmup_epochs,
                               overwrite=overwrite, compile=compile_model, channels_last=channels_last, **common)
         with reporting() as rep:
             result = run_tailor(
@@ -159,6 +166,7 @@ def prune(
                                                "candidate.")] = defaults.SEARCH_EPOCHS,
     epochs: Annotated[int, typer.Option("--epochs", help="--auto: epochs of the final fine-tuning.")] = defaults.EPOCHS,
     data: Data = None, cache: Cache = False, workers: Workers = None, batch_size: BatchSize = None, lr: Lr = None,
+    schedule: Schedule = None, warmup_epochs: WarmupEpochs = None, label_smoothing: LabelSmoothing = None,
     seed: Seed = 0, device: Device = "auto", amp: Amp = None, clip_grad: ClipGrad = None,
     keep_checkpoints: KeepCheckpoints = False, overwrite: Overwrite = False, json_out: Json = False,
     debug: Debug = False,
@@ -179,7 +187,8 @@ def prune(
                 return
             finetune = lambda n: train_options("finetune", epochs=n, lr=lr, batch_size=batch_size, seed=seed,
                                                device=device, amp=amp, keep_checkpoints=keep_checkpoints,
-                                               clip_grad=clip_grad)
+                                               clip_grad=clip_grad, schedule=schedule, warmup_epochs=warmup_epochs,
+                                               label_smoothing=label_smoothing)
             result = auto_prune(run, data_options(data, None, None, None, False, cache, None, False, workers),
                                 finetune(search_epochs), finetune(epochs),
                                 SearchOptions(tolerance=tolerance, max_macs=max_macs, search_epochs=search_epochs,
@@ -197,8 +206,9 @@ def finetune(
     config: Config = None, teacher_weight: TeacherWeight = defaults.TEACHER_WEIGHT,
     data: Data = None, task: Task = None, cache: Cache = False, skip_bad: SkipBad = False, workers: Workers = None,
     augment: Augment = True, epochs: Epochs = defaults.EPOCHS, batch_size: BatchSize = None, lr: Lr = None,
-    lr_step: LrStep = None, seed: Seed = 0, device: Device = "auto", amp: Amp = None, amp_dtype: AmpDtype = "bfloat16",
-    compile_model: Compile = False, channels_last: ChannelsLast = None, resume: Resume = False,
+    lr_step: LrStep = None, schedule: Schedule = None, warmup_epochs: WarmupEpochs = None,
+    label_smoothing: LabelSmoothing = None, seed: Seed = 0, device: Device = "auto", amp: Amp = None,
+    amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False, channels_last: ChannelsLast = None, resume: Resume = False,
     overwrite: Overwrite = False, clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False,
     json_out: Json = False, debug: Debug = False,
 ):
@@ -206,6 +216,7 @@ def finetune(
         from ..stages.finetune import finetune as run_finetune
 
         train = train_options("finetune", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step, seed=seed,
+                              schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
                               device=device, amp=amp, amp_dtype=amp_dtype, resume=resume, overwrite=overwrite,
                               compile=compile_model, channels_last=channels_last, keep_checkpoints=keep_checkpoints,
                               clip_grad=clip_grad)
@@ -291,8 +302,8 @@ def run(
     config: Config = None, data: Data = None, backbone: Backbone = "resnet34", output: Output = None,
     export_dir: Annotated[Optional[Path], typer.Option("--export-dir", help="Export directory for the adapter "
                                                        "[default: RUN/export].")] = None,
-    out: OldOut = None, pretrained: Pretrained = True, weights: Weights = None, task: Task = None,
-    img_size: ImgSize = None, val_fraction: ValFraction = None, download: Download = False, cache: Cache = False,
+    out: OldOut = None, pretrained: Pretrained = True, weights: Weights = None, teacher_run: TeacherSource = None,
+    task: Task = None, img_size: ImgSize = None, val_fraction: ValFraction = None, download: Download = False, cache: Cache = False,
     hflip: Hflip = None, skip_bad: SkipBad = False, workers: Workers = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Epochs of each training stage (see --STAGE-epochs).")] = defaults.EPOCHS,
     teacher_epochs: TeacherEpochs = None, teacher_lr: TeacherLr = None, teacher_batch_size: TeacherBatchSize = None,
@@ -308,6 +319,7 @@ def run(
     search_epochs: Annotated[int, typer.Option("--search-epochs", help="Fine-tuning epochs of each K search "
                                                "candidate.")] = defaults.SEARCH_EPOCHS,
     max_skip: MaxSkip = defaults.MAX_SKIP, teacher_loss: TeacherLoss = defaults.TEACHER_LOSS,
+    schedule: Schedule = None, label_smoothing: LabelSmoothing = None,
     seed: Seed = 0, device: Device = "auto", amp: Amp = None, resume: Resume = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run again: remove what nettailor wrote "
                                             "in its directory first.")] = False,
@@ -324,12 +336,13 @@ def run(
         target = export_dir_value(export_dir, out)
         stage = lambda name, n, lr, bs: train_options(name, epochs=epochs if n is None else n, lr=lr, batch_size=bs,
                                                       seed=seed, device=device, amp=amp,
-                                                      keep_checkpoints=keep_checkpoints, clip_grad=clip_grad)
+                                                      keep_checkpoints=keep_checkpoints, clip_grad=clip_grad,
+                                                      schedule=schedule, label_smoothing=label_smoothing)
         with reporting() as rep:
             result = run_pipeline(
                 output or default_output(data, backbone), target, BackboneOptions(backbone, pretrained, weights),
                 data_options(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers),
-                TailorOptions(max_skip=max_skip, teacher_loss=teacher_loss,
+                TailorOptions(teacher=teacher_run, max_skip=max_skip, teacher_loss=teacher_loss,
                               teacher_train=stage("teacher", teacher_epochs, teacher_lr, teacher_batch_size)),
                 stage("tailor", tailor_epochs, tailor_lr, tailor_batch_size),
                 stage("finetune", finetune_epochs, finetune_lr, finetune_batch_size),

@@ -100,8 +100,19 @@ Augment = Annotated[bool, typer.Option("--augment/--no-augment", help="Random-re
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader workers [default: from CPU count].")]
 Epochs = Annotated[int, typer.Option("--epochs", help="Training epochs.")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Batch size (per process).")]
-Lr = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (SGD, momentum 0.9, step decay x0.1).")]
-LrStep = Annotated[Optional[int], typer.Option("--lr-step", help="Epochs between x0.1 decays [default: 40% of epochs].")]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (SGD, momentum 0.9; see --schedule).")]
+LrStep = Annotated[Optional[int], typer.Option("--lr-step", help="--schedule step: epochs between x0.1 decays "
+                                               "[default: 40% of epochs].")]
+Schedule = Annotated[Optional[str], typer.Option("--schedule", help="Learning-rate schedule: 'cosine' (linear warm-up, "
+                                                 "then cosine decay to 0, per step) or 'step' (x0.1 every --lr-step "
+                                                 f"epochs: the authors') [default: {defaults.SCHEDULE}].")]
+WarmupEpochs = Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear warm-up epochs "
+                                                       "[default: teacher and tailor "
+                                                       f"{defaults.WARMUP_EPOCHS['teacher']:g}, finetune "
+                                                       f"{defaults.WARMUP_EPOCHS['finetune']:g}].")]
+LabelSmoothing = Annotated[Optional[float], typer.Option("--label-smoothing", help="Label smoothing of the training "
+                                                         "cross-entropy; 0 for the paper's "
+                                                         f"[default: {defaults.LABEL_SMOOTHING:g}].")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 Device = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")]
 Amp = Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision [default: on for CUDA].")]
@@ -118,6 +129,10 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo the stage (an
 TeacherLoss = Annotated[str, typer.Option("--teacher-loss", help="Teacher term: 'mse' (the paper's) or 'relative' "
                                           "(each layer's squared error over its energy: scale-free, bounded; "
                                           "see docs/method.md for when it helps).")]
+TeacherSource = Annotated[Optional[Path], typer.Option(
+    "--teacher", help="The fine-tuned network to learn from: a finished teacher run, or a model file of the same "
+    "backbone and classes (.safetensors state dict or timm .pth checkpoint, read with weights_only), which is "
+    "evaluated and stored as RUN/teacher; omitted: one is trained first in RUN/teacher.")]
 MaxSkip = Annotated[int, typer.Option("--max-skip", help="Proxies per layer (skips over 1..K blocks).")]
 TeacherWeight = Annotated[float, typer.Option("--teacher-weight", help="g2, weight of the teacher term.")]
 Threshold = Annotated[float, typer.Option("--threshold", help="Remove proxies with attention below this.")]
@@ -153,7 +168,9 @@ def default_output(data: str | None, backbone: str) -> Path:
 
 def stage_help(stage: str, text: str) -> str:
     """A training command's help, ending with its defaults."""
-    return f"{text} Defaults: lr {defaults.LR[stage]}, batch {defaults.BATCH_SIZE[stage]}, {defaults.EPOCHS} epochs."
+    return (f"{text} Defaults: lr {defaults.LR[stage]}, batch {defaults.BATCH_SIZE[stage]}, {defaults.EPOCHS} epochs, "
+            f"{defaults.SCHEDULE} schedule. The authors' recipe: --lr {defaults.PAPER_LR[stage]} --schedule step "
+            "--warmup-epochs 0 --label-smoothing 0.")
 
 
 # --------------------------------------------------------------------------- values -> the core's options

@@ -170,7 +170,7 @@ def fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | No
     student = dist.sync_batchnorm(student, device)
     forward = maybe_compile(dist.wrap(student, device), train.compile)
     objective = StudentObjective(student, teacher, chain, complexity, g1, g2, forward=forward,
-                                 teacher_loss=teacher_loss)
+                                 teacher_loss=teacher_loss, label_smoothing=cfg.label_smoothing)
     arch = read_run(run)["backbone"]["architecture"]
     row = fit(stage=stage, stage_dir=stage_dir, model=student, objective=objective,
               param_groups=_student_groups(student), train_loader=train_loader, val_loader=val_loader,

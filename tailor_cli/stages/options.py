@@ -10,6 +10,7 @@ import torch
 from .. import defaults
 from ..errors import UsageError
 from ..losses import TEACHER_LOSSES
+from ..schedule import SCHEDULES
 from ..train import TrainConfig
 from ..weights import PKG_PREFIX, resolve_weights_path
 
@@ -33,7 +34,10 @@ class TrainOptions:
     epochs: int = defaults.EPOCHS
     batch_size: int = defaults.BATCH_SIZE["tailor"]
     lr: float = defaults.LR["tailor"]
-    lr_step: int | None = None  # default: 40% of the epochs (SVHN demo: 20 epochs, decay every 8)
+    lr_step: int | None = None  # schedule "step": default 40% of the epochs (SVHN demo: 20 epochs, decay every 8)
+    schedule: str = defaults.SCHEDULE
+    warmup_epochs: float = defaults.WARMUP_EPOCHS["tailor"]
+    label_smoothing: float = defaults.LABEL_SMOOTHING
     seed: int = 0
     device: str = "auto"
     amp: bool | None = None  # None: on for CUDA (bf16)
@@ -47,10 +51,14 @@ class TrainOptions:
 
     @classmethod
     def for_stage(cls, stage: str, *, epochs: int | None = None, lr: float | None = None,
-                  batch_size: int | None = None, **rest) -> "TrainOptions":
+                  batch_size: int | None = None, warmup_epochs: float | None = None,
+                  schedule: str | None = None, label_smoothing: float | None = None, **rest) -> "TrainOptions":
         """Options of a training stage (teacher, tailor, finetune), its defaults (``defaults.py``) for those not given."""
         return cls(epochs=defaults.EPOCHS if epochs is None else epochs, lr=defaults.LR[stage] if lr is None else lr,
-                   batch_size=defaults.BATCH_SIZE[stage] if batch_size is None else batch_size, **rest)
+                   batch_size=defaults.BATCH_SIZE[stage] if batch_size is None else batch_size,
+                   warmup_epochs=defaults.WARMUP_EPOCHS[stage] if warmup_epochs is None else warmup_epochs,
+                   schedule=defaults.SCHEDULE if schedule is None else schedule,
+                   label_smoothing=defaults.LABEL_SMOOTHING if label_smoothing is None else label_smoothing, **rest)
 
     def validate(self, flag: str = "") -> None:
         """``flag``: the prefix of the options as the command names them (``teacher-`` for ``--teacher-epochs``)."""
@@ -62,6 +70,12 @@ class TrainOptions:
             raise UsageError(f"--{flag}lr must be positive, got {self.lr}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise UsageError(f"--clip-grad must be positive, got {self.clip_grad}; pass --clip-grad 0 to train unclipped")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
+        if not self.warmup_epochs >= 0:
+            raise UsageError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
         if self.amp_dtype not in ("bfloat16", "float16"):
@@ -72,6 +86,7 @@ class TrainOptions:
         cl = self.channels_last if self.channels_last is not None else device.type == "cuda"
         return TrainConfig(
             epochs=self.epochs, lr=self.lr, lr_step=self.lr_step or max(1, round(0.4 * self.epochs)),
+            schedule=self.schedule, warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing,
             seed=self.seed, amp=amp, amp_dtype=self.amp_dtype, channels_last=cl,
             check_every=1 if device.type == "cpu" else 50, clip_grad=self.clip_grad,
         )
@@ -155,7 +170,8 @@ def stage_settings(train: TrainOptions, device: torch.device, data: DataOptions 
     only change speed (device, workers, cache, compile, channels-last) are left out.
     """
     cfg = train.config(device)
-    out = {"epochs": train.epochs, "batch_size": train.batch_size, "lr": train.lr, "lr_step": cfg.lr_step,
+    out = {"epochs": train.epochs, "batch_size": train.batch_size, "lr": train.lr, "schedule": cfg.schedule,
+           "lr_step": cfg.lr_step, "warmup_epochs": cfg.warmup_epochs, "label_smoothing": cfg.label_smoothing,
            "seed": train.seed, "amp": cfg.amp, "amp_dtype": cfg.amp_dtype if cfg.amp else None,
            "clip_grad": cfg.clip_grad if cfg.clip_grad is not None else "off"}
     if data is not None:

@@ -57,7 +57,7 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
             reset_run(run)
         searching = drop_blocks is None and not (resume and stage_done(run, "prune"))
         tries = 1 + math.ceil(math.log2(num_blocks + 1))  # the reference, then a bisection over at most L+1 networks
-        cb.on_plan([("teacher", opts.teacher_train.epochs), ("tailor", tailor_train.epochs)]
+        cb.on_plan([("teacher", opts.teacher_train.epochs)] * (opts.teacher is None) + [("tailor", tailor_train.epochs)]
                    + [("search", tries * search.search_epochs)] * searching + [("finetune", finetune_train.epochs)])
         tailor(run, bb, data, tailor_train, opts, cb, on_ready=ready)
         meta = {k: v for k, v in read_run(run).items() if k != "format"}
@@ -115,7 +115,9 @@ def _run_options(bb: BackboneOptions, data: DataOptions, trains: dict[str, Train
                "max_skip": opts.max_skip, "teacher_loss": opts.teacher_loss, "threshold": search.threshold,
                "drop_blocks": drop_blocks, "tolerance": search.tolerance, "max_macs": search.max_macs,
                "search_epochs": search.search_epochs, "seed": common.seed, "device": common.device,
-               "amp": common.amp, "keep_checkpoints": common.keep_checkpoints}
+               "amp": common.amp, "keep_checkpoints": common.keep_checkpoints, "schedule": common.schedule,
+               "label_smoothing": common.label_smoothing,
+               "teacher": str(Path(opts.teacher).resolve()) if opts.teacher else None}
     for stage, train in trains.items():
         options |= {f"{stage}_epochs": train.epochs, f"{stage}_lr": train.lr, f"{stage}_batch_size": train.batch_size}
     return {key: value for key, value in options.items() if value is not None}

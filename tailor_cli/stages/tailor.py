@@ -46,7 +46,15 @@ from .options import (
     stage_settings,
     weights_option,
 )
-from .teacher import check_teacher, check_teacher_data, fit_teacher, resolve_teacher_dir
+from .teacher import (
+    check_teacher,
+    check_teacher_data,
+    file_sha256,
+    fit_teacher,
+    import_teacher,
+    is_teacher_file,
+    resolve_teacher_dir,
+)
 
 
 @one_writer(create=True)
@@ -67,8 +75,9 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
     check_writable(run)
     run_meta = read_run(run) if (run / "run.json").exists() else None
     check_run_data(run, run_meta, data)
-    teacher_dir = resolve_teacher_dir(opts.teacher) if opts.teacher else None
-    if teacher_dir is None and run_meta is not None and run_meta.get("teacher") not in (None, "teacher"):
+    teacher_file = Path(opts.teacher) if opts.teacher is not None and is_teacher_file(opts.teacher) else None  # imported into RUN/teacher
+    teacher_dir = resolve_teacher_dir(opts.teacher) if opts.teacher and teacher_file is None else None
+    if teacher_dir is None and teacher_file is None and run_meta is not None and run_meta.get("teacher") not in (None, "teacher"):
         teacher_dir = locate_teacher(run, run_meta)  # the external teacher this run was started with
 
     teacher_setting = "teacher" if teacher_dir is None else str(teacher_dir.resolve())  # in the run: relative
@@ -106,7 +115,10 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
     elif run_meta["backbone"]["sha256"] != identity["sha256"]:
         raise RunError(f"run '{run}' was made with other backbone weights; use another --output or --overwrite")
 
-    if teacher_dir is None:
+    if teacher_dir is None and teacher_file is not None:
+        teacher_dir = run / "teacher"
+        _import_teacher_file(run, teacher_file, copy.deepcopy(backbone), task, data, opts.teacher_train, device, cb)
+    elif teacher_dir is None:
         teacher_dir = run / "teacher"
         t_opts = opts.teacher_train
         t_opts.device = train.device
@@ -135,9 +147,11 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
     costs, backbone_macs = path_costs(student, task.img_size)
     settings = settings_now(read_run(run))
     t = opts.teacher_train  # its options are tailor's --teacher-* when tailor trains the teacher in the run
-    in_run = {"teacher_epochs": t.epochs, "teacher_lr": t.lr, "teacher_batch_size": t.batch_size}
+    in_run: dict[str, object] = {"teacher_epochs": t.epochs, "teacher_lr": t.lr, "teacher_batch_size": t.batch_size}
+    if teacher_file is not None:  # `tailor -c config.json` imports the same file again
+        in_run = {"teacher": str(teacher_file.resolve())}
     options = recorded_options(settings, train, data, weights=weights_option(bb), **(in_run if inside else {}),
-                       drop=("teacher",) if inside else ())
+                               drop=("teacher",) if inside else ())
     return fit_student(run, "tailor", student, teacher, task, data, train, device, cb,
                         complexity=ComplexityModel(student.structure, costs),
                         g1=opts.complexity_weight, g2=opts.teacher_weight, teacher_loss=opts.teacher_loss,
@@ -146,3 +160,17 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
                                "teacher_weight": opts.teacher_weight, "teacher": str(teacher_dir),
                                "path_costs": costs, "backbone_macs": backbone_macs,
                                "command": "tailor", "options": options})
+
+
+def _import_teacher_file(run: Path, file: Path, model, task, data: DataOptions, t_opts: TrainOptions, device,
+                         cb: Callbacks) -> None:
+    """``--teacher FILE``: import it as ``RUN/teacher`` once; a run whose teacher came from elsewhere refuses it."""
+    if stage_done(run, "teacher"):
+        made = read_json(run / "teacher" / "config.json", what="teacher config")
+        if made.get("source_sha256") == file_sha256(file):
+            return  # this very file, imported before
+        origin = f"imported from '{made.get('source')}'" if made.get("made_by") == "file" else "trained in the run"
+        raise RunError(f"run '{run}' already has a teacher ({origin}); start a new run (--output) to use '{file}'")
+    t_settings = {"teacher_file": str(file.resolve())}
+    prepare_stage(run, "teacher", resume=False, overwrite=False, settings=t_settings)
+    import_teacher(run, file, model, task, data, t_opts, device, cb, t_settings)

@@ -15,7 +15,8 @@ from ..counting import model_macs, network_params
 from ..errors import RunError, UsageError
 from ..objectives import TeacherObjective
 from ..runs import MODEL, check_writable, prepare_stage, read_run, read_summary, reset_run, write_run, write_summary
-from ..train import Callbacks, fit, resolve_device
+from ..train import Callbacks, evaluate, fit, resolve_device
+from ..weights import WEIGHT_SUFFIXES, load_finetuned_weights, read_weights_file
 from .common import (
     accuracies,
     build_backbone,
@@ -35,8 +36,16 @@ from .common import (
 from .options import BackboneOptions, DataOptions, TrainOptions, recorded_options, stage_settings, weights_option
 
 
+def is_teacher_file(path: Path | None) -> bool:
+    """``--teacher`` names a fine-tuned model file (not a teacher run)."""
+    return path is not None and Path(path).is_file() and Path(path).suffix in WEIGHT_SUFFIXES
+
+
 def resolve_teacher_dir(path: Path) -> Path:
     path = Path(path)
+    if path.is_file():
+        raise UsageError(f"--teacher '{path}' is a file but not a model file ({', '.join(WEIGHT_SUFFIXES)}); pass a "
+                         "fine-tuned model's .safetensors or timm .pth, or a teacher run directory")
     if (path / "teacher" / MODEL).is_file():
         return path / "teacher"
     if (path / MODEL).is_file() and path.name == "teacher":
@@ -127,7 +136,7 @@ def fit_teacher(run: Path, bb: BackboneOptions, model: nn.Module, task, data: Da
     say_distributed(cb, train)
     model = dist.sync_batchnorm(model, device)
     forward = maybe_compile(dist.wrap(model, device), train.compile)
-    row = fit(stage="teacher", stage_dir=stage_dir, model=model, objective=TeacherObjective(model, forward),
+    row = fit(stage="teacher", stage_dir=stage_dir, model=model, objective=TeacherObjective(model, forward, cfg.label_smoothing),
               param_groups=[{"params": list(model.parameters())}], train_loader=train_loader,
               val_loader=val_loader, device=device, cfg=cfg, resume=train.resume, callbacks=cb, keep="best")
     arch = model.pretrained_cfg["architecture"]
@@ -139,4 +148,51 @@ def fit_teacher(run: Path, bb: BackboneOptions, model: nn.Module, task, data: Da
     write_summary(run, "teacher", summary)
     drop_resume_files(stage_dir, train)
     dist.barrier()  # other ranks may read the teacher next
+    return summary
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def import_teacher(run: Path, file: Path, model: nn.Module, task, data: DataOptions, train: TrainOptions,
+                   device: torch.device, cb: Callbacks, settings: dict) -> dict:
+    """``--teacher FILE``: a model the user fine-tuned elsewhere becomes the run's teacher stage.
+
+    The file (safetensors, or a timm ``.pth`` read with ``weights_only``) must fit ``model``'s
+    architecture and the data's number of classes. Its accuracy is evaluated on the run's
+    validation (and test) split and recorded in ``RUN/teacher/summary.json`` like a trained
+    teacher's; its weights are stored as ``RUN/teacher/model.safetensors``, so the run no longer
+    needs the file.
+    """
+    t0 = time.perf_counter()
+    file = Path(file)
+    state = read_weights_file(file)
+    load_finetuned_weights(model, state, source=str(file), num_classes=len(task.classes))
+    cfg = train.config(device)
+    model = model.to(device).eval()
+    stage_dir = run / "teacher"
+    sha = file_sha256(file)
+    write_json(stage_dir / "config.json", {"stage": "teacher", "made_by": "file", "source": str(file.resolve()),
+                                           "source_sha256": sha, "device": str(device), "settings": settings})
+    _, val_loader = loaders(task, train.batch_size, device, train.seed, data.workers)
+    val = evaluate(model, val_loader, device)["acc"]
+    cb.on_message(f"teacher: {file.name} (sha256 {sha[:12]}) imported; val_acc {val:.2f}%")
+    arch = model.pretrained_cfg["architecture"]
+    write_safetensors(stage_dir / MODEL, model.state_dict(),
+                      {"stage": "teacher", "architecture": arch, "num_classes": len(task.classes),
+                       "source": str(file.resolve()), "source_sha256": sha})
+    row = {"val_acc": val, "best_val_acc": val, "kept_epoch": None, "epochs_trained": 0}
+    summary = {"stage": "teacher", **accuracies(row, model, task, train, device, cfg),
+               "source": str(file.resolve()), "source_sha256": sha,
+               "params": network_params(model), "macs": model_macs(model, task.img_size),
+               "skipped_images": list(task.skipped), "wall_seconds": round(time.perf_counter() - t0, 1)}
+    write_summary(run, "teacher", summary)
+    dist.barrier()
     return summary

@@ -1,0 +1,230 @@
+"""The training recipe (warm-up + cosine per step, the authors' step schedule by options, label
+smoothing) and `--teacher FILE` (a model fine-tuned elsewhere)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import timm
+import torch
+from conftest import FAST
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from tailor_cli import defaults
+from tailor_cli.checkpoint import read_jsonl
+from tailor_cli.cli import app
+from tailor_cli.schedule import lr_factor, make_scheduler
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(res, code: int, *needles: str) -> None:
+    assert res.exit_code == code, res.output
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.output and res.stdout == ""
+    for needle in needles:
+        assert needle in res.stderr, res.stderr
+
+
+# --------------------------------------------------------------------------- the schedule
+def test_warmup_is_linear_then_cosine_reaches_zero_at_the_last_update():
+    f = lambda u: lr_factor(u, schedule="cosine", total=100, per_epoch=10, warmup=10, lr_step=4)
+    assert [f(u) for u in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert f(10) == pytest.approx(1.0)  # the peak, right after the warm-up
+    assert f(55) == pytest.approx(0.5)  # halfway through the decay
+    assert f(99) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert f(100) == pytest.approx(0.0, abs=1e-12)
+    values = [f(u) for u in range(10, 100)]
+    assert all(a > b for a, b in zip(values, values[1:]))  # strictly decreasing after the warm-up
+
+
+def test_cosine_matches_timm_scheduler_after_the_warmup():
+    """A second, independent implementation of the same curve: timm's CosineLRScheduler."""
+    from timm.scheduler import CosineLRScheduler
+
+    total, warmup, lr = 60, 6, 0.05
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    ref = CosineLRScheduler(opt, t_initial=total - warmup, warmup_t=warmup, warmup_prefix=True, lr_min=0.0,
+                            warmup_lr_init=0.0, t_in_epochs=False)
+    for update in range(warmup, total):
+        ours = lr * lr_factor(update, schedule="cosine", total=total, per_epoch=6, warmup=warmup, lr_step=1)
+        assert ours == pytest.approx(ref._get_lr(update)[0], rel=1e-9, abs=1e-12), update
+
+
+def test_the_authors_step_schedule_decays_by_ten_every_lr_step_epochs():
+    f = lambda u: lr_factor(u, schedule="step", total=200, per_epoch=10, warmup=0, lr_step=8)
+    assert f(0) == f(79) == 1.0
+    assert f(80) == pytest.approx(0.1) and f(159) == pytest.approx(0.1)
+    assert f(160) == pytest.approx(0.01)
+
+
+def test_the_scheduler_steps_per_update_and_its_state_resumes_the_curve():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.1)
+    sched = make_scheduler(opt, schedule="cosine", epochs=3, per_epoch=4, warmup_epochs=1, lr_step=1)
+    seen = []
+    for _ in range(7):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    state = json.loads(json.dumps(sched.state_dict()))  # checkpoints keep it as JSON metadata
+    opt2 = torch.optim.SGD([param], lr=0.1)  # as fit() resumes: a new optimiser and scheduler, then their states
+    sched2 = make_scheduler(opt2, schedule="cosine", epochs=3, per_epoch=4, warmup_epochs=1, lr_step=1)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(state)
+    expected = [0.1 * lr_factor(u, schedule="cosine", total=12, per_epoch=4, warmup=4, lr_step=1) for u in range(12)]
+    assert seen == pytest.approx(expected[:7])
+    rest = []
+    for _ in range(5):
+        rest.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert rest == pytest.approx(expected[7:])
+
+
+def test_defaults_train_with_warmup_cosine_and_smoothing_and_the_paper_recipe_is_reachable(tmp_path, folder_data):
+    res = invoke("teacher", "--data", folder_data, "--output", tmp_path / "new", "--epochs", "3", *FAST)
+    assert res.exit_code == 0, res.output
+    settings = json.loads((tmp_path / "new" / "teacher" / "config.json").read_text())["settings"]
+    assert (settings["schedule"], settings["warmup_epochs"], settings["label_smoothing"], settings["lr"]) == (
+        "cosine", defaults.WARMUP_EPOCHS["teacher"], defaults.LABEL_SMOOTHING, defaults.LR["teacher"])
+    rows = read_jsonl(tmp_path / "new" / "teacher" / "metrics.jsonl")
+    lr = defaults.LR["teacher"]
+    train_size = json.loads((tmp_path / "new" / "teacher" / "summary.json").read_text())["split_sizes"]["train"]
+    steps = train_size // 8  # FAST's batch of 8, the last partial batch dropped
+    expected = [lr * lr_factor(e * steps, schedule="cosine", total=3 * steps, per_epoch=steps, warmup=steps, lr_step=1)
+                for e in range(3)]
+    assert [r["lr"] for r in rows] == pytest.approx(expected)  # the rate of each epoch's first update
+
+    res = invoke("teacher", "--data", folder_data, "--output", tmp_path / "paper", "--epochs", "3", "--lr", "0.01",
+                 "--schedule", "step", "--lr-step", "1", "--warmup-epochs", "0", "--label-smoothing", "0", *FAST)
+    assert res.exit_code == 0, res.output
+    rows = read_jsonl(tmp_path / "paper" / "teacher" / "metrics.jsonl")
+    assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.001, 0.0001])
+    # without smoothing the training loss is the plain cross-entropy the evaluation computes
+    assert all(r["train_ce"] == r["train_loss"] for r in rows)
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--schedule", "linear", "--schedule must be one of cosine, step"),
+                                               ("--warmup-epochs", "-1", "--warmup-epochs must be >= 0"),
+                                               ("--label-smoothing", "1", "--label-smoothing must be in [0, 1)")])
+def test_bad_recipe_options_are_one_line_usage_errors(tmp_path, folder_data, flag, value, needle):
+    res = invoke("teacher", "--data", folder_data, "--output", tmp_path / "r", flag, value, *FAST)
+    _one_line_error(res, 2, needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_label_smoothing_is_in_the_training_loss():
+    from tailor_cli.objectives import TeacherObjective
+
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    plain, logits, _ = TeacherObjective(model)(images, labels)
+    smooth, _, _ = TeacherObjective(model, label_smoothing=0.1)(images, labels)
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    assert smooth.item() == pytest.approx(expected.item()) and smooth.item() != pytest.approx(plain.item())
+
+
+# --------------------------------------------------------------------------- --teacher FILE
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """A user's fine-tuned test_resnet for the 3 classes of folder_data, as a safetensors state dict."""
+    torch.manual_seed(5)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    path = tmp_path_factory.mktemp("ft") / "finetuned.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path, model
+
+
+def test_a_fine_tuned_model_file_becomes_the_runs_teacher(tmp_path, folder_data, finetuned):
+    path, model = finetuned
+    run = tmp_path / "run"
+    res = invoke("tailor", "--data", folder_data, "--output", run, "--teacher", path, "--epochs", "1", *FAST)
+    assert res.exit_code == 0, res.output
+    assert "imported" in res.stderr
+    assert not (run / "teacher" / "metrics.jsonl").exists()  # nothing was trained
+    stored = load_file(str(run / "teacher" / "model.safetensors"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(stored[key], value), key
+    summary = json.loads((run / "teacher" / "summary.json").read_text())
+    assert summary["epochs"] == 0 and summary["source"] == str(path.resolve())
+    # its accuracy, evaluated on the run's validation split as a trained teacher's would be
+    from tailor_cli.loading import load_teacher
+    from tailor_cli.stages.common import data_config, load_data, loaders
+    from tailor_cli.stages.options import DataOptions
+    from tailor_cli.train import evaluate
+
+    meta = json.loads((run / "run.json").read_text())
+    task = load_data(meta, DataOptions(), data_config("test_resnet"), run, 0)
+    _, val = loaders(task, 8, torch.device("cpu"), 0, 0)
+    expected = evaluate(load_teacher(run / "teacher", torch.device("cpu")), val, torch.device("cpu"))["acc"]
+    assert summary["val_acc"] == pytest.approx(expected)
+    # the same file again: the run keeps its teacher; another teacher is refused
+    res = invoke("tailor", "--data", folder_data, "--output", run, "--teacher", path, "--epochs", "1", "--overwrite",
+                 *FAST)
+    assert res.exit_code == 0, res.output
+
+
+def test_a_timm_training_checkpoint_is_read_without_unpickling_code(tmp_path, folder_data, finetuned):
+    """timm's train.py saves {'state_dict', 'args' (an argparse.Namespace), 'epoch', ...}."""
+    _, model = finetuned
+    ckpt = tmp_path / "model_best.pth.tar.pth"
+    torch.save({"epoch": 7, "arch": "test_resnet", "state_dict": model.state_dict(),
+                "args": argparse.Namespace(lr=0.05, model="test_resnet")}, ckpt)
+    res = invoke("tailor", "--data", folder_data, "--output", tmp_path / "run", "--teacher", ckpt, "--epochs", "1",
+                 *FAST)
+    assert res.exit_code == 0, res.output
+
+
+def _save(model, path):
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_a_file_for_another_architecture_is_refused(tmp_path, folder_data):
+    path = _save(timm.create_model("test_efficientnet", pretrained=False, num_classes=3), tmp_path / "other.safetensors")
+    res = invoke("tailor", "--data", folder_data, "--output", tmp_path / "run", "--teacher", path, *FAST)
+    _one_line_error(res, 4, "do not fit backbone 'test_resnet'", "--backbone")
+
+
+def test_a_file_for_other_classes_is_refused(tmp_path, folder_data):
+    path = _save(timm.create_model("test_resnet", pretrained=False, num_classes=5), tmp_path / "five.safetensors")
+    res = invoke("tailor", "--data", folder_data, "--output", tmp_path / "run", "--teacher", path, *FAST)
+    _one_line_error(res, 4, "classifies 5 classes, but the data has 3")
+
+
+def test_a_backbone_without_classifier_is_refused(tmp_path, folder_data):
+    path = _save(timm.create_model("test_resnet", pretrained=False, num_classes=0), tmp_path / "body.safetensors")
+    res = invoke("tailor", "--data", folder_data, "--output", tmp_path / "run", "--teacher", path, *FAST)
+    _one_line_error(res, 4, "holds no classifier", "--weights")
+
+
+def test_a_corrupt_file_is_refused(tmp_path, folder_data, finetuned):
+    path, _ = finetuned
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(path.read_bytes()[:200])
+    res = invoke("tailor", "--data", folder_data, "--output", tmp_path / "run", "--teacher", bad, *FAST)
+    _one_line_error(res, 5, "corrupt or truncated")
+    pickled = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(3, 8)}, "obj": object()}, pickled)
+    res = invoke("tailor", "--data", folder_data, "--output", tmp_path / "run2", "--teacher", pickled, *FAST)
+    _one_line_error(res, 4, "cannot read weights")
+
+
+def test_run_takes_a_teacher_file_and_trains_no_teacher(tmp_path, folder_data, finetuned):
+    path, _ = finetuned
+    run = tmp_path / "run"
+    res = invoke("run", "--data", folder_data, "--output", run, "--teacher", path, "--epochs", "1", "--drop-blocks",
+                 "1", "--threshold", "0", "--tolerance", "100", *[a for a in FAST if a not in ("--batch-size", "8")])
+    assert res.exit_code == 0, res.output
+    assert "teacher epoch" not in res.stderr
+    options = json.loads((run / "run.json").read_text())["options"]
+    assert options["teacher"] == str(path.resolve())
