@@ -22,7 +22,7 @@ ORDER = [
     # tasks on disk
     "report", "predict", "plot", "adapter", "loading",
     # training and choices
-    "train", "objectives", "selection",
+    "train", "objectives", "selection", "schedule",
     # the model
     "counting", "losses", "pruning", "student", "proxies", "pooling", "structure", "backbone",
     # data
