@@ -110,8 +110,14 @@ def test_run_json_lists_stages_and_run_json_records_the_environment(tmp_path, fo
     assert (env["nettailor"], env["torch"], env["timm"]) == (__version__, torch.__version__, timm.__version__)
     assert env["device"] == "cpu" and isinstance(env["threads"], int) and env["threads"] >= 1
     assert env["cpu"] is None or isinstance(env["cpu"], str)
-    again = invoke("run", "-c", run / "run.json", "--output", tmp_path / "again", "--help")  # a record still reads
-    assert again.exit_code == 0, again.output
+    # --resume of a finished run: every stage still has its line, in order, marked as done before
+    resumed = invoke("run", "--data", folder_data, "--output", run, "--epochs", "1", "--drop-blocks", "1",
+                     "--threshold", "0.01", "--resume", *RUN_TINY)
+    assert resumed.exit_code == 0, resumed.output
+    lines = [line for line in resumed.stdout.splitlines() if line.split(":")[0] in
+             ("teacher", "tailor", "prune", "finetune", "export")]
+    assert [line.split(":")[0] for line in lines] == ["teacher", "tailor", "prune", "finetune", "export"]
+    assert all("done earlier, kept" in line for line in lines[:4]), lines
 
 
 # --------------------------------------------------------------------------- 4. help as the README writes it

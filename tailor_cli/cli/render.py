@@ -221,8 +221,8 @@ def stage_line(r: dict) -> str:
 def render_stage(result: dict) -> None:
     """A stage command's result: its one line (under ``run`` and ``prune --auto``, as each stage ends)."""
     console = stdout_console()
-    if result["stage"] == "search":
-        render_frontier(result, console)
+    if result["stage"] == "search":  # the check against the teacher follows the fine-tuning's line
+        render_frontier({k: v for k, v in result.items() if k != "final_vs_teacher"}, console)
     console.print(stage_line(result), highlight=False)
     if result["stage"] == "finetune" and result.get("final_vs_teacher"):
         console.print(tolerance_line(result["final_vs_teacher"]), highlight=False)

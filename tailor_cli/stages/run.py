@@ -14,6 +14,7 @@ import torch
 
 from .. import __version__
 from ..backbone import check_backbone_name, describe_chain
+from ..checkpoint import read_json
 from ..errors import UsageError
 from ..runs import lock_dir, read_run, read_summary, reset_run, stage_done, write_run
 from ..train import Callbacks, resolve_device
@@ -56,7 +57,8 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
         check_export_target(export_dir, meta["backbone"], meta.get("task_name"))
 
     stages: list[dict] = []
-    earlier = {name for name in ("teacher", "tailor") if resume and stage_done(run, name)}
+    earlier = {name for name in ("teacher", "tailor", "prune", "finetune") if resume and stage_done(run, name)}
+    earlier |= {"search"} if "prune" in earlier else set()
 
     def ended(record: dict) -> None:
         stages.append(record | ({"reused": True} if record["stage"] in earlier else {}))
@@ -89,13 +91,21 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
             searched = auto_prune(run, data, search_train, finetune_train, search, teacher_weight=opts.teacher_weight,
                                   overwrite=True, callbacks=cb, on_stage=ended)
         else:
-            if drop_blocks is not None and not (resume and stage_done(run, "prune")):
+            searched_before: dict = {}
+            if "prune" in earlier:  # --resume: the search (if any) and the pruning were done before
+                if (run / "search" / "frontier.json").is_file():
+                    searched_before = read_json(run / "search" / "frontier.json", what="search frontier")
+                    ended({"stage": "search", "run": str(run), **searched_before})
+                ended({"run": str(run), **read_summary(run, "prune")})
+            elif drop_blocks is not None:
                 ended({"run": str(run), **prune(run, threshold=search.threshold, drop_blocks=drop_blocks,
                                                 overwrite=True, callbacks=cb)})
             teacher = read_summary(run, "teacher") if stage_done(run, "teacher") else {}
             ended({"run": str(run), **finetune(run, data, finetune_train, teacher_weight=opts.teacher_weight,
                                                callbacks=cb),
-                   "teacher_val_acc": teacher.get("val_acc"), "teacher_test_acc": teacher.get("test_acc")})
+                   "teacher_val_acc": teacher.get("val_acc"), "teacher_test_acc": teacher.get("test_acc"),
+                   **({"final_vs_teacher": searched_before["final_vs_teacher"]}
+                      if "final_vs_teacher" in searched_before else {})})
         t_export = time.perf_counter()
         exported = export_task(run, export_dir, overwrite=True)
         ended({**exported, "stage": "export", "exported_stage": exported["stage"],
