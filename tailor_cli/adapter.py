@@ -25,6 +25,7 @@ from . import __version__
 from .backbone import tensors_sha256
 from .checkpoint import read_json, read_safetensors, write_json, write_safetensors
 from .counting import model_macs, network_params, student_macs, student_params
+from .data import INPUT_NOTES
 from .errors import ExportError, RunError
 from .runs import check_writable, latest_student_stage, locate_teacher, lock_dir, read_run, read_summary, require_stage
 from .student import Structure, Student
@@ -111,7 +112,8 @@ def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool
         "num_classes": len(run_meta["classes"]),
         "input": {"img_size": img_size, "mean": data["mean"], "std": data["std"],
                   "interpolation": data["interpolation"], "crop_pct": data["crop_pct"],
-                  "crop_mode": data.get("crop_mode", "center")},
+                  "crop_mode": data.get("crop_mode", "center"),
+                  **({"expects": INPUT_NOTES[data.get("layout")]} if data.get("layout") in INPUT_NOTES else {})},
         "max_skip": student.max_skip,
         "structure": student.structure.to_json(),
         "stage": stage,
@@ -130,7 +132,8 @@ def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool
     write_json(task_dir / ADAPTER_CONFIG, config)
     return {"export_dir": str(out), "task": task, "stage": stage, "backbone_reused": reused,
             "adapter_bytes": (task_dir / ADAPTER_FILE).stat().st_size,
-            "backbone_bytes": (out / BACKBONE_FILE).stat().st_size, "sha256": sha}
+            "backbone_bytes": (out / BACKBONE_FILE).stat().st_size, "sha256": sha,
+            "finetune_bytes": 4 * network_params(full_model)}  # one fp32 fine-tuned network, for comparison
 
 
 def check_export_target(out: Path, backbone: dict, task: str | None = None) -> None:
@@ -199,6 +202,16 @@ def read_adapter_config(task_dir: Path) -> dict:
     return config
 
 
+def _not_an_export(path: Path) -> str:
+    """Why ``path`` is no export directory, pointing at the export when it is a run directory."""
+    if (path / "run.json").is_file():
+        if (path / "export" / BACKBONE_FILE).is_file():
+            return f"'{path}' is a run directory; its export is {path / 'export'}: pass that"
+        return (f"'{path}' is a run directory with no export in it; `nettailor export {path} --export-dir DIR` "
+                "makes one (`nettailor run` writes RUN/export)")
+    return f"'{path}' holds no {BACKBONE_FILE}; is it an export directory?"
+
+
 def list_tasks(export_dir: Path) -> list[str]:
     export_dir = Path(export_dir)
     return sorted(p.name for p in export_dir.iterdir() if (p / ADAPTER_CONFIG).is_file()) if export_dir.is_dir() else []
@@ -210,7 +223,7 @@ class SharedBackbone:
     def __init__(self, export_dir: Path, device: torch.device | str = "cpu"):
         export_dir = Path(export_dir)
         if not (export_dir / BACKBONE_FILE).is_file():
-            raise ExportError(f"'{export_dir}' holds no {BACKBONE_FILE}; is it an export directory?")
+            raise ExportError(_not_an_export(export_dir))
         try:
             config = read_json(export_dir / BACKBONE_CONFIG, what="backbone config")
             tensors, _ = read_safetensors(export_dir / BACKBONE_FILE, what="shared backbone")

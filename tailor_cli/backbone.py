@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,9 +85,20 @@ def check_backbone_name(name: str) -> None:
     arch = name.split(".", 1)[0]
     if arch in timm.list_models():
         return
-    close = difflib.get_close_matches(arch, timm.list_models(), n=4, cutoff=0.6)
+    close = close_names(arch, timm.list_models())
     hint = f" Did you mean: {', '.join(close)}?" if close else " See `timm.list_models('resnet*')`."
     raise ModelError(f"unknown backbone '{name}'.{hint}")
+
+
+def close_names(name: str, names: list[str], n: int = 5) -> list[str]:
+    """The names closest to a near miss: those it begins, in natural order (``lite0`` before ``lite1``, ``b2``
+    before ``b10``), then the closest by spelling (``difflib``)."""
+    def natural(text: str) -> list:
+        return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
+
+    started = sorted((m for m in names if m.startswith(name)), key=natural)
+    spelled = [m for m in difflib.get_close_matches(name, names, n=n, cutoff=0.6) if m not in started]
+    return (started + spelled)[:n]
 
 
 def _first_sentence(err: BaseException, limit: int = 200) -> str:

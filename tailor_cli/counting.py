@@ -5,8 +5,10 @@ pass at batch 1 (MACs = FLOPs / 2), so pruned modules, which never run, cost not
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import timm
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -39,6 +41,27 @@ def module_flops(model: nn.Module, img_size: int) -> dict[str, int]:
 
 def model_macs(model: nn.Module, img_size: int) -> int:
     return module_flops(model, img_size)[""] // 2
+
+
+@functools.lru_cache(maxsize=8)
+def _full_cost(architecture: str, num_classes: int, img_size: int) -> tuple[int, int]:
+    model = timm.create_model(architecture, pretrained=False, num_classes=num_classes)
+    return network_params(model), model_macs(model, img_size)
+
+
+def format_count(n: float) -> str:
+    """``21.29M``, ``3.58G``, ``512.00K`` (the CLI's tables write counts the same way)."""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def full_network(architecture: str, num_classes: int, img_size: int) -> dict[str, int]:
+    """Params and MACs of the fully fine-tuned network (the teacher): the one reference every MAC and
+    params share is of (the report, the K search, the stage lines)."""
+    params, macs = _full_cost(architecture, num_classes, img_size)
+    return {"params": params, "macs": macs}
 
 
 @dataclass

@@ -21,7 +21,8 @@ def plot_block_usage(report: dict, out: Path) -> Path:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.patches import FancyArrowPatch, Rectangle
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import FancyArrowPatch, Patch, Rectangle
     except ImportError as err:
         raise UsageError("--plot needs matplotlib: pip install matplotlib (or the package's [plot] extra)") from err
 
@@ -52,13 +53,17 @@ def plot_block_usage(report: dict, out: Path) -> Path:
         ax.text(x0 + 0.6, n_layers + 0.3, f"{rep['task']}\n{t['blocks_kept']}/{t['blocks_total']} blocks, "
                 f"{100 * t['macs_fraction']:.0f}% MACs" + (f"\n{split} acc {acc:.1f}%" if isinstance(acc, (int, float)) else ""),
                 ha="center", va="bottom", fontsize=7)
+    ax.legend(handles=[Patch(facecolor="tab:blue", edgecolor="tab:blue", label="universal block, kept"),
+                       Patch(facecolor="white", edgecolor="0.6", linestyle="--", label="universal block, removed"),
+                       Line2D([], [], color="tab:orange", label="proxy (thicker: more attention)")],
+              loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=6, frameon=False)
     ax.set_xlim(-0.4, 2.2 * len(tasks))
     ax.set_ylim(-1.2, n_layers + 1.6)
     ax.axis("off")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    fig.savefig(tmp, dpi=150)
+    fig.savefig(tmp, dpi=150, bbox_inches="tight")  # the legend sits under the columns
     plt.close(fig)
     tmp.replace(out)
     return out

@@ -54,4 +54,7 @@ def predict(export_dir: Path, images: list[Path], *, tasks: list[str] | None = N
             for path, v, i in zip(chunk, values.tolist(), indices.tolist()):
                 results.append({"image": str(path), "task": name,
                                 "top": [{"class": classes[c], "index": c, "prob": p} for p, c in zip(v, i)]})
-    return {"export_dir": str(export_dir), "tasks": list(loaded), "images": len(files), "predictions": results}
+    inputs = {name: {key: config["input"].get(key) for key in ("img_size", "mean", "std", "interpolation", "crop_pct",
+                                                                "expects")} for name, (_, config) in loaded.items()}
+    return {"export_dir": str(export_dir), "tasks": list(loaded), "images": len(files), "inputs": inputs,
+            "predictions": results}

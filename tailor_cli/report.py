@@ -4,21 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 
 from .adapter import ADAPTER_CONFIG, BACKBONE_FILE, load_export
 from .checkpoint import read_json
-from .counting import model_macs, network_params, student_macs, student_params
+from .counting import full_network, student_macs, student_params
 from .errors import RunError
 from .runs import latest_student_stage, locate_teacher, read_run, read_summary
 from .student import Student
-
-
-def _full_network(architecture: str, num_classes: int, img_size: int) -> dict:
-    model = timm.create_model(architecture, pretrained=False, num_classes=num_classes)
-    return {"params": network_params(model), "macs": model_macs(model, img_size)}
-
 
 # What became of each layer's universal block (the report's "universal block" column; README.md, "Reading the report").
 LAYER_STATUS = {
@@ -58,7 +51,7 @@ def student_report(student: Student, *, task: str, architecture: str, img_size: 
             "params": sum(p.numel() for p in layer.parameters()),
             "macs": cost.layer(i),
         })
-    full = _full_network(architecture, student.num_classes, img_size)
+    full = full_network(architecture, student.num_classes, img_size)
     params = student_params(student)
     return {
         "task": task,

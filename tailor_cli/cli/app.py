@@ -6,11 +6,13 @@ traceback only with ``--debug``). :func:`invoke` does the same for click's own p
 """
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 from typing import Annotated, Any, Callable
 
 import typer
+from typer.core import TyperCommand
 
 from .. import __version__
 from ..errors import (
@@ -36,7 +38,41 @@ EXIT_CODES_HELP = (
     f"{EXIT_EXPORT} export/adapter error; {EXIT_SIGINT} interrupted (Ctrl-C); {EXIT_SIGTERM} terminated (SIGTERM)."
 )
 
-app = typer.Typer(
+class Command(TyperCommand):
+    """A command whose usage line and help write arguments as the README does (``RUN``, ``EXPORT_DIR``,
+    ``IMAGES...``), not as typer's ``{run}`` or ``<list[Path]>``."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [re.sub(r"\{([^{}]+)\}", lambda m: m.group(1).upper(), piece)
+                for piece in super().collect_usage_pieces(ctx)]
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        args, opts = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                name = (param.metavar or (param.name or "").upper()) + ("..." if param.nargs != 1 else "")
+                args.append((name, record[1]))
+            else:
+                opts.append((re.sub(r"<list\[(\w+)\]>", lambda m: m.group(1).upper() + "...", record[0]),
+                             record[1]))
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+class _App(typer.Typer):
+    """Every command is a :class:`Command`."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", Command)
+        return super().command(*args, **kwargs)
+
+
+app = _App(
     name="nettailor",
     help="Tailor pretrained CNNs to new tasks by changing the architecture, not just the weights "
     "(NetTailor, CVPR 2019).\n\n" + EXIT_CODES_HELP,

@@ -72,7 +72,7 @@ from .options import (
 )
 from .output import emit
 from .progress import reporting
-from .render import render_export, render_predictions, render_report, render_search, render_stage
+from .render import render_export, render_predictions, render_report, render_run, render_stage
 
 
 @app.command(help=stage_help("teacher", "Stage 1: fine-tune the whole backbone (new classifier) on the task."))
@@ -152,7 +152,7 @@ def tailor(
 
 @app.command()
 def prune(
-    run: Annotated[Path, typer.Argument(help="A run directory with a finished 'tailor' stage.")],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="A run directory with a finished 'tailor' stage.")],
     config: Config = None, threshold: Threshold = defaults.THRESHOLD,
     drop_blocks: Annotated[int, typer.Option("--drop-blocks", "-k", help="Remove the K universal blocks with the "
                                              "lowest attention.")] = 0,
@@ -192,8 +192,9 @@ def prune(
             result = auto_prune(run, data_options(data, None, None, None, False, cache, None, False, workers),
                                 finetune(search_epochs), finetune(epochs),
                                 SearchOptions(tolerance=tolerance, max_macs=max_macs, search_epochs=search_epochs,
-                                              threshold=threshold), overwrite=overwrite, callbacks=rep)
-        emit(result, json_out, render_search)
+                                              threshold=threshold), overwrite=overwrite, callbacks=rep,
+                                on_stage=None if json_out else lambda r: emit(r, False, render_stage))
+        emit(result, json_out)  # without --json, each part's lines were printed as it ended
         fail_on_tolerance(result)
 
     execute(debug, body, json_out)
@@ -202,7 +203,7 @@ def prune(
 @app.command(help=stage_help("finetune", "Stage 4: retrain the pruned student (complexity weight 0, teacher term "
                                          "on)."))
 def finetune(
-    run: Annotated[Path, typer.Argument(help="A run directory with a finished 'prune' stage.")],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="A run directory with a finished 'prune' stage.")],
     config: Config = None, teacher_weight: TeacherWeight = defaults.TEACHER_WEIGHT,
     data: Data = None, task: Task = None, cache: Cache = False, skip_bad: SkipBad = False, workers: Workers = None,
     augment: Augment = True, epochs: Epochs = defaults.EPOCHS, batch_size: BatchSize = None, lr: Lr = None,
@@ -230,7 +231,8 @@ def finetune(
 
 @app.command()
 def export(
-    run: Annotated[Path, typer.Argument(help="A run directory (its latest student stage is exported).")],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="A run directory (its latest student stage is "
+                                        "exported).")],
     export_dir: ExportDir = None, out: OldOut = None,
     task_name: Annotated[Optional[str], typer.Option("--task-name", help="Name of the task in the export "
                                                      "[default: the dataset's name].")] = None,
@@ -253,8 +255,8 @@ def export(
 
 @app.command()
 def report(
-    path: Annotated[Path, typer.Argument(help="A run directory or an export directory.")],
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the block-usage diagram to FILE.png or "
+    path: Annotated[Path, typer.Argument(metavar="RUN_OR_EXPORT_DIR", help="A run directory or an export directory.")],
+    plot: Annotated[Optional[Path], typer.Option("--plot", metavar="FILE", help="Also draw the block-usage diagram to FILE.png or "
                                                  "FILE.svg (needs matplotlib: pip install matplotlib).")] = None,
     json_out: Json = False, debug: Debug = False,
 ):
@@ -275,9 +277,10 @@ def report(
 
 @app.command()
 def predict(
-    export_dir: Annotated[Path, typer.Argument(help="An export directory (shared backbone + task adapters).")],
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
-    task: Annotated[Optional[list[str]], typer.Option("--task", help="Task to run (repeatable) [default: all].")] = None,
+    export_dir: Annotated[Path, typer.Argument(metavar="EXPORT_DIR", help="An export directory (shared backbone + "
+                                               "task adapters; `nettailor run` writes RUN/export).")],
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGES", help="Image files or folders of images.")],
+    task: Annotated[Optional[list[str]], typer.Option("--task", metavar="TASK", help="Task to run (repeatable) [default: all].")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Classes to show per image.")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     device: Device = "auto", json_out: Json = False, debug: Debug = False,
@@ -300,7 +303,7 @@ def predict(
 @app.command()
 def run(
     config: Config = None, data: Data = None, backbone: Backbone = "resnet34", output: Output = None,
-    export_dir: Annotated[Optional[Path], typer.Option("--export-dir", help="Export directory for the adapter "
+    export_dir: Annotated[Optional[Path], typer.Option("--export-dir", metavar="EXPORT_DIR", help="Export directory for the adapter "
                                                        "[default: RUN/export].")] = None,
     out: OldOut = None, pretrained: Pretrained = True, weights: Weights = None, teacher_run: TeacherSource = None,
     task: Task = None, img_size: ImgSize = None, val_fraction: ValFraction = None, download: Download = False, cache: Cache = False,
@@ -347,8 +350,9 @@ def run(
                 stage("tailor", tailor_epochs, tailor_lr, tailor_batch_size),
                 stage("finetune", finetune_epochs, finetune_lr, finetune_batch_size),
                 SearchOptions(tolerance=tolerance, max_macs=max_macs, search_epochs=search_epochs, threshold=threshold),
-                drop_blocks, resume=resume, overwrite=overwrite, callbacks=rep)
-        emit(result, json_out, render_report)
+                drop_blocks, resume=resume, overwrite=overwrite, callbacks=rep,
+                on_stage=None if json_out else lambda r: emit(r, False, render_stage))
+        emit(result, json_out, render_run)
         fail_on_tolerance(result)
 
     execute(debug, body, json_out)

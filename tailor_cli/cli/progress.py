@@ -18,6 +18,7 @@ from rich.console import Console
 from .. import defaults
 from ..errors import UsageError
 from .output import err_console
+from .render import duration as _duration
 
 _now = time.monotonic  # the progress clock (a test replaces it)
 
@@ -50,7 +51,8 @@ class Reporter:
         now = _now()
         self.stage = {"name": stage, "epochs": epochs, "steps": steps, "todo": (epochs - start_epoch) * steps,
                       "done": 0, "start": now, "last_line": now}
-        self._log(f"{stage}: {epochs} epochs x {steps} steps" + (f", resuming at epoch {start_epoch + 1}" if start_epoch else ""))
+        self._log(f"{stage}: {epochs} epoch{'s' * (epochs != 1)} x {steps} step{'s' * (steps != 1)}"
+                  + (f", resuming at epoch {start_epoch + 1}" if start_epoch else ""))
         if self.tty:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -125,15 +127,6 @@ class Reporter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-
-
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _progress_seconds() -> float:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from .output import stdout_console, table
+from .output import err_console, stdout_console, table
 
 
 def fmt_n(n: int | float | None) -> str:
@@ -24,8 +24,11 @@ def fmt_acc(a) -> str:
     return f"{a:.2f}" if isinstance(a, (int, float)) else "-"
 
 
-def render_report(result: dict) -> None:
-    """``report`` and ``run``: per task a table of its layers, its totals, then the cross-task matrix."""
+def render_report(result: dict, *, stages_printed: bool = False) -> None:
+    """``report`` and ``run``: per task a table of its layers, its totals, then the cross-task matrix.
+
+    ``stages_printed``: ``run`` already printed each stage's line (and the search table) as it ended.
+    """
     from ..report import LAYER_STATUS, layer_status
 
     console = stdout_console()
@@ -45,7 +48,7 @@ def render_report(result: dict) -> None:
             f"blocks kept {t['blocks_kept']}/{t['blocks_total']}, proxies {t['proxies_kept']}; "
             f"params: shared {fmt_n(t['params_shared'])} + task {fmt_n(t['params_task'])} = {fmt_n(t['params_total'])} "
             f"({100 * t['params_total'] / t['params_full']:.1f}% of the fine-tuned network's {fmt_n(t['params_full'])}); "
-            f"MACs {fmt_n(t['macs'])} ({100 * t['macs_fraction']:.1f}% of {fmt_n(t['macs_full'])}); "
+            f"MACs {fmt_n(t['macs'])} ({100 * t['macs_fraction']:.1f}% of the fine-tuned network's {fmt_n(t['macs_full'])}); "
             + _accuracy_line(rep["accuracy"], rep.get("split_sizes"))
             + (f"; adapter {t['adapter_bytes'] / 1e6:.2f} MB" if t.get("adapter_bytes") else ""),
             highlight=False,
@@ -53,12 +56,10 @@ def render_report(result: dict) -> None:
     console.print("universal block: " + ", ".join(f"{k} = {v}" for k, v in LAYER_STATUS.items())
                   + "; alpha = the attention on the block's path; proxies = the node each reads (0: the stem) "
                   "and its attention", highlight=False)
-    if "export" in result:  # `run`: where the adapter went
-        e = result["export"]
-        console.print(f"exported task '{e['task']}' to {e['export_dir']}: adapter {e['adapter_bytes'] / 1e6:.2f} MB, "
-                      f"shared backbone {e['backbone_bytes'] / 1e6:.1f} MB", highlight=False)
+    if "export" in result and not stages_printed:  # `run`: where the adapter went
+        console.print(export_line(result["export"]), highlight=False)
     for rep in result["tasks"]:
-        if rep.get("search"):
+        if rep.get("search") and not stages_printed:
             render_frontier(rep["search"], console)
     m = result["matrix"]
     if len(m["tasks"]) > 1:
@@ -74,12 +75,19 @@ def render_report(result: dict) -> None:
     if "totals" in result:
         tt = result["totals"]
         console.print(
-            f"{tt['tasks']} tasks on one backbone: {tt['disk_bytes'] / 1e6:.1f} MB on disk "
+            f"{_plural(tt['tasks'], 'task')} on one backbone: {tt['disk_bytes'] / 1e6:.1f} MB on disk "
             f"(backbone {tt['backbone_bytes'] / 1e6:.1f} MB + adapters {tt['adapter_bytes'] / 1e6:.1f} MB) vs "
             f"{tt['finetune_bytes'] / 1e6:.1f} MB for one fine-tuned network per task; "
-            f"params {fmt_n(tt['params'])} vs {fmt_n(tt['finetune_params'])}",
+            f"params {fmt_n(tt['params'])} vs {fmt_n(tt['finetune_params'])}; each further task on this backbone "
+            f"adds only its adapter",
             highlight=False,
         )
+    if result.get("plot"):
+        console.print(f"block-usage diagram written to {result['plot']}", highlight=False)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _usage_cell(cell: dict) -> str:
@@ -109,9 +117,11 @@ def render_frontier(search: dict, console: Console | None = None) -> None:
     ref = search.get("reference_k")
     basis = (f"each candidate vs K={ref} after {search['search_epochs']} epochs on {search.get('val_images', '?')} "
              f"validation images; tolerance {search['tolerance']} points + noise" if ref is not None else "budget")
+    full = f" of the fine-tuned network's {fmt_n(search['full_macs'])}" if search.get("full_macs") else ""
     tab = table(f"architecture search (tried {search['candidates_tried']} of "
-                f"{search.get('distinct_networks', search['k_values'])} distinct networks; {basis})")
-    for col in ("K", "blocks kept", "proxies", "params", "MACs", "of full", "val acc", "vs ref (allowed)", ""):
+                f"{search.get('distinct_networks', search['k_values'])} distinct networks; {basis}; "
+                f"MACs as a share{full})")
+    for col in ("K", "blocks kept", "proxies", "params", "MACs", "of fine-tuned", "val acc", "vs ref (allowed)", ""):
         tab.add_column(col, justify="right")
     for row in search["frontier"]:
         if row["status"] == "disconnected":
@@ -125,42 +135,136 @@ def render_frontier(search: dict, console: Console | None = None) -> None:
         tab.add_row(str(row["k"]), str(row["blocks_kept"]), str(row["proxies_kept"]), fmt_n(row["params"]),
                     fmt_n(row["macs"]), f"{100 * row['macs_fraction']:.0f}%", status, vs, verdict)
     console.print(tab)
-    final = search.get("final_vs_teacher")
-    if final:
-        console.print(f"final network vs teacher on validation: {final['candidate_acc']:.2f}% vs {final['reference_acc']:.2f}% "
-                      f"({final['diff']:+.2f} points; allowed {-(final['tolerance'] + final['margin']):.2f}): "
-                      + ("within tolerance" if final["accepted"] else "MISSED"), highlight=False)
+    if search.get("final_vs_teacher"):
+        console.print(tolerance_line(search["final_vs_teacher"]), highlight=False)
+
+
+def tolerance_line(final: dict) -> str:
+    """The chosen network, fine-tuned, against the teacher on validation, and the verdict."""
+    return (f"final network vs teacher on validation: {final['candidate_acc']:.2f}% vs {final['reference_acc']:.2f}% "
+            f"({final['diff']:+.2f} points; allowed {-(final['tolerance'] + final['margin']):.2f}): "
+            + ("within tolerance" if final["accepted"] else "MISSED"))
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``6m37s``, ``1h05m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _share(macs: int | None, full: int | None) -> str:
+    """``19.30M MACs (61.6% of the fine-tuned network's 31.35M)``: every share is of the fine-tuned network."""
+    if not full or macs is None:
+        return f"{fmt_n(macs)} MACs"
+    return f"{fmt_n(macs)} MACs ({100 * macs / full:.1f}% of the fine-tuned network's {fmt_n(full)})"
+
+
+def _accuracy(r: dict, split: str) -> str | None:
+    """``val 98.61% on 287 images (vs teacher 99.30%)``; ``None`` when the split was not measured."""
+    acc = r.get(f"{split}_acc")
+    if acc is None:
+        return None
+    n = (r.get("split_sizes") or {}).get(split)
+    text = f"{split} {acc:.2f}%" + (f" on {n} images" if n else "")
+    teacher = r.get(f"teacher_{split}_acc")
+    extra = [f"teacher {teacher:.2f}%"] if teacher is not None else []
+    if split == "val" and r.get("kept_epoch") and r.get("epochs") and r["kept_epoch"] != r["epochs"]:
+        extra.append(f"epoch {r['kept_epoch']} of {r['epochs']}, the best on validation")
+    if split == "test":
+        extra.append("held out, reported only")
+    return text + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def _produced(r: dict) -> str:
+    """What a stage produced, in words, with its MACs against the one reference."""
+    stage = r["stage"].split("/")[0]
+    st = r.get("structure") or {}
+    macs, full = r.get("macs"), r.get("macs_full")
+    if stage == "teacher":
+        return f"the fine-tuned network, {fmt_n(macs)} MACs (the reference of every MAC share)"
+    if stage == "search":
+        row = next(f for f in r["frontier"] if f["chosen"])
+        return (f"chose K={r['chosen_k']}: {row['blocks_kept']} blocks, {row['proxies_kept']} proxies, "
+                f"{_share(row['macs'], r.get('full_macs'))}; tried {r['candidates_tried']} of "
+                f"{r['distinct_networks']} distinct networks, {r['search_epochs']} epoch{'s' * (r['search_epochs'] != 1)} each")
+    if stage == "prune":
+        before = r.get("before", {})
+        had = before.get("structure", {})
+        every = f", the tailored student with every proxy {fmt_n(before['macs'])} MACs" if "macs" in before else ""
+        return (f"kept {st.get('blocks')}/{had.get('blocks', '?')} blocks and {st.get('proxies')}/"
+                f"{had.get('proxies', '?')} proxies, {_share(macs, full)}{every}; accuracy measured once fine-tuned")
+    what = {"tailor": "the tailored student with every proxy",
+            "finetune": "the pruned network, fine-tuned"}.get(stage, f"the {stage} network")
+    shape = f", {st['blocks']} blocks + {st['proxies']} proxies" if st else ""
+    return f"{what}{shape}, " + (_share(macs, full) if isinstance(macs, int) else "MACs not recorded")
+
+
+def stage_line(r: dict) -> str:
+    """One finished stage: ``STAGE: what it produced; its accuracy, split named; its time; where``."""
+    if r["stage"] == "export":
+        return export_line(r)
+    parts = [f"{r['stage']}: {_produced(r)}"]
+    parts += [a for a in (_accuracy(r, "val"), _accuracy(r, "test")) if a]
+    if r.get("reused"):
+        parts.append("done earlier, kept")
+    elif r.get("wall_seconds") is not None:
+        parts.append(duration(r["wall_seconds"]))
+    if r.get("run") and r["stage"] != "search":
+        parts.append(f"in {r['run']}/{r['stage']}")
+    return "; ".join(parts)
 
 
 def render_stage(result: dict) -> None:
-    """One line for a finished stage: ``tailor done, val_acc 98.61% (epoch 17 of 20, ...), ...``."""
-    parts = [f"{result['stage']} done"]
-    if result.get("val_acc") is not None:
-        kept = f" (epoch {result['kept_epoch']} of {result['epochs']}, best on validation)" if (
-            result.get("kept_epoch") and result.get("kept_epoch") != result.get("epochs")) else ""
-        parts.append(f"val_acc {result['val_acc']:.2f}%{kept}")
-    if result.get("test_acc") is not None:
-        parts.append(f"test_acc {result['test_acc']:.2f}% (held out)")
-    if isinstance(result.get("macs"), int):
-        parts.append(f"{result['macs'] / 1e6:.1f} MMACs")
-    if "run" in result:
-        parts.append(f"in {result['run']}")
-    print(", ".join(parts))
+    """A stage command's result: its one line (under ``run`` and ``prune --auto``, as each stage ends)."""
+    console = stdout_console()
+    if result["stage"] == "search":  # the check against the teacher follows the fine-tuning's line
+        render_frontier({k: v for k, v in result.items() if k != "final_vs_teacher"}, console)
+    console.print(stage_line(result), highlight=False)
+    if result["stage"] == "finetune" and result.get("final_vs_teacher"):
+        console.print(tolerance_line(result["final_vs_teacher"]), highlight=False)
 
 
-def render_search(result: dict) -> None:
-    """``prune --auto``: the K search's table, then the final fine-tuning's line."""
-    render_frontier(result["search"])
-    render_stage(result)
+def render_run(result: dict) -> None:
+    """``run``: its stage lines were printed as each ended; then the report and the total time."""
+    render_report(result, stages_printed=True)
+    if result.get("wall_seconds") is not None:
+        print(f"run: done in {duration(result['wall_seconds'])}")
+
+
+def export_line(r: dict) -> str:
+    """Where the adapter went, and what a task costs: the backbone is written once, for every task on it."""
+    extra = (f" (one fine-tuned network per task: {r['finetune_bytes'] / 1e6:.1f} MB each)"
+             if r.get("finetune_bytes") else "")
+    line = (f"export: exported task '{r['task']}' to {r['export_dir']} (its {r.get('exported_stage', r['stage'])} network): "
+            f"adapter {r['adapter_bytes'] / 1e6:.2f} MB + "
+            f"shared backbone {r['backbone_bytes'] / 1e6:.1f} MB ({'reused' if r['backbone_reused'] else 'written'}); "
+            f"the backbone is shared by every further task on it, so each further task costs its adapter"
+            f"{extra}")
+    return line + (f"; {duration(r['wall_seconds'])}" if r.get("wall_seconds") is not None else "")
 
 
 def render_export(r: dict) -> None:
-    print(f"exported task '{r['task']}' ({r['stage']}) to {r['export_dir']}: adapter {r['adapter_bytes'] / 1e6:.2f} MB, "
-          f"shared backbone {r['backbone_bytes'] / 1e6:.1f} MB ({'reused' if r['backbone_reused'] else 'written'})")
+    print(export_line(r))
+
+
+def input_line(task: str, spec: dict) -> str:
+    """What a task's images must look like: the size and normalisation it was trained with (and what they show)."""
+    mean = ", ".join(f"{v:.3f}" for v in spec.get("mean") or [])
+    std = ", ".join(f"{v:.3f}" for v in spec.get("std") or [])
+    line = (f"task '{task}' expects RGB images resized to {spec.get('img_size')} px ({spec.get('interpolation')}, "
+            f"crop {spec.get('crop_pct')}), normalised with mean ({mean}) and std ({std})")
+    return line + (f"; {spec['expects']}" if spec.get("expects") else "")
 
 
 def render_predictions(r: dict) -> None:
-    """Tab-separated, a header line, then one line per image and task, best class first."""
+    """Tab-separated, a header line, then one line per image and task, best class first; on stderr, what
+    input each task expects."""
+    for task, spec in (r.get("inputs") or {}).items():
+        err_console.print(input_line(task, spec), highlight=False, markup=False)
     print("task\timage\tpredictions")
     for p in r["predictions"]:
         best = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in p["top"])

@@ -38,7 +38,7 @@ from __future__ import annotations
 from .cache import available_memory_bytes, build_cache, check_cache_fits
 from .datasets import CachedImageDataset, ImageDataset, TaskData
 from .gtsrb import GTSRB_CLASSES
-from .layouts import DIGITS_TEST_FRACTION, DIGITS_TEST_SEED
+from .layouts import DIGITS_TEST_FRACTION, DIGITS_TEST_SEED, INPUT_NOTES
 from .loader import default_num_workers, make_loader
 from .samples import IMG_EXTENSIONS, open_image
 from .split import make_split
@@ -51,6 +51,7 @@ __all__ = [
     "DIGITS_TEST_SEED",
     "GTSRB_CLASSES",
     "IMG_EXTENSIONS",
+    "INPUT_NOTES",
     "TORCHVISION_DATASETS",
     "CachedImageDataset",
     "ImageDataset",

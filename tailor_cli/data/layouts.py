@@ -32,6 +32,10 @@ DIGITS_TEST_SEED = 20190601  # fixed: the digits test split never depends on the
 
 DIGITS_TRAIN_SCALE = (0.7, 1.0)
 
+# What the images of a layout look like, for a user feeding the exported task new ones (``predict``).
+INPUT_NOTES = {"digits": "light strokes on a dark background, one centred digit per image (as trained: the "
+                         "embedded 8x8 UCI digits, upscaled)"}
+
 
 def _read_digits() -> RawTask:
     ref = resources.files("tailor_cli") / "assets" / "digits.npz"

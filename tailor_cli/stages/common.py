@@ -18,7 +18,7 @@ from .. import defaults
 from .. import distributed as dist
 from ..backbone import create_backbone, describe_chain
 from ..checkpoint import read_json, write_json, write_safetensors
-from ..counting import student_macs, student_params
+from ..counting import full_network, student_macs, student_params
 from ..errors import DataError, UsageError
 from ..loading import student_meta
 from ..objectives import StudentObjective
@@ -179,7 +179,9 @@ def fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | No
     write_safetensors(stage_dir / MODEL, student.state_dict(), student_meta(student, arch, stage))
     summary = {"stage": stage, **accuracies(row, student, task, train, device, cfg, held_out=held_out),
                "structure": student.structure.counts(), "params": student_params(student),
-               "macs": student_macs(student, task.img_size).total, "skipped_images": list(task.skipped),
+               "macs": student_macs(student, task.img_size).total,
+               "macs_full": full_network(arch, student.num_classes, task.img_size)["macs"],  # the MAC reference
+               "skipped_images": list(task.skipped),
                "attention": [a.tolist() if a is not None else None for a in student.attention()],
                "wall_seconds": round(time.perf_counter() - t0, 1)}
     write_summary(run, stage, summary)

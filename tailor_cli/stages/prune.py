@@ -1,13 +1,14 @@
 """Stage 3, prune: remove the paths under the threshold and the K weakest blocks (trains nothing)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
 from .. import defaults
 from ..checkpoint import write_safetensors
-from ..counting import student_macs, student_params
+from ..counting import format_count, full_network, student_macs, student_params
 from ..errors import RunError
 from ..loading import load_student, student_meta
 from ..pruning import plan as plan_pruning
@@ -21,6 +22,7 @@ def prune(run: Path, *, threshold: float = defaults.THRESHOLD, drop_blocks: int 
           callbacks: Callbacks | None = None) -> dict:
     """Drop low-attention proxies and the K weakest blocks, then everything orphaned (stage 3)."""
     cb = callbacks or Callbacks()
+    t0 = time.perf_counter()
     run_meta = read_run(run)
     tailor_dir = require_stage(run, "tailor", "prune")
     student, meta = load_student(tailor_dir, torch.device("cpu"))
@@ -30,12 +32,15 @@ def prune(run: Path, *, threshold: float = defaults.THRESHOLD, drop_blocks: int 
         raise RunError(f"'{run}' is already pruned; pass --overwrite to prune again (this also discards 'finetune')")
     prepare_stage(run, "prune", resume=False, overwrite=True)
     img_size = run_meta["data"]["img_size"]
-    before = {"params": student_params(student), "macs": student_macs(student, img_size).total,
+    macs_before = student_macs(student, img_size).total
+    before = {"params": student_params(student), "macs": macs_before,
               "structure": student.structure.counts()}
     student.prune_(result.structure)
-    after = {"params": student_params(student), "macs": student_macs(student, img_size).total,
+    macs_after = student_macs(student, img_size).total
+    after = {"params": student_params(student), "macs": macs_after,
              "structure": student.structure.counts()}
     arch = run_meta["backbone"]["architecture"]
+    full = full_network(arch, len(run_meta["classes"]), img_size)  # the fine-tuned network: the MAC reference
     write_safetensors(run / "prune" / MODEL, student.state_dict(), student_meta(student, arch, "prune"))
     summary = {
         "stage": "prune", "threshold": threshold, "drop_blocks": drop_blocks,
@@ -44,12 +49,15 @@ def prune(run: Path, *, threshold: float = defaults.THRESHOLD, drop_blocks: int 
         "fixpoint_rounds": result.rounds,
         "before": before, "after": after, "tailor_val_acc": read_summary(run, "tailor")["val_acc"],
         "structure": after["structure"], "params": after["params"], "macs": after["macs"],
+        "macs_full": full["macs"], "params_full": full["params"], "macs_fraction": macs_after / full["macs"],
         "attention": [a.tolist() if a is not None else None for a in student.attention()],
+        "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     write_summary(run, "prune", summary)
     cb.on_message(
         f"prune: kept {after['structure']['blocks']}/{before['structure']['blocks']} blocks and "
         f"{after['structure']['proxies']}/{before['structure']['proxies']} proxies; "
-        f"MACs {before['macs'] / 1e6:.1f}M -> {after['macs'] / 1e6:.1f}M"
+        f"{format_count(macs_after)} MACs, {100 * macs_after / full['macs']:.1f}% of the fine-tuned network's "
+        f"{format_count(full['macs'])} (the tailored student with every proxy: {format_count(macs_before)})"
     )
     return summary

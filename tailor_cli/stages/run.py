@@ -3,17 +3,21 @@ without Typer."""
 from __future__ import annotations
 
 import math
+import platform
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Callable, cast
 
 import timm
 import torch
 
+from .. import __version__
 from ..backbone import check_backbone_name, describe_chain
+from ..checkpoint import read_json
 from ..errors import UsageError
-from ..runs import lock_dir, read_run, reset_run, stage_done, write_run
-from ..train import Callbacks
+from ..runs import lock_dir, read_run, read_summary, reset_run, stage_done, write_run
+from ..train import Callbacks, resolve_device
 from .finetune import finetune
 from .options import BackboneOptions, DataOptions, SearchOptions, TailorOptions, TrainOptions, data_path, weights_option
 from .prune import prune
@@ -24,15 +28,17 @@ from .tailor import tailor
 def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: DataOptions, opts: TailorOptions,
                  tailor_train: TrainOptions, finetune_train: TrainOptions, search: SearchOptions,
                  drop_blocks: int | None = None, *, resume: bool = False, overwrite: bool = False,
-                 callbacks: Callbacks | None = None) -> dict:
+                 callbacks: Callbacks | None = None, on_stage: Callable[[dict], None] | None = None) -> dict:
     """``nettailor run``: teacher (``opts.teacher_train``), tailor, the K search (or K = ``drop_blocks``),
     finetune, export to ``export_dir`` (default ``run/export``), and the report of the run.
 
     Every option of every stage, the export directory and K against the backbone's blocks are
     checked before anything is trained; the export's weights, once the backbone is loaded and
     still before the first epoch. The K search's candidates train with ``finetune_train``'s batch
-    size and learning rate. Returns the report with ``export``, ``wall_seconds`` and, when the
-    chosen network misses the tolerance, ``error`` (exit 7).
+    size and learning rate. ``on_stage`` is called with each stage's record as the stage ends, in
+    pipeline order (teacher, tailor, search, prune, finetune, export). Returns the report with
+    ``stages`` (those records), ``export``, ``wall_seconds`` and, when the chosen network misses the
+    tolerance, ``error`` (exit 7).
     """
     from ..adapter import check_export_target, export_task
     from ..report import report_run
@@ -50,6 +56,19 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
     def ready(meta: dict) -> None:  # backbone and data known, nothing trained yet
         check_export_target(export_dir, meta["backbone"], meta.get("task_name"))
 
+    stages: list[dict] = []
+    earlier = {name for name in ("teacher", "tailor", "prune", "finetune") if resume and stage_done(run, name)}
+    earlier |= {"search"} if "prune" in earlier else set()
+
+    def ended(record: dict) -> None:
+        stages.append(record | ({"reused": True} if record["stage"] in earlier else {}))
+        if on_stage is not None:
+            on_stage(stages[-1])
+
+    def teacher_ended() -> None:  # the teacher is trained inside the tailor stage: its line comes when it ends
+        if not any(r["stage"] == "teacher" for r in stages) and stage_done(run, "teacher"):
+            ended({"run": str(run), **read_summary(run, "teacher")})
+
     with lock_dir(run):  # one writer across all the stages (each stage locks it again)
         if resume:
             check_run_resume(run, search.threshold, drop_blocks, search.tolerance, search.max_macs, search.search_epochs)
@@ -59,24 +78,80 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
         tries = 1 + math.ceil(math.log2(num_blocks + 1))  # the reference, then a bisection over at most L+1 networks
         cb.on_plan([("teacher", opts.teacher_train.epochs)] * (opts.teacher is None) + [("tailor", tailor_train.epochs)]
                    + [("search", tries * search.search_epochs)] * searching + [("finetune", finetune_train.epochs)])
-        tailor(run, bb, data, tailor_train, opts, cb, on_ready=ready)
+        tailored = tailor(run, bb, data, tailor_train, opts, cast(Callbacks, _BeforeTailor(cb, teacher_ended)),
+                          on_ready=ready)
+        teacher_ended()
+        ended({"run": str(run), **tailored})
         meta = {k: v for k, v in read_run(run).items() if k != "format"}
-        write_run(run, meta | {"command": "run", "options": _run_options(bb, data, trains, opts, search, drop_blocks)})
+        write_run(run, meta | {"command": "run", "options": _run_options(bb, data, trains, opts, search, drop_blocks),
+                               "environment": environment(trains["tailor"].device)})
         searched = None
         if searching:
             search_train = replace(finetune_train, epochs=search.search_epochs)
             searched = auto_prune(run, data, search_train, finetune_train, search, teacher_weight=opts.teacher_weight,
-                                  overwrite=True, callbacks=cb)
+                                  overwrite=True, callbacks=cb, on_stage=ended)
         else:
-            if drop_blocks is not None and not (resume and stage_done(run, "prune")):
-                prune(run, threshold=search.threshold, drop_blocks=drop_blocks, overwrite=True, callbacks=cb)
-            finetune(run, data, finetune_train, teacher_weight=opts.teacher_weight, callbacks=cb)
+            searched_before: dict = {}
+            if "prune" in earlier:  # --resume: the search (if any) and the pruning were done before
+                if (run / "search" / "frontier.json").is_file():
+                    searched_before = read_json(run / "search" / "frontier.json", what="search frontier")
+                    ended({"stage": "search", "run": str(run), **searched_before})
+                ended({"run": str(run), **read_summary(run, "prune")})
+            elif drop_blocks is not None:
+                ended({"run": str(run), **prune(run, threshold=search.threshold, drop_blocks=drop_blocks,
+                                                overwrite=True, callbacks=cb)})
+            teacher = read_summary(run, "teacher") if stage_done(run, "teacher") else {}
+            ended({"run": str(run), **finetune(run, data, finetune_train, teacher_weight=opts.teacher_weight,
+                                               callbacks=cb),
+                   "teacher_val_acc": teacher.get("val_acc"), "teacher_test_acc": teacher.get("test_acc"),
+                   **({"final_vs_teacher": searched_before["final_vs_teacher"]}
+                      if "final_vs_teacher" in searched_before else {})})
+        t_export = time.perf_counter()
+        exported = export_task(run, export_dir, overwrite=True)
+        ended({**exported, "stage": "export", "exported_stage": exported["stage"],
+               "wall_seconds": round(time.perf_counter() - t_export, 1)})
         result = report_run(run)
-        result["export"] = export_task(run, export_dir, overwrite=True)
+        result["export"] = exported
+    result["stages"] = stages
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     if searched is not None and searched.get("error"):
         result["error"] = searched["error"]  # exit 7: the document says why, as prune --auto's does
     return result
+
+
+class _BeforeTailor:
+    """The callbacks ``run`` passes on, calling ``before`` when the tailor stage starts training (the
+    teacher, trained inside that stage, has ended then); every other callback goes to ``inner`` as is."""
+
+    def __init__(self, inner: Callbacks, before: Callable[[], None]):
+        self._inner, self._before = inner, before
+
+    def on_stage_start(self, stage: str, *args: Any, **kwargs: Any) -> None:
+        if stage == "tailor":
+            self._before()
+        self._inner.on_stage_start(stage, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def environment(device: str) -> dict:
+    """What a reader needs to compare two runs' times and numbers: versions, threads, device, CPU model."""
+    return {"nettailor": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "device": str(resolve_device(device)), "cpu": cpu_model(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name: ``/proc/cpuinfo`` (Linux), else ``platform.processor()``; ``None`` when neither says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def _check_run_options(bb: BackboneOptions, trains: dict[str, TrainOptions], opts: TailorOptions,

@@ -6,14 +6,14 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
-import timm
 import torch
 
 from .. import defaults
 from .. import distributed as dist
 from ..checkpoint import read_json, write_json
-from ..counting import model_macs, student_macs, student_params
+from ..counting import format_count, full_network, student_macs, student_params
 from ..errors import RunError, UsageError
 from ..loading import load_student, load_teacher
 from ..pruning import connecting_threshold
@@ -64,7 +64,7 @@ def check_run_resume(run_dir: Path, threshold: float, drop_blocks: int | None, t
 @one_writer(create=False)
 def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_train: TrainOptions,
                opts: SearchOptions, *, teacher_weight: float = defaults.TEACHER_WEIGHT, overwrite: bool = False,
-               callbacks: Callbacks | None = None) -> dict:
+               callbacks: Callbacks | None = None, on_stage: Callable[[dict], None] | None = None) -> dict:
     """Choose K (blocks to drop) automatically, then prune and fine-tune the chosen network fully.
 
     Every K is pruned in memory first (no training): K values that give the same network (blocks
@@ -79,6 +79,8 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     (``max_macs``): the least pruned candidate whose MACs fit the budget. The chosen network is
     then fine-tuned ``final_train.epochs`` and compared with the teacher the same way (exit 7
     when it misses). Only validation data is read; ``run/search/frontier.json`` lists every K.
+    ``on_stage`` is called with each part's record as it ends (``search``, ``prune``, ``finetune``
+    with the check against the teacher); the result lists them under ``stages``.
     """
     from ..data import make_loader
     from ..selection import compare
@@ -101,8 +103,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     img_size = int(run_meta["data"]["img_size"])
     t_dir = locate_teacher(run, run_meta)
     teacher_acc = read_summary(t_dir.parent, "teacher")["val_acc"]
-    full_macs = model_macs(timm.create_model(run_meta["backbone"]["architecture"], pretrained=False,
-                                             num_classes=len(run_meta["classes"])), img_size)
+    full_macs = full_network(run_meta["backbone"]["architecture"], len(run_meta["classes"]), img_size)["macs"]
     budget = None
     if opts.max_macs is not None:
         budget = opts.max_macs * full_macs if opts.max_macs <= 1 else opts.max_macs
@@ -159,8 +160,9 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
             if dist.is_main():
                 (run / stage / MODEL).unlink()
         row.update(status="tried", val_acc=summary["val_acc"])
-        cb.on_message(f"search: K={k} keeps {row['blocks_kept']}/{num_blocks} blocks, "
-                      f"{row['macs'] / 1e6:.1f}M MACs, val_acc {row['val_acc']:.2f} (teacher {teacher_acc:.2f})")
+        cb.on_message(f"search: K={k} keeps {row['blocks_kept']}/{num_blocks} blocks, {format_count(row['macs'])} MACs "
+                      f"({100 * row['macs'] / full_macs:.1f}% of the fine-tuned network's {format_count(full_macs)}), "
+                      f"val_acc {row['val_acc']:.2f} (teacher {teacher_acc:.2f})")
         return row["val_acc"]
 
     reference = min(candidates)  # the least pruned network, at the same training as every candidate
@@ -206,8 +208,16 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     write_json(run / "search" / "frontier.json", search)
     cb.on_message(f"search: tried {len(tried)} of {len(candidates)} distinct networks ({len(plans)} K values); "
                   f"chose K={chosen}")
+    stages: list[dict] = []
 
+    def ended(record: dict) -> None:
+        stages.append(record)
+        if on_stage is not None:
+            on_stage(record)
+
+    ended({"stage": "search", "run": str(run), **search})
     pruned = prune(run, threshold=opts.threshold, drop_blocks=chosen, overwrite=True, callbacks=cb)
+    ended({"run": str(run), **pruned})
     final = finetune(run, data, final_train, teacher_weight=teacher_weight, callbacks=cb)
     final_model, _ = load_student(run / "finetune", device)
     teacher_model = teacher if teacher is not None else load_teacher(t_dir, device).eval()
@@ -218,7 +228,10 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     search.update(final_val_acc=final["val_acc"], final_test_acc=final.get("test_acc"), within_tolerance=within,
                   final_vs_teacher=check.to_json())
     write_json(run / "search" / "frontier.json", search)
-    result = {"stage": "finetune", "run": str(run), "search": search, "prune": pruned, **final}
+    teacher_summary = read_summary(t_dir.parent, "teacher")
+    ended({"run": str(run), **final, "teacher_val_acc": teacher_acc, "teacher_test_acc": teacher_summary.get("test_acc"),
+           "final_vs_teacher": check.to_json()})
+    result = {"stage": "finetune", "run": str(run), "search": search, "prune": pruned, **final, "stages": stages}
     if budget is None and not within:
         result["error"] = (f"the chosen network (K={chosen}) reaches {final['val_acc']:.2f}% on validation, "
                            f"{-check.diff:.2f} points below the teacher's {teacher_acc:.2f}%: more than --tolerance "
