@@ -33,7 +33,8 @@ class Comparison:
     tolerance: float  # points allowed below the reference on top of the noise
     only_candidate: int  # images the candidate gets right and the reference wrong
     only_reference: int  # and the other way round
-    accepted: bool
+    accepted: bool  # the decision: diff >= -(tolerance + margin)
+    within_tolerance: bool  # the measured difference alone: diff >= -tolerance (never counts the noise)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -45,7 +46,8 @@ def compare(candidate: torch.Tensor, reference: torch.Tensor, *, tolerance: floa
 
     ``candidate`` and ``reference`` are per-image correctness (bool or 0/1) on the same images in
     the same order. Accepted when ``diff >= -(tolerance + z * SE)``, with ``SE`` the standard error
-    of the mean of the per-image differences (in points).
+    of the mean of the per-image differences (in points); ``z = 0`` asks for the measured
+    difference alone (``accepted == within_tolerance``).
     """
     c, r = candidate.reshape(-1).double(), reference.reshape(-1).double()
     if c.numel() != r.numel() or c.numel() == 0:
@@ -59,4 +61,5 @@ def compare(candidate: torch.Tensor, reference: torch.Tensor, *, tolerance: floa
         n=n, candidate_acc=100.0 * c.mean().item(), reference_acc=100.0 * r.mean().item(), diff=diff,
         margin=margin, tolerance=tolerance, only_candidate=int((d > 0).sum().item()),
         only_reference=int((d < 0).sum().item()), accepted=diff >= -(tolerance + margin) - 1e-9,
+        within_tolerance=diff >= -tolerance - 1e-9,
     )

@@ -88,6 +88,41 @@ def test_missed_tolerance_exits_7(tmp_path, tailored_run, monkeypatch):
     assert check["accepted"] is False and check["diff"] == -100.0
 
 
+@pytest.mark.parametrize("lost,flags,code,verdict", [
+    (4, [], 0, "within tolerance"),  # 0.4 points below the teacher, --tolerance 0.5
+    (6, [], 7, "MISSED"),  # 0.6 below: the measured difference decides, not the noise
+    (6, ["--noise-allowance"], 0, "accepted by --noise-allowance"),  # asked for, and named
+])
+def test_the_tolerance_is_the_measured_difference(tmp_path, tailored_run, monkeypatch, lost, flags, code, verdict):
+    import tailor_cli.train as train_module
+    from tailor_cli.student import Student
+
+    run = tmp_path / "run"
+    shutil.copytree(tailored_run, run)
+
+    def rigged(model, loader, device, **kw):  # 1,000 validation images; every student loses `lost` of them
+        mask = torch.ones(1000, dtype=torch.bool)
+        if isinstance(model, Student):
+            mask[:lost] = False
+        return mask
+
+    monkeypatch.setattr(train_module, "correct_mask", rigged)
+    res = invoke("prune", run, "--auto", "--tolerance", "0.5", *flags, *AUTO)
+    assert res.exit_code == code, res.output
+    search = json.loads(res.stdout)["search"]
+    check = search["final_vs_teacher"]
+    assert check["diff"] == pytest.approx(-lost / 10)
+    assert search["within_tolerance"] is (lost / 10 <= 0.5)  # never counts the noise
+    assert search["accepted"] is (code == 0)
+    from tailor_cli.cli.render import tolerance_line
+
+    assert tolerance_line(check).endswith(verdict) or verdict in tolerance_line(check)
+    if lost / 10 > 0.5:
+        assert "within tolerance" not in tolerance_line(check)
+    if code == 7:
+        assert "more than --tolerance 0.5;" in res.stderr and "noise" not in res.stderr
+
+
 # --------------------------------------------------------------------------- many tasks
 @pytest.fixture(scope="module")
 def three_tasks(tmp_path_factory) -> tuple[Path, dict[str, Path]]:

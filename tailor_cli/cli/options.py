@@ -135,6 +135,10 @@ TeacherSource = Annotated[Optional[Path], typer.Option(
     "--teacher", metavar="RUN|FILE", help="The fine-tuned network to learn from: a finished teacher run, or a model file of the same "
     "backbone and classes (.safetensors state dict or timm .pth checkpoint, read with weights_only), which is "
     "evaluated and stored as RUN/teacher; omitted: one is trained first in RUN/teacher.")]
+NoiseAllowance = Annotated[bool, typer.Option(
+    "--noise-allowance", help="Also pass a final network that misses --tolerance by no more than the noise of the "
+    "paired difference on the validation images (1.645 standard errors); the output names it. Off: exit 0 means "
+    "the measured drop is at most --tolerance.")]
 MaxSkip = Annotated[int, typer.Option("--max-skip", help="Proxies per layer (skips over 1..K blocks).")]
 TeacherWeight = Annotated[float, typer.Option("--teacher-weight", help="g2, weight of the teacher term.")]
 Threshold = Annotated[float, typer.Option("--threshold", help="Remove proxies with attention below this.")]

@@ -141,9 +141,15 @@ def render_frontier(search: dict, console: Console | None = None) -> None:
 
 def tolerance_line(final: dict) -> str:
     """The chosen network, fine-tuned, against the teacher on validation, and the verdict."""
+    within = final.get("within_tolerance", final["accepted"])
+    verdict = ("within tolerance" if within else
+               f"accepted by --noise-allowance: {-final['diff']:.2f} points below, more than --tolerance "
+               f"{final['tolerance']:g} but within it plus the noise ({final['margin']:.2f})" if final["accepted"] else
+               "MISSED")
+    allowed = f"tolerance {-final['tolerance']:.2f}" + (f", with noise {-(final['tolerance'] + final['margin']):.2f}"
+                                                          if final["margin"] else "")
     return (f"final network vs teacher on validation: {final['candidate_acc']:.2f}% vs {final['reference_acc']:.2f}% "
-            f"({final['diff']:+.2f} points; allowed {-(final['tolerance'] + final['margin']):.2f}): "
-            + ("within tolerance" if final["accepted"] else "MISSED"))
+            f"({final['diff']:+.2f} points; {allowed}): {verdict}")
 
 
 def duration(seconds: float) -> str:

@@ -123,6 +123,7 @@ class SearchOptions:
     max_macs: float | None = None  # absolute MACs, or a fraction of the full network when <= 1
     search_epochs: int = defaults.SEARCH_EPOCHS
     threshold: float = defaults.THRESHOLD
+    noise_allowance: bool = False  # also accept a final network below the tolerance by no more than the noise
 
     def validate(self) -> None:
         if not 0.0 <= self.threshold < 1.0:

@@ -83,7 +83,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     with the check against the teacher); the result lists them under ``stages``.
     """
     from ..data import make_loader
-    from ..selection import compare
+    from ..selection import Z_ONE_SIDED_95, compare
     from ..train import correct_mask
 
     cb = callbacks or Callbacks()
@@ -196,7 +196,8 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     for k in sorted(plans):
         row = {key: value for key, value in plans[k].items() if key != "structure"}
         row["macs_fraction"] = row["macs"] / full_macs if "macs" in row else None
-        row["within_tolerance"] = row["comparison"]["accepted"] if "comparison" in row else None
+        row["accepted"] = row["comparison"]["accepted"] if "comparison" in row else None  # noise allowed
+        row["within_tolerance"] = row["comparison"]["within_tolerance"] if "comparison" in row else None
         row["chosen"] = k == chosen
         frontier.append(row)
     search = {"mode": "budget" if budget is not None else "tolerance", "tolerance": opts.tolerance,
@@ -223,9 +224,10 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     teacher_model = teacher if teacher is not None else load_teacher(t_dir, device).eval()
     check = compare(correct_mask(final_model, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last),
                     correct_mask(teacher_model, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last),
-                    tolerance=opts.tolerance)
-    within = check.accepted
-    search.update(final_val_acc=final["val_acc"], final_test_acc=final.get("test_acc"), within_tolerance=within,
+                    tolerance=opts.tolerance, z=Z_ONE_SIDED_95 if opts.noise_allowance else 0.0)
+    within = check.accepted  # the measured difference, unless --noise-allowance was asked for
+    search.update(final_val_acc=final["val_acc"], final_test_acc=final.get("test_acc"),
+                  within_tolerance=check.within_tolerance, accepted=within, noise_allowance=opts.noise_allowance,
                   final_vs_teacher=check.to_json())
     write_json(run / "search" / "frontier.json", search)
     teacher_summary = read_summary(t_dir.parent, "teacher")
@@ -235,5 +237,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     if budget is None and not within:
         result["error"] = (f"the chosen network (K={chosen}) reaches {final['val_acc']:.2f}% on validation, "
                            f"{-check.diff:.2f} points below the teacher's {teacher_acc:.2f}%: more than --tolerance "
-                           f"{opts.tolerance} plus the noise of {check.n} validation images ({check.margin:.2f})")
+                           f"{opts.tolerance}" + (f" plus the noise of {check.n} validation images ({check.margin:.2f}, "
+                                                  "--noise-allowance)" if opts.noise_allowance else "")
+                           + "; raise --tolerance, or keep more blocks (--max-macs, prune -k)")
     return result
