@@ -8,7 +8,7 @@ from timm's training script, so that "the teacher is as good as a proper fine-tu
 against code that shares none of the tool's.
 
 Recipe (timm ``train.py``-style): timm's training transform (random-resized-crop, colour jitter;
-``--hflip 0`` for digits and signs), SGD with Nesterov momentum 0.9, weight decay 1e-4, linear
+``--hflip 0`` for digits and signs, ``--color-jitter 0`` and ``--scale 0.35`` for small grey digits), SGD with Nesterov momentum 0.9, weight decay 1e-4, linear
 warm-up then cosine decay per step (``timm.scheduler.CosineLRScheduler``), label smoothing, all
 weights trained. It prints the last epoch's validation and test accuracy (no epoch is picked on
 test, none on validation either), and with ``--json`` one JSON document on stdout.
@@ -81,6 +81,7 @@ def main() -> None:
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--hflip", type=float, default=0.5, help="flip probability (0 for digits, characters, signs)")
+    p.add_argument("--color-jitter", type=float, default=0.4, help="timm's colour jitter strength (0: off)")
     p.add_argument("--scale", type=float, default=0.08, help="smallest random-resized-crop area (timm's 0.08; "
                    "larger for small objects that a tight crop cuts off)")
     p.add_argument("--workers", type=int, default=2)
@@ -96,7 +97,8 @@ def main() -> None:
     cfg = resolve_data_config({}, model=model)
     size = args.img_size or cfg["input_size"][-1]
     common = dict(interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"])
-    train_tf = create_transform(size, is_training=True, hflip=args.hflip, scale=(args.scale, 1.0), **common)
+    train_tf = create_transform(size, is_training=True, hflip=args.hflip, scale=(args.scale, 1.0),
+                                color_jitter=args.color_jitter or None, **common)
     eval_tf = create_transform(size, is_training=False, crop_pct=cfg["crop_pct"], **common)
     train = DataLoader(ImageFolder(args.data / "train", train_tf), batch_size=args.batch_size, shuffle=True,
                        drop_last=True, num_workers=args.workers, persistent_workers=args.workers > 0)
@@ -127,6 +129,7 @@ def main() -> None:
         print(f"epoch {epoch + 1}/{args.epochs}: train {100.0 * right / total:.2f}%, val {val:.2f}%, "
               f"{time.perf_counter() - t0:.0f}s", file=log, flush=True)
     result = {"model": args.model, "epochs": args.epochs, "img_size": size, "lr": args.lr, "scale": args.scale,
+              "color_jitter": args.color_jitter,
               "train_acc_last_epoch": round(100.0 * right / total, 2),
               **{f"{split}_acc": round(accuracy(model, loader), 2) for split, loader in evals.items()},
               "wall_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}

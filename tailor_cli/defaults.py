@@ -18,7 +18,7 @@ LABEL_SMOOTHING = 0.1  # of the training cross-entropy, every stage
 BATCH_SIZE = {"teacher": 64, "tailor": 32, "finetune": 32}
 MOMENTUM = 0.9  # SGD, every stage
 WEIGHT_DECAY = 5e-4  # none on the attention logits
-CLIP_GRAD = 10.0  # max L2 norm of the weights' gradients per step, every stage (docs/method.md, "Hyperparameters")
+CLIP_GRAD = 10.0  # max L2 norm of the weights' gradients per step, every stage (docs/method.md, "Gradient clipping")
 TRAIN_STAGES = tuple(LR)
 
 VAL_FRACTION = 0.1  # of the training data, for data without a validation split

@@ -115,3 +115,26 @@ def test_proxy_costs_prints_the_readme_table_and_json():
     (row,) = json.loads(out.stdout)
     assert row["backbone"] == "test_resnet" and row["ratio_min"] >= 11.4
     assert row["task_params_pruned"] < row["task_params_full"] and row["pruned_macs"] < row["backbone_macs"]
+
+
+def test_finetune_baseline_is_independent_and_reports_validation_and_test(tmp_path, weights):
+    """The reference fine-tune: timm and torch only, last-epoch validation and test accuracy as JSON."""
+    source = (ROOT / "examples" / "finetune_baseline.py").read_text()
+    assert "tailor_cli" not in source  # shares no code with the tool it is a reference for
+    data = make_imagefolder(tmp_path / "data", n_classes=3, per_class=8, size=(36, 36))
+    shutil.copytree(data / "val", data / "test")
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "finetune_baseline.py"), str(data), "--model",
+                          "test_resnet", "--weights", str(weights), "--img-size", "32", "--epochs", "2",
+                          "--batch-size", "8", "--workers", "0", "--hflip", "0", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)  # one JSON document on stdout, epochs logged on stderr
+    assert out["epochs"] == 2 and out["img_size"] == 32
+    assert 0 <= out["val_acc"] <= 100 and out["test_acc"] == out["val_acc"]  # test/ is a copy of val/ here
+    assert res.stderr.count("epoch ") == 2
+    bad = tmp_path / "other.safetensors"
+    save_file(timm.create_model("test_efficientnet", pretrained=False).state_dict(), str(bad))
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "finetune_baseline.py"), str(data), "--model",
+                          "test_resnet", "--weights", str(bad), "--epochs", "1", "--workers", "0"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "error:" in res.stderr and "Traceback" not in res.stderr
