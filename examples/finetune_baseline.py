@@ -9,7 +9,8 @@ against code that shares none of the tool's.
 
 Recipe (timm ``train.py``-style): timm's training transform (random-resized-crop, colour jitter;
 ``--hflip 0`` for digits and signs, ``--color-jitter 0`` and ``--scale 0.35`` for small grey
-digits), SGD with Nesterov momentum 0.9, weight decay 1e-4, linear warm-up then cosine decay per step (``timm.scheduler.CosineLRScheduler``), label smoothing, all
+digits), SGD with Nesterov momentum 0.9, weight decay 1e-4, linear warm-up then cosine decay per
+step (``timm.scheduler.CosineLRScheduler``), label smoothing, all
 weights trained. It prints the last epoch's validation and test accuracy (no epoch is picked on
 test, none on validation either), and with ``--json`` one JSON document on stdout.
 
