@@ -82,6 +82,9 @@ def main() -> None:
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--hflip", type=float, default=0.5, help="flip probability (0 for digits, characters, signs)")
+    p.add_argument("--head-init", choices=("zero", "timm"), default="zero",
+                   help="the new classifier: zeros (BiT-style), or the model's own init (timm's efficientnet "
+                        "init gives a 10-class head logits in the tens, and the first epochs go to undoing it)")
     p.add_argument("--color-jitter", type=float, default=0.4, help="timm's colour jitter strength (0: off)")
     p.add_argument("--scale", type=float, default=0.08, help="smallest random-resized-crop area (timm's 0.08; "
                    "larger for small objects that a tight crop cuts off)")
@@ -95,6 +98,10 @@ def main() -> None:
                               num_classes=len(ImageFolder(args.data / "train").classes))
     if args.weights is not None:
         load_weights(model, args.weights)
+    if args.head_init == "zero":  # the new classifier starts at zero: every class equally likely
+        head = model.get_classifier()
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
     cfg = resolve_data_config({}, model=model)
     size = args.img_size or cfg["input_size"][-1]
     common = dict(interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"])
@@ -129,7 +136,7 @@ def main() -> None:
         val = accuracy(model, evals["val"])
         print(f"epoch {epoch + 1}/{args.epochs}: train {100.0 * right / total:.2f}%, val {val:.2f}%, "
               f"{time.perf_counter() - t0:.0f}s", file=log, flush=True)
-    result = {"model": args.model, "epochs": args.epochs, "img_size": size, "lr": args.lr, "scale": args.scale,
+    result = {"model": args.model, "epochs": args.epochs, "img_size": size, "lr": args.lr, "scale": args.scale, "head_init": args.head_init,
               "color_jitter": args.color_jitter,
               "train_acc_last_epoch": round(100.0 * right / total, 2),
               **{f"{split}_acc": round(accuracy(model, loader), 2) for split, loader in evals.items()},
