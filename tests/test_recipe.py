@@ -193,6 +193,7 @@ def test_a_file_for_another_architecture_is_refused(tmp_path, folder_data):
     path = _save(timm.create_model("test_efficientnet", pretrained=False, num_classes=3), tmp_path / "other.safetensors")
     res = invoke("tailor", "--data", folder_data, "--output", tmp_path / "run", "--teacher", path, *FAST)
     _one_line_error(res, 4, "do not fit backbone 'test_resnet'", "--backbone")
+    assert not (tmp_path / "run").exists()  # refused before a new run keeps anything
 
 
 def test_a_file_for_other_classes_is_refused(tmp_path, folder_data):

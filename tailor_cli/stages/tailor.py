@@ -53,6 +53,7 @@ from .teacher import (
     fit_teacher,
     import_teacher,
     is_teacher_file,
+    load_teacher_file,
     resolve_teacher_dir,
 )
 
@@ -75,7 +76,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
     check_writable(run)
     run_meta = read_run(run) if (run / "run.json").exists() else None
     check_run_data(run, run_meta, data)
-    teacher_file = Path(opts.teacher) if opts.teacher is not None and is_teacher_file(opts.teacher) else None  # imported into RUN/teacher
+    teacher_file = Path(opts.teacher) if opts.teacher is not None and is_teacher_file(opts.teacher) else None
     teacher_dir = resolve_teacher_dir(opts.teacher) if opts.teacher and teacher_file is None else None
     if teacher_dir is None and teacher_file is None and run_meta is not None and run_meta.get("teacher") not in (None, "teacher"):
         teacher_dir = locate_teacher(run, run_meta)  # the external teacher this run was started with
@@ -106,6 +107,8 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
         identity = backbone_identity(backbone, name=bb.name, weights=bb.weights, pretrained=bb.pretrained)
         if teacher_dir is not None:
             check_teacher(teacher_dir, identity, task.classes)
+        if teacher_file is not None:  # refused here, before anything of a new run is kept
+            file_teacher = load_teacher_file(teacher_file, copy.deepcopy(backbone), len(task.classes))
         if on_ready is not None:
             on_ready({"backbone": identity, "task_name": (run_meta or {}).get("task_name", task.name)})
     if run_meta is None:
@@ -117,7 +120,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
 
     if teacher_dir is None and teacher_file is not None:
         teacher_dir = run / "teacher"
-        _import_teacher_file(run, teacher_file, copy.deepcopy(backbone), task, data, opts.teacher_train, device, cb)
+        _import_teacher_file(run, teacher_file, file_teacher, task, data, opts.teacher_train, device, cb)
     elif teacher_dir is None:
         teacher_dir = run / "teacher"
         t_opts = opts.teacher_train

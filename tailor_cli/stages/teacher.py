@@ -161,20 +161,24 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def load_teacher_file(file: Path, model: nn.Module, num_classes: int) -> nn.Module:
+    """``--teacher FILE`` read into ``model`` (the backbone's architecture): safetensors, or a timm ``.pth``
+    read with ``weights_only``; one that does not fit the architecture or ``num_classes`` is refused in one line."""
+    load_finetuned_weights(model, read_weights_file(file), source=str(file), num_classes=num_classes)
+    return model
+
+
 def import_teacher(run: Path, file: Path, model: nn.Module, task, data: DataOptions, train: TrainOptions,
                    device: torch.device, cb: Callbacks, settings: dict) -> dict:
     """``--teacher FILE``: a model the user fine-tuned elsewhere becomes the run's teacher stage.
 
-    The file (safetensors, or a timm ``.pth`` read with ``weights_only``) must fit ``model``'s
-    architecture and the data's number of classes. Its accuracy is evaluated on the run's
+    ``model`` holds the file's weights (:func:`load_teacher_file`). Its accuracy is evaluated on the run's
     validation (and test) split and recorded in ``RUN/teacher/summary.json`` like a trained
     teacher's; its weights are stored as ``RUN/teacher/model.safetensors``, so the run no longer
     needs the file.
     """
     t0 = time.perf_counter()
     file = Path(file)
-    state = read_weights_file(file)
-    load_finetuned_weights(model, state, source=str(file), num_classes=len(task.classes))
     cfg = train.config(device)
     model = model.to(device).eval()
     stage_dir = run / "teacher"
