@@ -96,6 +96,7 @@ def test_defaults_train_with_warmup_cosine_and_smoothing_and_the_paper_recipe_is
     settings = json.loads((tmp_path / "new" / "teacher" / "config.json").read_text())["settings"]
     assert (settings["schedule"], settings["warmup_epochs"], settings["label_smoothing"], settings["lr"]) == (
         "cosine", defaults.WARMUP_EPOCHS["teacher"], defaults.LABEL_SMOOTHING, defaults.LR["teacher"])
+    assert settings["weight_decay"] == defaults.WEIGHT_DECAY
     rows = read_jsonl(tmp_path / "new" / "teacher" / "metrics.jsonl")
     lr = defaults.LR["teacher"]
     train_size = json.loads((tmp_path / "new" / "teacher" / "summary.json").read_text())["split_sizes"]["train"]
@@ -115,7 +116,8 @@ def test_defaults_train_with_warmup_cosine_and_smoothing_and_the_paper_recipe_is
 
 @pytest.mark.parametrize("flag,value,needle", [("--schedule", "linear", "--schedule must be one of cosine, step"),
                                                ("--warmup-epochs", "-1", "--warmup-epochs must be >= 0"),
-                                               ("--label-smoothing", "1", "--label-smoothing must be in [0, 1)")])
+                                               ("--label-smoothing", "1", "--label-smoothing must be in [0, 1)"),
+                                               ("--weight-decay", "-0.1", "--weight-decay must be >= 0")])
 def test_bad_recipe_options_are_one_line_usage_errors(tmp_path, folder_data, flag, value, needle):
     res = invoke("teacher", "--data", folder_data, "--output", tmp_path / "r", flag, value, *FAST)
     _one_line_error(res, 2, needle)
@@ -229,3 +231,13 @@ def test_run_takes_a_teacher_file_and_trains_no_teacher(tmp_path, folder_data, f
     assert "teacher epoch" not in res.stderr
     options = json.loads((run / "run.json").read_text())["options"]
     assert options["teacher"] == str(path.resolve())
+
+
+def test_weight_decay_reaches_the_optimiser_but_never_the_attention_logits():
+    from tailor_cli.stages.options import TrainOptions
+    from tailor_cli.train import make_optimizer
+
+    cfg = TrainOptions(weight_decay=1e-4).config(torch.device("cpu"))
+    weights, logits = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt, _ = make_optimizer([{"params": [weights]}, {"params": [logits], "weight_decay": 0.0}], cfg)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]

@@ -62,6 +62,7 @@ from .options import (
     Threshold,
     ValFraction,
     WarmupEpochs,
+    WeightDecay,
     Weights,
     Workers,
     data_options,
@@ -83,7 +84,8 @@ def teacher(
     val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
     skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = defaults.EPOCHS,
     batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, schedule: Schedule = None,
-    warmup_epochs: WarmupEpochs = None, label_smoothing: LabelSmoothing = None, seed: Seed = 0, device: Device = "auto",
+    warmup_epochs: WarmupEpochs = None, label_smoothing: LabelSmoothing = None, weight_decay: WeightDecay = None,
+    seed: Seed = 0, device: Device = "auto",
     amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
     channels_last: ChannelsLast = None, resume: Resume = False, overwrite: Overwrite = False,
     clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
@@ -95,7 +97,8 @@ def teacher(
         run = output or default_output(data, backbone)
         train = train_options("teacher", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step, seed=seed,
                               schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-                              device=device, amp=amp, amp_dtype=amp_dtype, resume=resume, overwrite=overwrite,
+                              weight_decay=weight_decay, device=device, amp=amp, amp_dtype=amp_dtype, resume=resume,
+                              overwrite=overwrite,
                               compile=compile_model, channels_last=channels_last, keep_checkpoints=keep_checkpoints,
                               clip_grad=clip_grad)
         with reporting() as rep:
@@ -121,7 +124,8 @@ def tailor(
     val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
     skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = defaults.EPOCHS,
     batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, schedule: Schedule = None,
-    warmup_epochs: WarmupEpochs = None, label_smoothing: LabelSmoothing = None, seed: Seed = 0, device: Device = "auto",
+    warmup_epochs: WarmupEpochs = None, label_smoothing: LabelSmoothing = None, weight_decay: WeightDecay = None,
+    seed: Seed = 0, device: Device = "auto",
     amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
     channels_last: ChannelsLast = None, resume: Resume = False, overwrite: Overwrite = False,
     clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
@@ -133,7 +137,8 @@ def tailor(
         require_data(data)
         run = output or default_output(data, backbone)
         common = dict(seed=seed, device=device, amp=amp, amp_dtype=amp_dtype, keep_checkpoints=keep_checkpoints,
-                      clip_grad=clip_grad, schedule=schedule, label_smoothing=label_smoothing)
+                      clip_grad=clip_grad, schedule=schedule, label_smoothing=label_smoothing,
+                      weight_decay=weight_decay)
         t_train = train_options("teacher", epochs=teacher_epochs if teacher_epochs is not None else epochs,
                                 lr=teacher_lr, batch_size=teacher_batch_size, **common)
         train = train_options("tailor", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step, resume=resume,
@@ -211,8 +216,9 @@ def finetune(
     data: Data = None, task: Task = None, cache: Cache = False, skip_bad: SkipBad = False, workers: Workers = None,
     augment: Augment = True, epochs: Epochs = defaults.EPOCHS, batch_size: BatchSize = None, lr: Lr = None,
     lr_step: LrStep = None, schedule: Schedule = None, warmup_epochs: WarmupEpochs = None,
-    label_smoothing: LabelSmoothing = None, seed: Seed = 0, device: Device = "auto", amp: Amp = None,
-    amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False, channels_last: ChannelsLast = None, resume: Resume = False,
+    label_smoothing: LabelSmoothing = None, weight_decay: WeightDecay = None, seed: Seed = 0,
+    device: Device = "auto", amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
+    channels_last: ChannelsLast = None, resume: Resume = False,
     overwrite: Overwrite = False, clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False,
     json_out: Json = False, debug: Debug = False,
 ):
@@ -221,7 +227,8 @@ def finetune(
 
         train = train_options("finetune", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step, seed=seed,
                               schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-                              device=device, amp=amp, amp_dtype=amp_dtype, resume=resume, overwrite=overwrite,
+                              weight_decay=weight_decay, device=device, amp=amp, amp_dtype=amp_dtype, resume=resume,
+                              overwrite=overwrite,
                               compile=compile_model, channels_last=channels_last, keep_checkpoints=keep_checkpoints,
                               clip_grad=clip_grad)
         with reporting() as rep:

@@ -112,6 +112,8 @@ WarmupEpochs = Annotated[Optional[float], typer.Option("--warmup-epochs", help="
                                                        "[default: teacher and tailor "
                                                        f"{defaults.WARMUP_EPOCHS['teacher']:g}, finetune "
                                                        f"{defaults.WARMUP_EPOCHS['finetune']:g}].")]
+WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="SGD weight decay (never on the "
+                                                      f"attention logits) [default: {defaults.WEIGHT_DECAY:g}].")]
 LabelSmoothing = Annotated[Optional[float], typer.Option("--label-smoothing", help="Label smoothing of the training "
                                                          "cross-entropy; 0 for the paper's "
                                                          f"[default: {defaults.LABEL_SMOOTHING:g}].")]
