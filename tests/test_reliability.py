@@ -16,6 +16,7 @@ from datagen import make_imagefolder
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from tailor_cli import defaults
 from tailor_cli.checkpoint import read_jsonl
 from tailor_cli.cli import app
 
@@ -332,10 +333,10 @@ def test_interrupted_stage_resumes_only_with_its_settings(tmp_path, tailored_run
     shutil.copytree(tailored_run, run)
     (run / "tailor" / "model.safetensors").unlink()  # as if killed after an epoch's checkpoint
     res = invoke("tailor", "--data", folder_data, "--output", run, "--epochs", "2", "--teacher-epochs", "2",
-                 "--lr", "0.05", *FAST, "--resume")
-    _assert_clean_failure(res, 2, "was started with other settings", "lr 0.1 -> 0.05")
+                 "--lr", "0.02", *FAST, "--resume")
+    _assert_clean_failure(res, 2, "was started with other settings", f"lr {defaults.LR['tailor']} -> 0.02")
     config = json.loads((run / "tailor" / "config.json").read_text())
-    assert config["settings"]["lr"] == 0.1  # the record is not rewritten by the refused command
+    assert config["settings"]["lr"] == defaults.LR["tailor"]  # the record is not rewritten by the refused command
 
 
 def test_stage_that_died_before_its_first_checkpoint_restarts_without_flags(tmp_path, folder_data):

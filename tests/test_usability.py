@@ -15,6 +15,7 @@ from conftest import FAST
 from rich.console import Console
 from typer.testing import CliRunner
 
+from tailor_cli import defaults
 from tailor_cli.cli import app
 from tailor_cli.cli.progress import Reporter
 
@@ -205,7 +206,7 @@ def test_run_takes_per_stage_settings_and_its_run_json_repeats_them(tmp_path, fo
     settings = lambda run, stage: json.loads((run / stage / "config.json").read_text())["settings"]
     assert [settings(first, s)["epochs"] for s in ("teacher", "tailor", "finetune")] == [1, 2, 1]
     assert (settings(first, "teacher")["lr"], settings(first, "tailor")["lr"], settings(first, "finetune")["lr"]) == (
-        0.03, 0.1, 0.02)
+        0.03, defaults.LR["tailor"], 0.02)
     assert (export / "shapes" / "adapter.safetensors").is_file()
 
     # run.json records run's options: -c repeats the run; --out still works, with one warning line
