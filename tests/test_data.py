@@ -396,6 +396,12 @@ def test_hflip_defaults(gen, tmp_path):
     assert load(gen["gtsrb"], hflip=True).hflip is True
     svhn = make_imagefolder(tmp_path / "svhn", n_classes=2, per_class=3, size=(12, 12))
     assert load(svhn).hflip is False
+    # a folder's name that contains a digits-like word: no mirrored digits for the teacher to learn from
+    for name in ("noisy-digits", "mnist5k", "My_Traffic_Signs"):
+        folder = make_imagefolder(tmp_path / name, n_classes=2, per_class=3, size=(12, 12))
+        assert load(folder).hflip is False, name
+    flowers = make_imagefolder(tmp_path / "flowers", n_classes=2, per_class=3, size=(12, 12))
+    assert load(flowers).hflip is True
     d = load(gen["split"], cache=True)
     assert "HorizontalFlip" in repr(d.train.transform.aug)
     assert "HorizontalFlip" not in repr(load(gen["gtsrb"], cache=True).train.transform.aug)

@@ -24,7 +24,9 @@ from .split import split_train
 from .transforms import Preproc, interp_name
 
 # Tasks whose class changes (or whose text becomes unreadable) under a horizontal flip.
-NO_HFLIP_TASKS = frozenset({"digits", "gtsrb", "svhn", "omniglot", "mnist", "kmnist", "emnist", "usps"})
+# Data whose class a mirror image can change: no flips by default when the data's name (a
+# torchvision set, or the folder's name) contains one of these ("noisy-digits", "mnist5k", "KMNIST").
+NO_HFLIP_WORDS = ("digit", "mnist", "svhn", "usps", "gtsrb", "traffic", "omniglot", "character", "letter")
 
 
 def _resolve_img_size(img_size: int | None, preferred: int | None, data_config: dict) -> int:
@@ -43,7 +45,8 @@ def _resolve_img_size(img_size: int | None, preferred: int | None, data_config: 
 def _default_hflip(raw: RawTask) -> bool:
     if raw.layout in ("digits", "gtsrb"):
         return False
-    return raw.name.lower() not in NO_HFLIP_TASKS
+    name = raw.name.lower()
+    return not any(word in name for word in NO_HFLIP_WORDS)
 
 
 def load_task_data(data: str, *, data_config: dict, img_size: int | None = None,
