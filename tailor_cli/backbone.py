@@ -128,6 +128,7 @@ def create_backbone(
         # then does not depend on the number of classes.
         model = timm.create_model(name, pretrained=use_hub, num_classes=0)
         model.reset_classifier(num_classes)
+        zero_classifier(model.get_classifier())
     except Exception as err:  # timm raises many kinds when offline or the tag is wrong
         if use_hub:
             raise ModelError(
@@ -140,6 +141,19 @@ def create_backbone(
     if weights is not None:
         load_backbone_weights(model, read_weights_file(resolve_weights_path(weights)), source=str(weights))
     return model
+
+
+def zero_classifier(classifier: nn.Module) -> None:
+    """Start a new classifier at zero: every class equally likely, no random logits to unlearn.
+
+    Measured on the teacher and the independent fine-tune (docs/method.md, "Training recipe").
+    """
+    with torch.no_grad():
+        for module in classifier.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
 
 
 def _family_layout(model: nn.Module):

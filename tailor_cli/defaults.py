@@ -17,6 +17,7 @@ WARMUP_EPOCHS = {"teacher": 1.0, "tailor": 1.0, "finetune": 0.0}  # finetune sta
 LABEL_SMOOTHING = 0.1  # of the training cross-entropy, every stage
 BATCH_SIZE = {"teacher": 64, "tailor": 32, "finetune": 32}
 MOMENTUM = 0.9  # SGD, every stage
+NESTEROV = True  # Nesterov momentum (timm's `sgd`); the authors' was plain momentum
 WEIGHT_DECAY = 5e-4  # none on the attention logits
 CLIP_GRAD = 10.0  # max L2 norm of the weights' gradients per step, every stage (docs/method.md, "Gradient clipping")
 TRAIN_STAGES = tuple(LR)

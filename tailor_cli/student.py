@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import BlockInfo, block_activation, describe_chain, head_only_copy, universal_block
+from .backbone import BlockInfo, block_activation, describe_chain, head_only_copy, universal_block, zero_classifier
 from .errors import RunError
 from .pooling import fast_stem, make_pool, run_stem
 from .proxies import Proxy, proxy_form
@@ -111,6 +111,7 @@ class Student(nn.Module):
         self.tail = copy.deepcopy(chain.tail)
         self.head = head_only_copy(backbone, chain)
         self.fc = nn.Linear(chain.num_features, num_classes)
+        zero_classifier(self.fc)
         self.num_classes = num_classes
         for p in self.frozen_parameters():
             p.requires_grad_(False)

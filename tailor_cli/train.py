@@ -47,6 +47,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0  # linear warm-up before either schedule
     label_smoothing: float = 0.0  # of the training cross-entropy (objectives); evaluation is plain CE
     momentum: float = defaults.MOMENTUM
+    nesterov: bool = defaults.NESTEROV
     weight_decay: float = defaults.WEIGHT_DECAY  # a parameter group may set its own (0 for attention logits)
     seed: int = 0
     amp: bool = False
@@ -95,11 +96,12 @@ def resolve_device(name: str) -> torch.device:
 
 def make_optimizer(groups: list[dict], cfg: TrainConfig,
                    steps_per_epoch: int = 1) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """SGD with momentum; ``groups`` may set their own weight decay (0 for attention logits).
+    """SGD with (Nesterov) momentum; ``groups`` may set their own weight decay (0 for attention logits).
 
     The scheduler is stepped after every update (:mod:`tailor_cli.schedule`).
     """
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                          weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, schedule=cfg.schedule, epochs=cfg.epochs, per_epoch=steps_per_epoch,
                            warmup_epochs=cfg.warmup_epochs, lr_step=cfg.lr_step)
     return opt, sched

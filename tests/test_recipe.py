@@ -97,6 +97,7 @@ def test_defaults_train_with_warmup_cosine_and_smoothing_and_the_paper_recipe_is
     assert (settings["schedule"], settings["warmup_epochs"], settings["label_smoothing"], settings["lr"]) == (
         "cosine", defaults.WARMUP_EPOCHS["teacher"], defaults.LABEL_SMOOTHING, defaults.LR["teacher"])
     assert settings["weight_decay"] == defaults.WEIGHT_DECAY
+    assert settings["nesterov"] is defaults.NESTEROV is True
     rows = read_jsonl(tmp_path / "new" / "teacher" / "metrics.jsonl")
     lr = defaults.LR["teacher"]
     train_size = json.loads((tmp_path / "new" / "teacher" / "summary.json").read_text())["split_sizes"]["train"]
@@ -106,12 +107,41 @@ def test_defaults_train_with_warmup_cosine_and_smoothing_and_the_paper_recipe_is
     assert [r["lr"] for r in rows] == pytest.approx(expected)  # the rate of each epoch's first update
 
     res = invoke("teacher", "--data", folder_data, "--output", tmp_path / "paper", "--epochs", "3", "--lr", "0.01",
-                 "--schedule", "step", "--lr-step", "1", "--warmup-epochs", "0", "--label-smoothing", "0", *FAST)
+                 "--schedule", "step", "--lr-step", "1", "--warmup-epochs", "0", "--label-smoothing", "0",
+                 "--no-nesterov", *FAST)
     assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "paper" / "teacher" / "config.json").read_text())["settings"]["nesterov"] is False
     rows = read_jsonl(tmp_path / "paper" / "teacher" / "metrics.jsonl")
     assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.001, 0.0001])
     # without smoothing the training loss is the plain cross-entropy the evaluation computes
     assert all(r["train_ce"] == r["train_loss"] for r in rows)
+
+
+def test_the_optimiser_is_nesterov_sgd_unless_asked_for_the_papers_plain_momentum():
+    from tailor_cli.train import TrainConfig, make_optimizer
+
+    w = torch.nn.Parameter(torch.ones(3))
+    for nesterov in (True, False):
+        opt, _ = make_optimizer([{"params": [w]}], TrainConfig(epochs=1, lr=0.1, lr_step=1, nesterov=nesterov))
+        assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["nesterov"] is nesterov
+        assert opt.param_groups[0]["momentum"] == defaults.MOMENTUM
+    opt, _ = make_optimizer([{"params": [w]}], TrainConfig(epochs=1, lr=0.1, lr_step=1))
+    assert opt.param_groups[0]["nesterov"] is defaults.NESTEROV
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet"])
+def test_a_new_classifier_starts_at_zero_so_every_class_starts_equally_likely(name):
+    from tailor_cli.backbone import create_backbone
+    from tailor_cli.student import Student
+
+    model = create_backbone(name, num_classes=7)
+    head = model.get_classifier()
+    assert head.weight.abs().sum() == 0 and head.bias.abs().sum() == 0
+    assert torch.count_nonzero(model(torch.randn(2, 3, 32, 32))) == 0
+    student = Student(model, num_classes=7)
+    assert student.fc.weight.abs().sum() == 0 and student.fc.bias.abs().sum() == 0
+    # the body is untouched: its pretrained (here random) weights are not zeroed with the head
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "classifier" not in n and "fc" not in n)
 
 
 @pytest.mark.parametrize("flag,value,needle", [("--schedule", "linear", "--schedule must be one of cosine, step"),

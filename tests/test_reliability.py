@@ -535,3 +535,24 @@ def test_run_that_misses_the_tolerance_exits_7_with_one_document_saying_why(tmp_
     doc = json.loads(res.stdout)  # exactly one document: the report, with the reason
     assert doc["error"].startswith("the chosen network (K=1)") and doc["tasks"][0]["totals"]["blocks_kept"] == 3
     assert res.stderr.strip().splitlines()[-1].startswith("error: the chosen network")
+
+
+def test_one_seed_gives_one_network_on_one_machine(tmp_path, folder_data):
+    """The same command and --seed twice (same machine, same threads): the same attention, the same
+    pruned structure, the same weights, bit for bit. Another seed is another run."""
+    tiny = ["--backbone", "test_resnet", "--no-pretrained", "--img-size", "32", "--workers", "0", "--device", "cpu",
+            "--epochs", "2", "--drop-blocks", "1", "--threshold", "0.01", "--json"]
+    outs = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        res = invoke("run", "--data", folder_data, "--output", tmp_path / name, "--seed", seed, *tiny)
+        assert res.exit_code == 0, res.output
+        outs.append(json.loads(res.stdout))
+    a, b, c = (tmp_path / n for n in "abc")
+    attention = [[r["attention"] for r in read_jsonl(run / "tailor" / "metrics.jsonl")] for run in (a, b, c)]
+    assert attention[0] == attention[1] and attention[0] != attention[2]
+    assert json.loads((a / "prune" / "summary.json").read_text())["structure"] == \
+        json.loads((b / "prune" / "summary.json").read_text())["structure"]
+    wa, wb = load_file(a / "finetune" / "model.safetensors"), load_file(b / "finetune" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    accs = [json.loads((run / "finetune" / "summary.json").read_text())["val_acc"] for run in (a, b)]
+    assert accs[0] == accs[1]

@@ -40,6 +40,7 @@ from .options import (
     Lr,
     LrStep,
     MaxSkip,
+    Nesterov,
     NoiseAllowance,
     OldOut,
     Output,
@@ -85,7 +86,7 @@ def teacher(
     skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = defaults.EPOCHS,
     batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, schedule: Schedule = None,
     warmup_epochs: WarmupEpochs = None, label_smoothing: LabelSmoothing = None, weight_decay: WeightDecay = None,
-    seed: Seed = 0, device: Device = "auto",
+    nesterov: Nesterov = None, seed: Seed = 0, device: Device = "auto",
     amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
     channels_last: ChannelsLast = None, resume: Resume = False, overwrite: Overwrite = False,
     clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
@@ -97,7 +98,7 @@ def teacher(
         run = output or default_output(data, backbone)
         train = train_options("teacher", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step, seed=seed,
                               schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-                              weight_decay=weight_decay, device=device, amp=amp, amp_dtype=amp_dtype, resume=resume,
+                              weight_decay=weight_decay, nesterov=nesterov, device=device, amp=amp, amp_dtype=amp_dtype, resume=resume,
                               overwrite=overwrite,
                               compile=compile_model, channels_last=channels_last, keep_checkpoints=keep_checkpoints,
                               clip_grad=clip_grad)
@@ -125,7 +126,7 @@ def tailor(
     skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = defaults.EPOCHS,
     batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, schedule: Schedule = None,
     warmup_epochs: WarmupEpochs = None, label_smoothing: LabelSmoothing = None, weight_decay: WeightDecay = None,
-    seed: Seed = 0, device: Device = "auto",
+    nesterov: Nesterov = None, seed: Seed = 0, device: Device = "auto",
     amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
     channels_last: ChannelsLast = None, resume: Resume = False, overwrite: Overwrite = False,
     clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False, json_out: Json = False, debug: Debug = False,
@@ -138,7 +139,7 @@ def tailor(
         run = output or default_output(data, backbone)
         common = dict(seed=seed, device=device, amp=amp, amp_dtype=amp_dtype, keep_checkpoints=keep_checkpoints,
                       clip_grad=clip_grad, schedule=schedule, label_smoothing=label_smoothing,
-                      weight_decay=weight_decay)
+                      weight_decay=weight_decay, nesterov=nesterov)
         t_train = train_options("teacher", epochs=teacher_epochs if teacher_epochs is not None else epochs,
                                 lr=teacher_lr, batch_size=teacher_batch_size, **common)
         train = train_options("tailor", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step, resume=resume,
@@ -216,7 +217,8 @@ def finetune(
     data: Data = None, task: Task = None, cache: Cache = False, skip_bad: SkipBad = False, workers: Workers = None,
     augment: Augment = True, epochs: Epochs = defaults.EPOCHS, batch_size: BatchSize = None, lr: Lr = None,
     lr_step: LrStep = None, schedule: Schedule = None, warmup_epochs: WarmupEpochs = None,
-    label_smoothing: LabelSmoothing = None, weight_decay: WeightDecay = None, seed: Seed = 0,
+    label_smoothing: LabelSmoothing = None, weight_decay: WeightDecay = None, nesterov: Nesterov = None,
+    seed: Seed = 0,
     device: Device = "auto", amp: Amp = None, amp_dtype: AmpDtype = "bfloat16", compile_model: Compile = False,
     channels_last: ChannelsLast = None, resume: Resume = False,
     overwrite: Overwrite = False, clip_grad: ClipGrad = None, keep_checkpoints: KeepCheckpoints = False,
@@ -227,7 +229,7 @@ def finetune(
 
         train = train_options("finetune", epochs=epochs, lr=lr, batch_size=batch_size, lr_step=lr_step, seed=seed,
                               schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-                              weight_decay=weight_decay, device=device, amp=amp, amp_dtype=amp_dtype, resume=resume,
+                              weight_decay=weight_decay, nesterov=nesterov, device=device, amp=amp, amp_dtype=amp_dtype, resume=resume,
                               overwrite=overwrite,
                               compile=compile_model, channels_last=channels_last, keep_checkpoints=keep_checkpoints,
                               clip_grad=clip_grad)

@@ -94,7 +94,8 @@ Download = Annotated[bool, typer.Option("--download", help="Download torchvision
 Cache = Annotated[bool, typer.Option("--cache", help="Decode and resize once, keep uint8 images in memory "
                                          "(refused if over 80% of available memory).")]
 Hflip = Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Horizontal flips in training "
-                                               "[default: off for digits, characters, traffic signs].")]
+                                               "[default: off when the data's name says digits, characters or traffic signs: it contains digit, mnist, svhn, usps, "
+                                               "gtsrb, traffic, omniglot, character or letter].")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images instead of failing (each image is "
                                        "decoded once up front; the skipped ones are logged and listed in summary.json).")]
 Augment = Annotated[bool, typer.Option("--augment/--no-augment", help="Random-resized-crop (and flips) in "
@@ -114,6 +115,9 @@ WarmupEpochs = Annotated[Optional[float], typer.Option("--warmup-epochs", help="
                                                        f"{defaults.WARMUP_EPOCHS['finetune']:g}].")]
 WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="SGD weight decay (never on the "
                                                       f"attention logits) [default: {defaults.WEIGHT_DECAY:g}].")]
+Nesterov = Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum; "
+                                                  "--no-nesterov for the paper's plain momentum "
+                                                  f"[default: {'nesterov' if defaults.NESTEROV else 'no-nesterov'}].")]
 LabelSmoothing = Annotated[Optional[float], typer.Option("--label-smoothing", help="Label smoothing of the training "
                                                          "cross-entropy; 0 for the paper's "
                                                          f"[default: {defaults.LABEL_SMOOTHING:g}].")]

@@ -39,6 +39,7 @@ class TrainOptions:
     warmup_epochs: float = defaults.WARMUP_EPOCHS["tailor"]
     label_smoothing: float = defaults.LABEL_SMOOTHING
     weight_decay: float = defaults.WEIGHT_DECAY  # none on the attention logits, whatever this is
+    nesterov: bool = defaults.NESTEROV
     seed: int = 0
     device: str = "auto"
     amp: bool | None = None  # None: on for CUDA (bf16)
@@ -54,14 +55,15 @@ class TrainOptions:
     def for_stage(cls, stage: str, *, epochs: int | None = None, lr: float | None = None,
                   batch_size: int | None = None, warmup_epochs: float | None = None,
                   schedule: str | None = None, label_smoothing: float | None = None,
-                  weight_decay: float | None = None, **rest) -> "TrainOptions":
+                  weight_decay: float | None = None, nesterov: bool | None = None, **rest) -> "TrainOptions":
         """Options of a training stage (teacher, tailor, finetune), its defaults (``defaults.py``) for those not given."""
         return cls(epochs=defaults.EPOCHS if epochs is None else epochs, lr=defaults.LR[stage] if lr is None else lr,
                    batch_size=defaults.BATCH_SIZE[stage] if batch_size is None else batch_size,
                    warmup_epochs=defaults.WARMUP_EPOCHS[stage] if warmup_epochs is None else warmup_epochs,
                    schedule=defaults.SCHEDULE if schedule is None else schedule,
                    label_smoothing=defaults.LABEL_SMOOTHING if label_smoothing is None else label_smoothing,
-                   weight_decay=defaults.WEIGHT_DECAY if weight_decay is None else weight_decay, **rest)
+                   weight_decay=defaults.WEIGHT_DECAY if weight_decay is None else weight_decay,
+                   nesterov=defaults.NESTEROV if nesterov is None else nesterov, **rest)
 
     def validate(self, flag: str = "") -> None:
         """``flag``: the prefix of the options as the command names them (``teacher-`` for ``--teacher-epochs``)."""
@@ -92,7 +94,7 @@ class TrainOptions:
         return TrainConfig(
             epochs=self.epochs, lr=self.lr, lr_step=self.lr_step or max(1, round(0.4 * self.epochs)),
             schedule=self.schedule, warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing,
-            weight_decay=self.weight_decay,
+            weight_decay=self.weight_decay, nesterov=self.nesterov,
             seed=self.seed, amp=amp, amp_dtype=self.amp_dtype, channels_last=cl,
             check_every=1 if device.type == "cpu" else 50, clip_grad=self.clip_grad,
         )
@@ -179,7 +181,7 @@ def stage_settings(train: TrainOptions, device: torch.device, data: DataOptions 
     cfg = train.config(device)
     out = {"epochs": train.epochs, "batch_size": train.batch_size, "lr": train.lr, "schedule": cfg.schedule,
            "lr_step": cfg.lr_step, "warmup_epochs": cfg.warmup_epochs, "label_smoothing": cfg.label_smoothing,
-           "weight_decay": cfg.weight_decay,
+           "weight_decay": cfg.weight_decay, "nesterov": cfg.nesterov,
            "seed": train.seed, "amp": cfg.amp, "amp_dtype": cfg.amp_dtype if cfg.amp else None,
            "clip_grad": cfg.clip_grad if cfg.clip_grad is not None else "off"}
     if data is not None:
