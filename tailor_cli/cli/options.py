@@ -94,8 +94,9 @@ Download = Annotated[bool, typer.Option("--download", help="Download torchvision
 Cache = Annotated[bool, typer.Option("--cache", help="Decode and resize once, keep uint8 images in memory "
                                          "(refused if over 80% of available memory).")]
 Hflip = Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Horizontal flips in training "
-                                               "[default: off when the data's name says digits, characters or traffic signs: it contains digit, mnist, svhn, usps, "
-                                               "gtsrb, traffic, omniglot, character or letter].")]
+                                               "[default: off when the data's name says digits, characters or traffic "
+                                               "signs: it contains digit, mnist, svhn, usps, gtsrb, traffic, omniglot, "
+                                               "character or letter].")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images instead of failing (each image is "
                                        "decoded once up front; the skipped ones are logged and listed in summary.json).")]
 Augment = Annotated[bool, typer.Option("--augment/--no-augment", help="Random-resized-crop (and flips) in "
