@@ -2,10 +2,10 @@
 
 Kept free of heavy imports (no torch, no timm) so that ``nettailor --help`` stays fast.
 The training recipe is measured, not the authors' (docs/method.md, "Training recipe"): SGD with
-momentum, a linear warm-up then cosine decay per step, label smoothing 0.1. The authors' recipe
-(step decay x0.1 at 40% of the epochs, no warm-up, no smoothing, lr 0.01 / 0.1 / 0.01) stays
-reachable: ``--schedule step --warmup-epochs 0 --label-smoothing 0`` and their learning rates
-(``PAPER_LR``).
+Nesterov momentum, a zero-initialised classifier, a linear warm-up then cosine decay per step,
+label smoothing 0.1. The authors' recipe (step decay x0.1 at 40% of the epochs, no warm-up, no
+smoothing, plain momentum, lr 0.01 / 0.1 / 0.01) stays reachable: ``--schedule step
+--warmup-epochs 0 --label-smoothing 0 --no-nesterov`` and their learning rates (``PAPER_LR``).
 """
 from __future__ import annotations
 

@@ -183,7 +183,7 @@ def stage_help(stage: str, text: str) -> str:
     """A training command's help, ending with its defaults."""
     return (f"{text} Defaults: lr {defaults.LR[stage]}, batch {defaults.BATCH_SIZE[stage]}, {defaults.EPOCHS} epochs, "
             f"{defaults.SCHEDULE} schedule. The authors' recipe: --lr {defaults.PAPER_LR[stage]} --schedule step "
-            "--warmup-epochs 0 --label-smoothing 0.")
+            "--warmup-epochs 0 --label-smoothing 0 --no-nesterov.")
 
 
 # --------------------------------------------------------------------------- values -> the core's options
