@@ -247,10 +247,16 @@ def export_line(r: dict) -> str:
              if r.get("finetune_bytes") else "")
     line = (f"export: exported task '{r['task']}' to {r['export_dir']} (its {r.get('exported_stage', r['stage'])} network): "
             f"adapter {r['adapter_bytes'] / 1e6:.2f} MB + "
-            f"shared backbone {r['backbone_bytes'] / 1e6:.1f} MB ({'reused' if r['backbone_reused'] else 'written'}); "
+            f"shared backbone {r['backbone_bytes'] / 1e6:.1f} MB ({_backbone_how(r)}); "
             f"the backbone is shared by every further task on it, so each further task costs its adapter"
             f"{extra}")
     return line + (f"; {duration(r['wall_seconds'])}" if r.get("wall_seconds") is not None else "")
+
+
+def _backbone_how(r: dict) -> str:
+    if r["backbone_reused"]:
+        return "reused"
+    return "written: a hard link to the run's own copy, no second copy on disk" if r.get("backbone_linked") else "written"
 
 
 def render_export(r: dict) -> None:
