@@ -25,7 +25,7 @@ from .backbone import tensors_sha256
 from .checkpoint import link_or_copy, read_json, read_safetensors, write_json, write_safetensors
 from .counting import model_macs, network_params, student_macs, student_params
 from .data import INPUT_NOTES
-from .errors import ExportError, RunError
+from .errors import ExportError, RunError, UsageError
 from .frozen import STORE, has_store, read_store, shared_tensors, task_tensors
 from .runs import check_writable, latest_student_stage, locate_teacher, lock_dir, read_run, read_summary, require_stage
 from .student import Structure, Student
@@ -58,20 +58,25 @@ def run_backbone_tensors(run: Path, sha256: str) -> tuple[dict[str, torch.Tensor
     return shared_tensors(full), None
 
 
-def export_task(run: Path, out: Path, *, task_name: str | None = None, overwrite: bool = False) -> dict:
-    """Write ``run``'s latest student as an adapter in ``out`` (creating or reusing the backbone).
+def export_task(run: Path, out: Path, *, task_name: str | None = None, overwrite: bool = False,
+                stage: str | None = None) -> dict:
+    """Write ``run``'s latest student (or its ``stage``'s) as an adapter in ``out`` (creating or reusing the backbone).
 
     ``out`` has one writer at a time: a second export into it meanwhile is refused (exit 5).
     """
     with lock_dir(Path(out), what="export directory"):
-        return _export_task(Path(run), Path(out), task_name=task_name, overwrite=overwrite)
+        return _export_task(Path(run), Path(out), task_name=task_name, overwrite=overwrite, stage=stage)
 
 
-def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool) -> dict:
+def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool, stage: str | None) -> dict:
     from .loading import load_student
 
     run_meta = read_run(run)
-    stage = latest_student_stage(run)
+    if stage in (None, "tailor", "prune", "finetune"):
+        stage = stage and require_stage(run, stage, f"export --stage {stage}").name or latest_student_stage(run)
+    else:
+        raise UsageError(f"--stage {stage}: an adapter holds a tailored student's own tensors (--stage tailor, prune "
+                         "or finetune); the teacher is a whole network: export it with --format onnx")
     task = task_name or run_meta.get("task_name") or run.name
     ident = run_meta["backbone"]
     check_export_target(out, ident, task)

@@ -263,6 +263,17 @@ def render_export(r: dict) -> None:
     print(export_line(r))
 
 
+def render_onnx_export(r: dict) -> None:
+    """What the ONNX file holds and costs, and how closely ONNX Runtime reproduces the network."""
+    network = (f"{r['structure']['blocks']} blocks + {r['structure']['proxies']} proxies, " if r.get("structure")
+               else "the whole network, ")
+    print(f"export: wrote task '{r['task']}' (its {r['stage']} network: {network}{fmt_n(r['macs'])} MACs, "
+          f"{fmt_n(r['params'])} params) to {r['file']}: {r['onnx_bytes'] / 1e6:.2f} MB; ONNX Runtime's logits "
+          f"within {r['max_abs_diff']:.1e} of the PyTorch network's (max abs, batches of "
+          f"{' and '.join(map(str, r['batch_sizes_checked']))}); input 'images' (N, 3, {r['input']['img_size']}, "
+          f"{r['input']['img_size']}) normalised, output 'logits'")
+
+
 def input_line(task: str, spec: dict) -> str:
     """What a task's images must look like: the size and normalisation it was trained with (and what they show)."""
     mean = ", ".join(f"{v:.3f}" for v in spec.get("mean") or [])
