@@ -14,6 +14,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import read_safetensors
+from .distributed import decided
 from .errors import RunError
 from .frozen import FROZEN_KEY, attach_store, has_store, read_store, shared_tensors, write_store_tensors
 from .runs import MODEL, read_run, write_run
@@ -65,10 +66,10 @@ def ensure_store(run: Path) -> None:
     Called by the stages that write student files (holding the run's lock); a no-op on newer runs.
     """
     run = Path(run)
-    if has_store(run):
+    if decided(lambda: has_store(run)):  # under torchrun every rank takes the same branch
         return
     meta = read_run(run)
     ident = meta["backbone"]
     student, _ = load_student(run / "tailor", torch.device("cpu"))
-    write_store_tensors(run, shared_tensors(student), ident["sha256"], ident["architecture"])
-    write_run(run, {k: v for k, v in meta.items() if k != "format"})  # now in the current format
+    write_store_tensors(run, shared_tensors(student), ident["sha256"], ident["architecture"])  # rank 0 writes
+    write_run(run, {k: v for k, v in meta.items() if k != "format"})  # now in the current format (a barrier)

@@ -5,7 +5,7 @@
 The network of one stage of a run, in a file that runs without this package (ONNX Runtime,
 TensorRT, Triton, ...): a tailored student (``finetune``, ``prune`` or ``tailor``) holds only its kept
 blocks, its surviving proxies and its classifier; a teacher, the whole fine-tuned network. For a
-student (docs/method.md, "Deployment"):
+student (README.md, "Deploying one task"):
 
 - each proxy's BatchNorms and its attention weight are folded into its 1x1 convolutions (a
   convolution, a BatchNorm in eval mode and a scale are one convolution with a bias);
@@ -27,6 +27,7 @@ import copy
 import inspect
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -229,9 +230,11 @@ def _metadata(run_meta: dict, task: str, stage: str, img_size: int) -> dict[str,
 def _write(model: nn.Module, reference: nn.Module, path: Path, img_size: int, metadata: dict[str, str],
            onnx: Any, ort: Any) -> float:
     """Export to a temporary name beside ``path``, add the metadata, check it in ONNX Runtime, then rename."""
+    made = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    kept = False
     try:
         _trace(model, tmp, img_size)
         proto = onnx.load(tmp)
@@ -246,8 +249,11 @@ def _write(model: nn.Module, reference: nn.Module, path: Path, img_size: int, me
                               f"{PARITY_TOLERANCE:g}); nothing was written. Report it with the run's backbone")
         if is_main():
             os.replace(tmp, path)
+        kept = True
     finally:
         Path(tmp).unlink(missing_ok=True)
+        if made and not kept:  # a failed export leaves no empty task folder behind
+            shutil.rmtree(path.parent, ignore_errors=True)
     return diff
 
 

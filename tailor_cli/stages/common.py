@@ -20,7 +20,15 @@ from ..backbone import backbone_identity, create_backbone, describe_chain
 from ..checkpoint import read_json, write_json
 from ..counting import full_network, student_macs, student_params
 from ..errors import DataError, RunError, UsageError
-from ..frozen import backbone_from_store, can_build_from_store, frozen_keys, frozen_record, save_student, write_store
+from ..frozen import (
+    FROZEN_KEY,
+    backbone_from_store,
+    can_build_from_store,
+    frozen_keys,
+    frozen_record,
+    save_student,
+    write_store,
+)
 from ..loading import ensure_store, student_meta
 from ..objectives import StudentObjective
 from ..runs import CHECKPOINT, MODEL, lock_created, lock_dir, read_run, write_run, write_summary
@@ -151,11 +159,12 @@ def run_backbone(run: Path, run_meta: dict | None, bb: BackboneOptions, num_clas
 def keep_backbone(run: Path, run_meta: dict | None, model: nn.Module, identity: dict) -> None:
     """Store the run's frozen backbone once, from the freshly built ``model``, if the run lacks it: a new run,
     or one written before runs stored it. Call it before any training and after ``run.json`` exists."""
-    if can_build_from_store(run):
+    if dist.decided(lambda: can_build_from_store(run)):  # under torchrun every rank takes the same branch
         return
-    write_store(run, model, identity["sha256"])
+    write_store(run, model, identity["sha256"])  # rank 0 writes
     if run_meta is not None:  # an older run: its run.json now says the current format
         write_run(run, {k: v for k, v in read_run(run).items() if k != "format"})
+    dist.barrier()
 
 
 def data_config(name: str) -> dict:
@@ -202,7 +211,7 @@ def fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | No
     row = fit(stage=stage, stage_dir=stage_dir, model=student, objective=objective,
               param_groups=_student_groups(student), train_loader=train_loader, val_loader=val_loader,
               device=device, cfg=cfg, resume=train.resume, callbacks=cb,
-              checkpoint_extra={**student_meta(student, arch, stage), "frozen": frozen_record(run, stage_dir, sha)},
+              checkpoint_extra={**student_meta(student, arch, stage), FROZEN_KEY: frozen_record(run, stage_dir, sha)},
               keep=keep, frozen=frozen_keys(student))
     save_student(run, stage_dir, MODEL, student, student_meta(student, arch, stage), sha)
     summary = {"stage": stage, **accuracies(row, student, task, train, device, cfg, held_out=held_out),
