@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -115,3 +116,20 @@ def test_without_the_onnx_extra_the_export_says_which_to_install(tmp_path, prune
     assert "onnx extra" in error and "'.[onnx]'" in error and "onnxruntime" in error
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_the_deploy_example_compares_both_networks_in_onnx_runtime(pruned_run):
+    """examples/onnx_deploy.py, as a user runs it (the installed `nettailor` on PATH): sizes, parity, latency."""
+    exe = Path(sys.executable).parent / "nettailor"
+    if not exe.exists():
+        pytest.skip("needs the installed nettailor command")
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "examples" / "onnx_deploy.py"), str(pruned_run),
+                           "--batch-sizes", "1", "4", "--repeats", "2", "--warmup", "1", "--threads", "1", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout)
+    tailored, full = r["networks"]["tailored"], r["networks"]["fine-tuned"]
+    assert tailored["stage"] == "finetune" and full["stage"] == "teacher"
+    assert tailored["max_abs_diff"] <= 1e-4 and full["max_abs_diff"] <= 1e-4 and tailored["same_predictions"]
+    assert tailored["macs"] < full["macs"] and tailored["onnx_bytes"] < full["onnx_bytes"]
+    assert set(r["speedup"]) == {"1", "4"} and r["mac_ratio"] == pytest.approx(full["macs"] / tailored["macs"])
