@@ -81,7 +81,7 @@ def write_store_tensors(run: Path, tensors: dict[str, torch.Tensor], sha256: str
 
 
 def read_store(path: Path, sha256: str) -> dict[str, torch.Tensor]:
-    """The frozen parameters in ``path``, checked against ``sha256`` (read and hashed once per process and file)."""
+    """The frozen parameters in ``path``, checked against ``sha256`` (read and hashed once while the file is unchanged)."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"'{path}' is missing: the run's frozen backbone, which its stage files build on; copy the "
@@ -90,7 +90,7 @@ def read_store(path: Path, sha256: str) -> dict[str, torch.Tensor]:
     return _read_store(str(path.resolve()), stat.st_mtime_ns, stat.st_size, stat.st_ino, sha256)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)  # one run at a time: the store of the run at hand
 def _read_store(path: str, mtime_ns: int, size: int, inode: int, sha256: str) -> dict[str, torch.Tensor]:
     tensors, _ = read_safetensors(Path(path), what="frozen backbone")
     found = tensors_sha256(tensors)

@@ -133,3 +133,12 @@ def test_the_deploy_example_compares_both_networks_in_onnx_runtime(pruned_run):
     assert tailored["max_abs_diff"] <= 1e-4 and full["max_abs_diff"] <= 1e-4 and tailored["same_predictions"]
     assert tailored["macs"] < full["macs"] and tailored["onnx_bytes"] < full["onnx_bytes"]
     assert set(r["speedup"]) == {"1", "4"} and r["mac_ratio"] == pytest.approx(full["macs"] / tailored["macs"])
+
+
+def test_a_file_that_onnx_runtime_does_not_reproduce_is_not_kept(tmp_path, pruned_run, monkeypatch):
+    from tailor_cli import onnx_export
+
+    monkeypatch.setattr(onnx_export, "PARITY_TOLERANCE", -1.0)  # no difference passes: as if the runtime disagreed
+    res = invoke("export", pruned_run, "--export-dir", tmp_path / "x", "--format", "onnx")
+    assert res.exit_code == 8 and "nothing was written" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists() or not list((tmp_path / "x").rglob("*"))  # no file, no empty task folder
