@@ -14,7 +14,6 @@ loaded from one directory references the *same* backbone tensors in memory.
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import timm
@@ -23,10 +22,11 @@ from torch import nn
 
 from . import __version__
 from .backbone import tensors_sha256
-from .checkpoint import read_json, read_safetensors, write_json, write_safetensors
+from .checkpoint import link_or_copy, read_json, read_safetensors, write_json, write_safetensors
 from .counting import model_macs, network_params, student_macs, student_params
 from .data import INPUT_NOTES
-from .errors import ExportError, RunError
+from .errors import ExportError, RunError, UsageError
+from .frozen import STORE, has_store, read_store, shared_tensors, task_tensors
 from .runs import check_writable, latest_student_stage, locate_teacher, lock_dir, read_run, read_summary, require_stage
 from .student import Structure, Student
 
@@ -46,49 +46,56 @@ _BASE_FIELDS = {"name": str, "architecture": str, "sha256": str}
 _INPUT_FIELDS = {"img_size": int, "mean": list, "std": list, "interpolation": str, "crop_pct": (int, float)}
 
 
-def _shared_from_student(student: Student) -> dict[str, torch.Tensor]:
-    """timm-named frozen parameters of a student (stem + its blocks)."""
-    named = ((student.timm_name(k), v) for k, v in student.named_parameters())
-    return {name: v.detach() for name, v in named if name is not None}
+def run_backbone_tensors(run: Path, sha256: str) -> tuple[dict[str, torch.Tensor], Path | None]:
+    """The frozen parameters of a run, checked against its ``sha256``, and the file that holds them as
+    an export's shared backbone (``None`` for a run written before runs stored them once, whose
+    tailored student holds them)."""
+    from .loading import load_student
+
+    if has_store(run):
+        return read_store(run / STORE, sha256), run / STORE
+    full, _ = load_student(require_stage(run, "tailor", "export"), torch.device("cpu"))
+    return shared_tensors(full), None
 
 
-def _adapter_tensors(student: Student) -> dict[str, torch.Tensor]:
-    """Everything in the student's state dict that is not a shared backbone parameter."""
-    params = dict(student.named_parameters())
-    return {k: v for k, v in student.state_dict().items()
-            if not (k in params and student.timm_name(k) is not None)}
-
-
-def export_task(run: Path, out: Path, *, task_name: str | None = None, overwrite: bool = False) -> dict:
-    """Write ``run``'s latest student as an adapter in ``out`` (creating or reusing the backbone).
+def export_task(run: Path, out: Path, *, task_name: str | None = None, overwrite: bool = False,
+                stage: str | None = None) -> dict:
+    """Write ``run``'s latest student (or its ``stage``'s) as an adapter in ``out`` (creating or reusing the backbone).
 
     ``out`` has one writer at a time: a second export into it meanwhile is refused (exit 5).
     """
     with lock_dir(Path(out), what="export directory"):
-        return _export_task(Path(run), Path(out), task_name=task_name, overwrite=overwrite)
+        return _export_task(Path(run), Path(out), task_name=task_name, overwrite=overwrite, stage=stage)
 
 
-def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool) -> dict:
+def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool, stage: str | None) -> dict:
     from .loading import load_student
 
     run_meta = read_run(run)
-    stage = latest_student_stage(run)
+    if stage in (None, "tailor", "prune", "finetune"):
+        stage = stage and require_stage(run, stage, f"export --stage {stage}").name or latest_student_stage(run)
+    else:
+        raise UsageError(f"--stage {stage}: an adapter holds a tailored student's own tensors (--stage tailor, prune "
+                         "or finetune); the teacher is a whole network: export it with --format onnx")
     task = task_name or run_meta.get("task_name") or run.name
     ident = run_meta["backbone"]
     check_export_target(out, ident, task)
     student, _ = load_student(run / stage, torch.device("cpu"))
-    full, _ = load_student(require_stage(run, "tailor", "export"), torch.device("cpu"))
-    shared = _shared_from_student(full)
-    sha = tensors_sha256(shared)
+    shared, store = run_backbone_tensors(run, ident["sha256"])
+    sha = tensors_sha256(shared) if store is None else ident["sha256"]  # a store was checked as it was read
     if sha != ident["sha256"]:
         raise ExportError(f"the backbone tensors of '{run}' do not match its recorded sha256; the run is corrupt")
 
+    linked = False
     if (out / BACKBONE_CONFIG).exists():
         if not (out / BACKBONE_FILE).is_file():
             raise ExportError(f"'{out}' has {BACKBONE_CONFIG} but no {BACKBONE_FILE}; remove the directory and export again")
         reused = True
     else:
-        write_safetensors(out / BACKBONE_FILE, shared, {"sha256": sha, "architecture": ident["architecture"]})
+        if store is not None:  # the run's own copy is an export's shared backbone as it is: a hard link where it can
+            linked = link_or_copy(store, out / BACKBONE_FILE)
+        else:
+            write_safetensors(out / BACKBONE_FILE, shared, {"sha256": sha, "architecture": ident["architecture"]})
         write_json(out / BACKBONE_CONFIG, {"format_version": FORMAT_VERSION, "name": ident["name"],
                                            "architecture": ident["architecture"], "pretrained_tag": ident.get("pretrained_tag"),
                                            "weights_source": ident.get("weights_source"), "sha256": sha,
@@ -125,12 +132,10 @@ def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool
             "full_params": network_params(full_model), "full_macs": model_macs(full_model, img_size),
         },
     }
-    if task_dir.exists() and overwrite:
-        shutil.rmtree(task_dir)
-    adapter = _adapter_tensors(student)
+    adapter = task_tensors(student)
     write_safetensors(task_dir / ADAPTER_FILE, adapter, {"task": task, "format_version": FORMAT_VERSION})
     write_json(task_dir / ADAPTER_CONFIG, config)
-    return {"export_dir": str(out), "task": task, "stage": stage, "backbone_reused": reused,
+    return {"export_dir": str(out), "task": task, "stage": stage, "backbone_reused": reused, "backbone_linked": linked,
             "adapter_bytes": (task_dir / ADAPTER_FILE).stat().st_size,
             "backbone_bytes": (out / BACKBONE_FILE).stat().st_size, "sha256": sha,
             "finetune_bytes": 4 * network_params(full_model)}  # one fp32 fine-tuned network, for comparison

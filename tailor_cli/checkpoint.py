@@ -3,16 +3,18 @@
 Every file the tool writes goes to a temporary name in the same directory, is
 fsynced, then renamed over the target: a killed process leaves either the old
 file or the new one, never half of one. Weights are only ever safetensors: a
-training checkpoint too (model and optimiser tensors in the file, the epoch,
-scheduler and loss-scaler state as its JSON metadata), so resuming unpickles nothing.
+training checkpoint too (model and optimiser tensors in the file, a student's without its shared
+frozen tensors; the epoch, scheduler and loss-scaler state as its JSON metadata), so resuming
+unpickles nothing.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 from safetensors import SafetensorError
@@ -46,6 +48,27 @@ def _atomic_replace(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def link_or_copy(src: Path, dst: Path) -> bool:
+    """Make ``dst`` the file ``src`` is: a hard link (one copy on disk) where the file system allows, else an
+    atomic copy. Returns whether it linked. Safe because every write here replaces a file (a new inode),
+    never changes one in place."""
+    from .distributed import is_main
+
+    if not is_main():
+        return False
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.link.tmp"
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+        return True
+    except OSError:  # another file system, or links not allowed there
+        tmp.unlink(missing_ok=True)
+    _atomic_replace(dst, lambda name: shutil.copyfile(src, name))
+    return False
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -154,10 +177,29 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def model_state(model: nn.Module, frozen: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` without the ``frozen`` keys (a student's shared tensors, stored once per run)."""
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], frozen: Collection[str] = (), *,
+                     what: str = "weights") -> None:
+    """Load what :func:`model_state` saved: every key but the ``frozen`` ones must be there, and nothing else.
+
+    A file that holds the frozen tensors too (written before they were left out) loads as well.
+    """
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if k not in frozen]
+    if missing or unexpected:
+        raise RunError(f"{what} does not fit the model ({len(missing)} missing, {len(unexpected)} unexpected tensors, "
+                       f"e.g. {(missing or unexpected)[0]}); rerun the stage with --overwrite")
+
+
 def save_checkpoint(path: Path, model: nn.Module, opt, sched, *, epoch: int, best: float, best_epoch: int,
-                    extra: dict, scaler: torch.amp.GradScaler | None = None) -> None:
-    """Model and optimiser tensors; epoch, scheduler, optimiser scalars and the loss scaler's state as metadata."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+                    extra: dict, scaler: torch.amp.GradScaler | None = None, frozen: Collection[str] = ()) -> None:
+    """Model (less its ``frozen`` tensors) and optimiser tensors; epoch, scheduler, optimiser scalars and the
+    loss scaler's state as metadata."""
+    tensors = {f"model.{k}": v for k, v in model_state(model, frozen).items()}
     opt_tensors, opt_meta = _optimizer_tensors(opt)
     tensors.update(opt_tensors)
     meta = {"epoch": epoch, "best_acc": best, "best_epoch": best_epoch, "scheduler": sched.state_dict(),
@@ -168,10 +210,10 @@ def save_checkpoint(path: Path, model: nn.Module, opt, sched, *, epoch: int, bes
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt, sched, device,
-                    scaler: torch.amp.GradScaler | None = None) -> dict:
+                    scaler: torch.amp.GradScaler | None = None, frozen: Collection[str] = ()) -> dict:
     tensors, meta = read_safetensors(path, what="checkpoint", device=str(device) if device.type != "mps" else "cpu")
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(model_state)
+    load_model_state(model, model_state, frozen, what=f"checkpoint '{path}'")
     _load_optimizer(opt, tensors, meta["optimizer"])
     sched.load_state_dict(meta["scheduler"])
     for group, lr in zip(opt.param_groups, sched.get_last_lr()):  # the rate where the curve stopped

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Callable, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -65,6 +65,15 @@ def is_main() -> bool:
 def barrier() -> None:
     if _INFO.enabled:
         dist.barrier()
+
+
+def decided(check: Callable[[], bool]) -> bool:
+    """``check()`` as every rank sees it before any of them acts on the answer (for a branch that writes: rank 0
+    alone writes, and every rank must take the same branch). Plain ``check()`` in a single process."""
+    barrier()
+    answer = check()
+    barrier()
+    return answer
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

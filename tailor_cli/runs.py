@@ -2,6 +2,7 @@
 
     RUN/
       run.json            backbone identity, data settings, classes, teacher location
+      frozen/             the frozen backbone and its pretrained BN statistics, stored once (tailor_cli.frozen)
       split.json          the validation split when we made it (flat folders, GTSRB, digits)
       teacher/            (when the teacher was trained in this run)
       tailor/  prune/  finetune/
@@ -32,7 +33,7 @@ except ImportError:  # not POSIX: no locking
 from .checkpoint import read_json, write_json
 from .errors import RunError
 
-RUN_FORMAT = 1
+RUN_FORMAT = 2  # 2: the frozen backbone stored once (frozen/), student files without it
 STAGES = ("teacher", "tailor", "prune", "finetune")
 DOWNSTREAM = {"teacher": ("tailor", "prune", "finetune"), "tailor": ("prune", "finetune"), "prune": ("finetune",), "finetune": ()}
 MODEL = "model.safetensors"
@@ -143,7 +144,7 @@ def reset_run(run: Path) -> None:
     if (run / "run.json").is_file():
         read_run(run)  # refuses a directory whose run.json nettailor did not write: nothing is removed
     if is_main() and (run / "run.json").is_file():
-        for name in STAGES + ("search", "export"):
+        for name in STAGES + ("search", "export", "frozen"):
             shutil.rmtree(run / name, ignore_errors=True)
         for name in ("split.json", "run.json"):
             (run / name).unlink(missing_ok=True)

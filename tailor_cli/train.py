@@ -19,7 +19,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 import torch
@@ -27,7 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import defaults
-from .checkpoint import append_jsonl, load_checkpoint, read_jsonl, read_safetensors, save_checkpoint, write_safetensors
+from .checkpoint import (
+    append_jsonl,
+    load_checkpoint,
+    load_model_state,
+    model_state,
+    read_jsonl,
+    read_safetensors,
+    save_checkpoint,
+    write_safetensors,
+)
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, is_main
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, TrainingError, UsageError
 from .objectives import Objective
@@ -214,6 +223,7 @@ def fit(
     checkpoint_extra: dict | None = None,
     train_mode: Callable[[], None] | None = None,
     keep: str = "last",
+    frozen: Collection[str] = (),
 ) -> dict:
     """Train ``model`` for ``cfg.epochs`` epochs; return the metrics row of the epoch kept.
 
@@ -222,7 +232,8 @@ def fit(
     then the later epoch), saved to ``stage_dir/best.safetensors`` whenever one is beaten; the
     returned row is that epoch's, with ``kept_epoch`` set. Only validation data decides.
     ``train_mode`` puts the model(s) into training mode (default ``model.train()``;
-    the tailor stage keeps its teacher in eval mode).
+    the tailor stage keeps its teacher in eval mode). ``frozen``: state-dict keys left out of the
+    checkpoint and the best-epoch copy (a student's shared tensors, which the run stores once).
     """
     if keep not in ("last", "best"):
         raise ValueError(f"keep must be 'last' or 'best', got {keep!r}")
@@ -234,7 +245,7 @@ def fit(
     best_path = stage_dir / BEST
     start_epoch, best, best_key, best_epoch = 0, float("-inf"), None, 0
     if resume and ckpt_path.exists():
-        meta = load_checkpoint(ckpt_path, model, opt, sched, device, scaler)
+        meta = load_checkpoint(ckpt_path, model, opt, sched, device, scaler, frozen)
         start_epoch, best = int(meta["epoch"]), float(meta["best_acc"])
         best_epoch = int(meta.get("best_epoch", start_epoch))
         rows = [r for r in read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
@@ -327,10 +338,10 @@ def fit(
             if best_key is None or _rank(row) >= best_key:
                 best_key, best_epoch = _rank(row), epoch + 1
                 if keep == "best" and is_main():
-                    write_safetensors(best_path, model.state_dict(), {"epoch": epoch + 1})
+                    write_safetensors(best_path, model_state(model, frozen), {"epoch": epoch + 1})
             # checkpoint first: a metrics line never names an epoch whose checkpoint is missing
             save_checkpoint(ckpt_path, model, opt, sched, epoch=epoch + 1, best=best, best_epoch=best_epoch,
-                            extra=checkpoint_extra or {}, scaler=scaler)
+                            extra=checkpoint_extra or {}, scaler=scaler, frozen=frozen)
             append_jsonl(metrics_path, row)
             cb.on_epoch_end(stage, row)
     barrier()
@@ -339,7 +350,7 @@ def fit(
         row = rows[-1] if rows else {"epoch": start_epoch}
     if keep == "best" and best_epoch and best_epoch != row.get("epoch"):
         tensors, _ = read_safetensors(best_path, what="best-epoch weights", device=str(device) if device.type != "mps" else "cpu")
-        model.load_state_dict(tensors)
+        load_model_state(model, tensors, frozen, what=f"best-epoch weights '{best_path}'")
         row = next(r for r in rows if r["epoch"] == best_epoch)
     row = dict(row)
     row["epochs_trained"] = max([r["epoch"] for r in rows] + [int(row.get("epoch", 0))])

@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from datagen import make_imagefolder, randomise_bn_stats
+from onnx_check import onnx_check
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -14,7 +15,7 @@ from tailor_cli.adapter import load_task
 from tailor_cli.backbone import describe_chain
 from tailor_cli.cli import app
 from tailor_cli.counting import student_macs, student_params
-from tailor_cli.loading import load_student
+from tailor_cli.loading import load_student, load_teacher
 from tailor_cli.proxies import PROXY_BUDGET
 from tailor_cli.student import LayerSpec, Structure, Student
 
@@ -90,6 +91,13 @@ def test_round_trip_per_family(tmp_path_factory, name):
     res = CliRunner().invoke(app, ["predict", str(export), str(img), "--json", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["predictions"][0]["task"] == config_task
+    # issue 24: the tailored network and its teacher as standalone ONNX files, checked in ONNX Runtime on the
+    # same preprocessed images at two batch sizes
+    for stage, reference in (("finetune", student), ("teacher", load_teacher(run / "teacher", torch.device("cpu")))):
+        res = CliRunner().invoke(app, ["export", str(run), "--export-dir", str(root / "onnx"), "--format", "onnx",
+                                       "--stage", stage, "--task-name", stage, "--json"])
+        assert res.exit_code == 0, res.output
+        assert onnx_check(root / "onnx" / stage / "model.onnx", reference, data) <= 1e-4
 
 
 # Blocks whose output ends in an activation (no residual add after it), by timm name.

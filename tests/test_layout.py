@@ -20,7 +20,7 @@ ORDER = [
     "stages", "stages.run", "stages.search", "stages.tailor", "stages.teacher", "stages.finetune", "stages.prune",
     "stages.common", "stages.options",
     # tasks on disk
-    "report", "predict", "plot", "adapter", "loading",
+    "report", "predict", "plot", "onnx_export", "adapter", "loading", "frozen",
     # training and choices
     "train", "objectives", "selection", "schedule",
     # the model

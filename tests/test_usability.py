@@ -135,7 +135,8 @@ def test_finished_stages_keep_only_what_later_stages_read(tmp_path, folder_data)
     files = _files(run)
     weights = sorted(f for f in files if f.endswith(".safetensors"))
     assert weights == ["export/backbone.safetensors", "export/shapes/adapter.safetensors", "finetune/model.safetensors",
-                       "prune/model.safetensors", "tailor/model.safetensors", "teacher/model.safetensors"]
+                       "frozen/backbone.safetensors", "frozen/stats.safetensors", "prune/model.safetensors",
+                       "tailor/model.safetensors", "teacher/model.safetensors"]
     tried = [f for f in files if f.startswith("search/k") and f.endswith("summary.json")]
     assert len(tried) >= 2  # every candidate tried keeps its record (config, metrics, summary), not its weights
 

@@ -75,7 +75,7 @@ from .options import (
 )
 from .output import emit
 from .progress import reporting
-from .render import render_export, render_predictions, render_report, render_run, render_stage
+from .render import render_export, render_onnx_export, render_predictions, render_report, render_run, render_stage
 
 
 @app.command(help=stage_help("teacher", "Stage 1: fine-tune the whole backbone (new classifier) on the task."))
@@ -248,19 +248,34 @@ def export(
     export_dir: ExportDir = None, out: OldOut = None,
     task_name: Annotated[Optional[str], typer.Option("--task-name", help="Name of the task in the export "
                                                      "[default: the dataset's name].")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace this task's adapter if the export "
-                                            "directory already holds it.")] = False,
+    export_format: Annotated[str, typer.Option("--format", metavar="adapter|onnx", help="adapter: the task's own "
+                                               "tensors beside the shared backbone; onnx: the task's network as one "
+                                               "standalone EXPORT_DIR/TASK/model.onnx, checked in ONNX Runtime (pip "
+                                               "install 'nettailor[onnx]').")] = "adapter",
+    stage: Annotated[Optional[str], typer.Option("--stage", metavar="STAGE", help="The stage whose network to export: "
+                                                 "tailor, prune, finetune, or (--format onnx) teacher [default: the "
+                                                 "latest student stage; a teacher run's teacher].")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace this task's adapter (or model.onnx) if the "
+                                            "export directory already holds it.")] = False,
     json_out: Json = False, debug: Debug = False,
 ):
-    """Stage 5: write the task's adapter beside the shared frozen backbone."""
+    """Stage 5: write the task's adapter beside the shared frozen backbone, or its network as one ONNX file."""
 
     def body():
-        from ..adapter import export_task
-
         target = export_dir_value(export_dir, out)
         if target is None:
             raise UsageError("--export-dir is required (the export directory: shared backbone + one folder per task)")
-        emit(export_task(run, target, task_name=task_name, overwrite=overwrite), json_out, render_export)
+        if export_format == "onnx":
+            from ..onnx_export import export_onnx
+
+            emit(export_onnx(run, target, stage=stage, task_name=task_name, overwrite=overwrite), json_out,
+                 render_onnx_export)
+            return
+        if export_format != "adapter":
+            raise UsageError(f"--format must be adapter or onnx, got '{export_format}'")
+        from ..adapter import export_task
+
+        emit(export_task(run, target, task_name=task_name, overwrite=overwrite, stage=stage), json_out, render_export)
 
     execute(debug, body, json_out)
 

@@ -247,14 +247,31 @@ def export_line(r: dict) -> str:
              if r.get("finetune_bytes") else "")
     line = (f"export: exported task '{r['task']}' to {r['export_dir']} (its {r.get('exported_stage', r['stage'])} network): "
             f"adapter {r['adapter_bytes'] / 1e6:.2f} MB + "
-            f"shared backbone {r['backbone_bytes'] / 1e6:.1f} MB ({'reused' if r['backbone_reused'] else 'written'}); "
+            f"shared backbone {r['backbone_bytes'] / 1e6:.1f} MB ({_backbone_how(r)}); "
             f"the backbone is shared by every further task on it, so each further task costs its adapter"
             f"{extra}")
     return line + (f"; {duration(r['wall_seconds'])}" if r.get("wall_seconds") is not None else "")
 
 
+def _backbone_how(r: dict) -> str:
+    if r["backbone_reused"]:
+        return "reused"
+    return "written: a hard link to the run's own copy, no second copy on disk" if r.get("backbone_linked") else "written"
+
+
 def render_export(r: dict) -> None:
     print(export_line(r))
+
+
+def render_onnx_export(r: dict) -> None:
+    """What the ONNX file holds and costs, and how closely ONNX Runtime reproduces the network."""
+    network = (f"{r['structure']['blocks']} blocks + {r['structure']['proxies']} proxies, " if r.get("structure")
+               else "the whole network, ")
+    print(f"export: wrote task '{r['task']}' (its {r['stage']} network: {network}{fmt_n(r['macs'])} MACs, "
+          f"{fmt_n(r['params'])} params) to {r['file']}: {r['onnx_bytes'] / 1e6:.2f} MB; ONNX Runtime's logits "
+          f"within {r['max_abs_diff']:.1e} of the PyTorch network's (max abs, batches of "
+          f"{' and '.join(map(str, r['batch_sizes_checked']))}); input 'images' (N, 3, {r['input']['img_size']}, "
+          f"{r['input']['img_size']}) normalised, output 'logits'")
 
 
 def input_line(task: str, spec: dict) -> str:

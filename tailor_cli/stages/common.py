@@ -16,13 +16,22 @@ from torch import nn
 
 from .. import defaults
 from .. import distributed as dist
-from ..backbone import create_backbone, describe_chain
-from ..checkpoint import read_json, write_json, write_safetensors
+from ..backbone import backbone_identity, create_backbone, describe_chain
+from ..checkpoint import read_json, write_json
 from ..counting import full_network, student_macs, student_params
-from ..errors import DataError, UsageError
-from ..loading import student_meta
+from ..errors import DataError, RunError, UsageError
+from ..frozen import (
+    FROZEN_KEY,
+    backbone_from_store,
+    can_build_from_store,
+    frozen_keys,
+    frozen_record,
+    save_student,
+    write_store,
+)
+from ..loading import ensure_store, student_meta
 from ..objectives import StudentObjective
-from ..runs import CHECKPOINT, MODEL, lock_created, lock_dir, read_run, write_summary
+from ..runs import CHECKPOINT, MODEL, lock_created, lock_dir, read_run, write_run, write_summary
 from ..student import Student
 from ..train import BEST, Callbacks, autocast_context, fit
 from .options import BackboneOptions, DataOptions, TrainOptions, data_path, with_run_data
@@ -133,6 +142,31 @@ def build_backbone(bb: BackboneOptions, num_classes: int, seed: int) -> nn.Modul
     return create_backbone(bb.name, num_classes=num_classes, pretrained=bb.pretrained, weights=bb.weights)
 
 
+def run_backbone(run: Path, run_meta: dict | None, bb: BackboneOptions, num_classes: int, seed: int) -> nn.Module:
+    """The backbone a stage of ``run`` starts from: from the run's own store once it has one (the weights
+    file or download is then not needed: the run can move), else from ``bb`` (``--weights``, the hub)."""
+    if run_meta is None or not can_build_from_store(run):
+        return build_backbone(bb, num_classes, seed)
+    recorded = run_meta["backbone"]
+    model = backbone_from_store(run, bb.name, recorded["sha256"], num_classes, seed)
+    given = backbone_identity(model, name=bb.name, weights=bb.weights, pretrained=bb.pretrained)
+    if (given["architecture"], given["weights_source"]) != (recorded["architecture"], recorded["weights_source"]):
+        raise RunError(f"run '{run}' was made with {recorded['name']} ({recorded['weights_source']}), not {bb.name} "
+                       f"({given['weights_source']}); pass its --backbone and --weights, or use another --output")
+    return model
+
+
+def keep_backbone(run: Path, run_meta: dict | None, model: nn.Module, identity: dict) -> None:
+    """Store the run's frozen backbone once, from the freshly built ``model``, if the run lacks it: a new run,
+    or one written before runs stored it. Call it before any training and after ``run.json`` exists."""
+    if dist.decided(lambda: can_build_from_store(run)):  # under torchrun every rank takes the same branch
+        return
+    write_store(run, model, identity["sha256"])  # rank 0 writes
+    if run_meta is not None:  # an older run: its run.json now says the current format
+        write_run(run, {k: v for k, v in read_run(run).items() if k != "format"})
+    dist.barrier()
+
+
 def data_config(name: str) -> dict:
     """timm's data config for a backbone name (mean/std/interpolation/crop), without weights."""
     model = timm.create_model(name, pretrained=False, num_classes=0)
@@ -171,12 +205,15 @@ def fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | No
     forward = maybe_compile(dist.wrap(student, device), train.compile)
     objective = StudentObjective(student, teacher, chain, complexity, g1, g2, forward=forward,
                                  teacher_loss=teacher_loss, label_smoothing=cfg.label_smoothing)
-    arch = read_run(run)["backbone"]["architecture"]
+    ensure_store(run)
+    ident = read_run(run)["backbone"]
+    arch, sha = ident["architecture"], ident["sha256"]
     row = fit(stage=stage, stage_dir=stage_dir, model=student, objective=objective,
               param_groups=_student_groups(student), train_loader=train_loader, val_loader=val_loader,
               device=device, cfg=cfg, resume=train.resume, callbacks=cb,
-              checkpoint_extra=student_meta(student, arch, stage), keep=keep)
-    write_safetensors(stage_dir / MODEL, student.state_dict(), student_meta(student, arch, stage))
+              checkpoint_extra={**student_meta(student, arch, stage), FROZEN_KEY: frozen_record(run, stage_dir, sha)},
+              keep=keep, frozen=frozen_keys(student))
+    save_student(run, stage_dir, MODEL, student, student_meta(student, arch, stage), sha)
     summary = {"stage": stage, **accuracies(row, student, task, train, device, cfg, held_out=held_out),
                "structure": student.structure.counts(), "params": student_params(student),
                "macs": student_macs(student, task.img_size).total,

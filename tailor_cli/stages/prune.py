@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 from .. import defaults
-from ..checkpoint import write_safetensors
 from ..counting import format_count, full_network, student_macs, student_params
 from ..errors import RunError
-from ..loading import load_student, student_meta
+from ..frozen import save_student
+from ..loading import ensure_store, load_student, student_meta
 from ..pruning import plan as plan_pruning
 from ..runs import MODEL, prepare_stage, read_run, read_summary, require_stage, stage_done, write_summary
 from ..train import Callbacks
@@ -41,7 +41,8 @@ def prune(run: Path, *, threshold: float = defaults.THRESHOLD, drop_blocks: int 
              "structure": student.structure.counts()}
     arch = run_meta["backbone"]["architecture"]
     full = full_network(arch, len(run_meta["classes"]), img_size)  # the fine-tuned network: the MAC reference
-    write_safetensors(run / "prune" / MODEL, student.state_dict(), student_meta(student, arch, "prune"))
+    ensure_store(run)
+    save_student(run, run / "prune", MODEL, student, student_meta(student, arch, "prune"), run_meta["backbone"]["sha256"])
     summary = {
         "stage": "prune", "threshold": threshold, "drop_blocks": drop_blocks,
         "removed_proxies": [{"layer": l, "source": s} for l, s in result.removed_proxies],

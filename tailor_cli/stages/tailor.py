@@ -27,14 +27,15 @@ from ..student import Student
 from ..train import Callbacks, resolve_device
 from .common import (
     REDO_TEACHER,
-    build_backbone,
     check_run_data,
     data_config,
     data_record,
     fit_student,
+    keep_backbone,
     load_data,
     new_run_guard,
     one_writer,
+    run_backbone,
     say_skipped,
 )
 from .options import (
@@ -102,7 +103,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
             run.mkdir(parents=True, exist_ok=True)  # the student must see exactly the teacher's split
             shutil.copyfile(teacher_dir.parent / "split.json", run / "split.json")
         task = load_data(run_meta, data, data_config(bb.name), run, train.seed)
-        backbone = build_backbone(bb, len(task.classes), train.seed)
+        backbone = run_backbone(run, run_meta, bb, len(task.classes), train.seed)
         say_skipped(cb, task)
         identity = backbone_identity(backbone, name=bb.name, weights=bb.weights, pretrained=bb.pretrained)
         if teacher_dir is not None:
@@ -112,11 +113,11 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
         if on_ready is not None:
             on_ready({"backbone": identity, "task_name": (run_meta or {}).get("task_name", task.name)})
     if run_meta is None:
-        run_meta = {"backbone": identity, "data": data_record(task, data, train.seed), "classes": task.classes,
-                    "task_name": task.name}
-        write_run(run, run_meta)
+        write_run(run, {"backbone": identity, "data": data_record(task, data, train.seed), "classes": task.classes,
+                        "task_name": task.name})
     elif run_meta["backbone"]["sha256"] != identity["sha256"]:
         raise RunError(f"run '{run}' was made with other backbone weights; use another --output or --overwrite")
+    keep_backbone(run, run_meta, backbone, identity)  # once, before any training
 
     if teacher_dir is None and teacher_file is not None:
         teacher_dir = run / "teacher"

@@ -19,17 +19,18 @@ from ..train import Callbacks, evaluate, fit, resolve_device
 from ..weights import WEIGHT_SUFFIXES, load_finetuned_weights, read_weights_file
 from .common import (
     accuracies,
-    build_backbone,
     check_run_data,
     data_config,
     data_record,
     drop_resume_files,
+    keep_backbone,
     load_data,
     loaders,
     maybe_compile,
     new_run_guard,
     one_writer,
     other_data,
+    run_backbone,
     say_distributed,
     say_skipped,
 )
@@ -108,7 +109,7 @@ def train_teacher(run: Path, bb: BackboneOptions, data: DataOptions, train: Trai
     with new_run_guard(run):
         check_backbone_name(bb.name)
         task = load_data(run_meta, data, data_config(bb.name), run, train.seed)
-        model = build_backbone(bb, len(task.classes), train.seed)
+        model = run_backbone(run, run_meta, bb, len(task.classes), train.seed)
     say_skipped(cb, task)
     identity = backbone_identity(model, name=bb.name, weights=bb.weights, pretrained=bb.pretrained)
     if run_meta is None:
@@ -116,6 +117,7 @@ def train_teacher(run: Path, bb: BackboneOptions, data: DataOptions, train: Trai
                         "task_name": task.name})
     elif run_meta["backbone"]["sha256"] != identity["sha256"]:
         raise RunError(f"run '{run}' was made with other backbone weights; use another --output or --overwrite")
+    keep_backbone(run, run_meta, model, identity)
     return fit_teacher(run, bb, model, task, data, train, device, cb, stage_settings(train, device, data, bb, read_run(run)))
 
 
