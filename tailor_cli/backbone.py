@@ -144,16 +144,13 @@ def create_backbone(
 
 
 def zero_classifier(classifier: nn.Module) -> None:
-    """Start a new classifier at zero: every class equally likely, no random logits to unlearn.
-
-    Measured on the teacher and the independent fine-tune (docs/method.md, "Training recipe").
-    """
+    """Start a new classifier at zero: every class equally likely (docs/method.md, "Training recipe")."""
     with torch.no_grad():
         for module in classifier.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
-                module.weight.zero_()
-                if module.bias is not None:
-                    module.bias.zero_()
+                for tensor in (module.weight, module.bias):
+                    if tensor is not None:
+                        tensor.zero_()
 
 
 def _family_layout(model: nn.Module):
