@@ -32,5 +32,6 @@ TEACHER_LOSS = "mse"
 THRESHOLD = 0.05
 TOLERANCE = 0.5
 SEARCH_EPOCHS = 2
+FALLBACKS = 2  # less pruned networks prune --auto fine-tunes in turn when the chosen one misses the tolerance
 
 PROGRESS_SECONDS = 30.0  # non-TTY progress: a line at most this often inside an epoch ($NETTAILOR_PROGRESS_SECONDS)

@@ -123,6 +123,66 @@ def test_the_tolerance_is_the_measured_difference(tmp_path, tailored_run, monkey
         assert "more than --tolerance 0.5;" in res.stderr and "noise" not in res.stderr
 
 
+def _networks_by_leanness(run: Path, threshold: float) -> list[tuple[int, int]]:
+    """(K, blocks kept) of each distinct connected network prune --auto can choose, least pruned first."""
+    from tailor_cli.errors import UsageError
+    from tailor_cli.pruning import plan
+
+    student, _ = load_student(run / "tailor", torch.device("cpu"))
+    alphas = [a.tolist() if a is not None else [] for a in student.attention()]
+    seen, out = set(), []
+    for k in range(sum(s.block for s in student.structure.layers) + 1):
+        try:
+            res = plan(student.structure, alphas, threshold=threshold, drop_blocks=k)
+        except UsageError:
+            continue
+        key = repr(res.structure.to_json())
+        if key not in seen:
+            seen.add(key)
+            out.append((k, res.structure.counts()["blocks"]))
+    return out
+
+
+@pytest.mark.parametrize("fallbacks", [0, 2])
+def test_a_network_that_misses_falls_back_to_a_less_pruned_one(tmp_path, tailored_run, monkeypatch, fallbacks):
+    import tailor_cli.train as train_module
+    from tailor_cli.student import Student
+
+    run = tmp_path / "run"
+    shutil.copytree(tailored_run, run)
+    networks = _networks_by_leanness(run, 0.01)
+    assert len(networks) >= 3, networks  # the fixture must leave networks to fall back to
+    (lean_k, lean_blocks), (next_k, next_blocks) = networks[-1], networks[-2]
+
+    def rigged(model, loader, device, **kw):  # 1,000 images; the leanest network loses 6 (0.6 points), others none
+        mask = torch.ones(1000, dtype=torch.bool)
+        if isinstance(model, Student) and model.structure.counts()["blocks"] <= lean_blocks:
+            mask[:6] = False
+        return mask
+
+    monkeypatch.setattr(train_module, "correct_mask", rigged)
+    res = invoke("prune", run, "--auto", "--tolerance", "0.5", "--fallbacks", fallbacks, *AUTO)
+    search = json.loads(res.stdout)["search"]
+    assert search["searched_k"] == lean_k  # the search accepts -0.6 on its noise allowance
+    attempts = search["final_attempts"]
+    assert attempts[0]["k"] == lean_k and attempts[0]["vs_teacher"]["diff"] == pytest.approx(-0.6)
+    kept, _ = load_student(run / "finetune", torch.device("cpu"))
+    if fallbacks == 0:  # as before: the measured miss is exit 7, nothing else is tried
+        assert res.exit_code == 7, res.output
+        assert [a["k"] for a in attempts] == [lean_k] and search["chosen_k"] == lean_k
+        assert "raise --tolerance or --fallbacks" in res.stderr
+        assert kept.structure.counts()["blocks"] == lean_blocks
+        return
+    assert res.exit_code == 0, res.output
+    assert [a["k"] for a in attempts] == [lean_k, next_k]  # one step back is enough, and no more is trained
+    assert search["chosen_k"] == next_k and search["within_tolerance"] is True
+    assert search["final_vs_teacher"]["diff"] == 0.0
+    assert [r["k"] for r in search["frontier"] if r["chosen"]] == [next_k]
+    assert kept.structure.counts()["blocks"] == next_blocks  # the kept files are the fallback's network
+    assert json.loads((run / "prune" / "summary.json").read_text())["drop_blocks"] == next_k
+    assert "missed once fine-tuned" in invoke("report", run).stdout
+
+
 # --------------------------------------------------------------------------- many tasks
 @pytest.fixture(scope="module")
 def three_tasks(tmp_path_factory) -> tuple[Path, dict[str, Path]]:

@@ -29,6 +29,7 @@ from .options import (
     Download,
     Epochs,
     ExportDir,
+    Fallbacks,
     FinetuneBatchSize,
     FinetuneEpochs,
     FinetuneLr,
@@ -167,7 +168,7 @@ def prune(
                                        "teacher (or the most accurate under --max-macs), then fine-tune it.")] = False,
     tolerance: Annotated[float, typer.Option("--tolerance", help="--auto: accuracy points allowed below the "
                                              "teacher on the validation split.")] = defaults.TOLERANCE,
-    noise_allowance: NoiseAllowance = False,
+    noise_allowance: NoiseAllowance = False, fallbacks: Fallbacks = defaults.FALLBACKS,
     max_macs: Annotated[Optional[float], typer.Option("--max-macs", help="--auto: MACs budget, absolute or a "
                                                       "fraction (<= 1) of the full network.")] = None,
     search_epochs: Annotated[int, typer.Option("--search-epochs", help="--auto: fine-tuning epochs per "
@@ -200,7 +201,7 @@ def prune(
             result = auto_prune(run, data_options(data, None, None, None, False, cache, None, False, workers),
                                 finetune(search_epochs), finetune(epochs),
                                 SearchOptions(tolerance=tolerance, max_macs=max_macs, search_epochs=search_epochs,
-                                              noise_allowance=noise_allowance,
+                                              noise_allowance=noise_allowance, fallbacks=fallbacks,
                                               threshold=threshold), overwrite=overwrite, callbacks=rep,
                                 on_stage=None if json_out else lambda r: emit(r, False, render_stage))
         emit(result, json_out)  # without --json, each part's lines were printed as it ended
@@ -345,7 +346,7 @@ def run(
                                                        "[default: search K automatically].")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Accuracy points allowed below the teacher; "
                                              "the exit code is 7 when the chosen network misses it.")] = defaults.TOLERANCE,
-    noise_allowance: NoiseAllowance = False,
+    noise_allowance: NoiseAllowance = False, fallbacks: Fallbacks = defaults.FALLBACKS,
     max_macs: Annotated[Optional[float], typer.Option("--max-macs", help="MACs budget instead of a tolerance.")] = None,
     search_epochs: Annotated[int, typer.Option("--search-epochs", help="Fine-tuning epochs of each K search "
                                                "candidate.")] = defaults.SEARCH_EPOCHS,
@@ -378,7 +379,7 @@ def run(
                 stage("tailor", tailor_epochs, tailor_lr, tailor_batch_size),
                 stage("finetune", finetune_epochs, finetune_lr, finetune_batch_size),
                 SearchOptions(tolerance=tolerance, max_macs=max_macs, search_epochs=search_epochs, threshold=threshold,
-                              noise_allowance=noise_allowance),
+                              noise_allowance=noise_allowance, fallbacks=fallbacks),
                 drop_blocks, resume=resume, overwrite=overwrite, callbacks=rep,
                 on_stage=None if json_out else lambda r: emit(r, False, render_stage))
         emit(result, json_out, render_run)

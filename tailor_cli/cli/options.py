@@ -146,6 +146,9 @@ NoiseAllowance = Annotated[bool, typer.Option(
     "--noise-allowance", help="Also pass a final network that misses --tolerance by no more than the noise of the "
     "paired difference on the validation images (1.645 standard errors); the output names it. Off: exit 0 means "
     "the measured drop is at most --tolerance.")]
+Fallbacks = Annotated[int, typer.Option(
+    "--fallbacks", metavar="N", help="When the chosen network misses --tolerance after its full fine-tune, fine-tune "
+    "the next less pruned one, up to N times, and keep the first that meets it.")]
 MaxSkip = Annotated[int, typer.Option("--max-skip", help="Proxies per layer (skips over 1..K blocks).")]
 TeacherWeight = Annotated[float, typer.Option("--teacher-weight", help="g2, weight of the teacher term.")]
 Threshold = Annotated[float, typer.Option("--threshold", help="Remove proxies with attention below this.")]

@@ -123,6 +123,7 @@ def render_frontier(search: dict, console: Console | None = None) -> None:
                 f"MACs as a share{full})")
     for col in ("K", "blocks kept", "proxies", "params", "MACs", "of fine-tuned", "val acc", "vs ref (allowed)", ""):
         tab.add_column(col, justify="right")
+    missed = {a["k"]: a for a in search.get("final_attempts", [])[:-1]}  # fine-tuned fully, then discarded
     for row in search["frontier"]:
         if row["status"] == "disconnected":
             tab.add_row(str(row["k"]), "-", "-", "-", "-", "-", "disconnected", "", "")
@@ -130,11 +131,16 @@ def render_frontier(search: dict, console: Console | None = None) -> None:
         cmp = row.get("comparison")
         vs = f"{cmp['diff']:+.2f} (>= {-(cmp['tolerance'] + cmp['margin']):.2f})" if cmp and row["k"] != ref else ""
         status = {"tried": fmt_acc(row.get("val_acc")), "same": f"= K={row.get('same_as')}"}.get(row["status"], "not tried")
-        verdict = "chosen" if row["chosen"] else ("reference" if row["k"] == ref else
+        verdict = "chosen" if row["chosen"] else ("missed once fine-tuned" if row["k"] in missed else
+                                                  "reference" if row["k"] == ref else
                                                   "rejected" if cmp and not cmp["accepted"] else "")
         tab.add_row(str(row["k"]), str(row["blocks_kept"]), str(row["proxies_kept"]), fmt_n(row["params"]),
                     fmt_n(row["macs"]), f"{100 * row['macs_fraction']:.0f}%", status, vs, verdict)
     console.print(tab)
+    for a in missed.values():
+        console.print(f"K={a['k']} fine-tuned fully: {a['val_acc']:.2f}% on validation, {a['vs_teacher']['diff']:+.2f} "
+                      f"points vs the teacher, more than --tolerance {a['vs_teacher']['tolerance']:g}; the next less "
+                      "pruned network was fine-tuned in its place (--fallbacks)", highlight=False)
     if search.get("final_vs_teacher"):
         console.print(tolerance_line(search["final_vs_teacher"]), highlight=False)
 
@@ -215,6 +221,8 @@ def stage_line(r: dict) -> str:
         return export_line(r)
     parts = [f"{r['stage']}: {_produced(r)}"]
     parts += [a for a in (_accuracy(r, "val"), _accuracy(r, "test")) if a]
+    if r.get("discarded"):
+        parts.append("discarded: misses --tolerance")
     if r.get("reused"):
         parts.append("done earlier, kept")
     elif r.get("wall_seconds") is not None:

@@ -132,6 +132,7 @@ class SearchOptions:
     search_epochs: int = defaults.SEARCH_EPOCHS
     threshold: float = defaults.THRESHOLD
     noise_allowance: bool = False  # also accept a final network below the tolerance by no more than the noise
+    fallbacks: int = defaults.FALLBACKS  # less pruned networks fine-tuned in turn when the chosen one misses
 
     def validate(self) -> None:
         if not 0.0 <= self.threshold < 1.0:
@@ -140,6 +141,8 @@ class SearchOptions:
             raise UsageError(f"--tolerance must be >= 0, got {self.tolerance}")
         if self.search_epochs <= 0:
             raise UsageError(f"--search-epochs must be positive, got {self.search_epochs}")
+        if self.fallbacks < 0:
+            raise UsageError(f"--fallbacks must be >= 0, got {self.fallbacks}")
         if self.max_macs is not None and not self.max_macs > 0:
             raise UsageError(f"--max-macs must be positive, got {self.max_macs}")
 

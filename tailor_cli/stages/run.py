@@ -189,7 +189,8 @@ def _run_options(bb: BackboneOptions, data: DataOptions, trains: dict[str, Train
                "weights": weights_option(bb),
                "max_skip": opts.max_skip, "teacher_loss": opts.teacher_loss, "threshold": search.threshold,
                "drop_blocks": drop_blocks, "tolerance": search.tolerance, "max_macs": search.max_macs,
-               "search_epochs": search.search_epochs, "seed": common.seed, "device": common.device,
+               "search_epochs": search.search_epochs,
+               "noise_allowance": search.noise_allowance, "fallbacks": search.fallbacks, "seed": common.seed, "device": common.device,
                "amp": common.amp, "keep_checkpoints": common.keep_checkpoints, "schedule": common.schedule,
                "label_smoothing": common.label_smoothing,
                "teacher": str(Path(opts.teacher).resolve()) if opts.teacher else None}

@@ -77,8 +77,11 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     allowing for the noise of the paired difference (:func:`tailor_cli.selection.compare`), and
     the leanest accepted one is found by bisection over the candidates. Budget mode
     (``max_macs``): the least pruned candidate whose MACs fit the budget. The chosen network is
-    then fine-tuned ``final_train.epochs`` and compared with the teacher the same way (exit 7
-    when it misses). Only validation data is read; ``run/search/frontier.json`` lists every K.
+    then fine-tuned ``final_train.epochs`` and compared with the teacher on the measured
+    difference (plus the noise only with ``opts.noise_allowance``). When it misses, the next less
+    pruned candidate is pruned and fine-tuned in its place, ``opts.fallbacks`` times at most; the
+    last one fine-tuned is kept, and the result has ``error`` (exit 7) when it misses too. Only
+    validation data is read; ``run/search/frontier.json`` lists every K and ``final_attempts``.
     ``on_stage`` is called with each part's record as it ends (``search``, ``prune``, ``finetune``
     with the check against the teacher); the result lists them under ``stages``.
     """
@@ -216,28 +219,48 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
         if on_stage is not None:
             on_stage(record)
 
-    ended({"stage": "search", "run": str(run), **search})
-    pruned = prune(run, threshold=opts.threshold, drop_blocks=chosen, overwrite=True, callbacks=cb)
-    ended({"run": str(run), **pruned})
-    final = finetune(run, data, final_train, teacher_weight=teacher_weight, callbacks=cb)
-    final_model, _ = load_student(run / "finetune", device)
+    ended({"stage": "search", "run": str(run), **copy.deepcopy(search)})  # as the search chose; fallbacks come after
     teacher_model = teacher if teacher is not None else load_teacher(t_dir, device).eval()
-    check = compare(correct_mask(final_model, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last),
-                    correct_mask(teacher_model, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last),
-                    tolerance=opts.tolerance, z=Z_ONE_SIDED_95 if opts.noise_allowance else 0.0)
+    teacher_correct = correct_mask(teacher_model, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last)
+    teacher_summary = read_summary(t_dir.parent, "teacher")
+    searched_k, attempts = chosen, []
+    while True:  # the chosen network, then (tolerance mode) less pruned ones while it misses, opts.fallbacks at most
+        pruned = prune(run, threshold=opts.threshold, drop_blocks=chosen, overwrite=True, callbacks=cb)
+        ended({"run": str(run), **pruned})
+        final = finetune(run, data, final_train, teacher_weight=teacher_weight, callbacks=cb)
+        final_model, _ = load_student(run / "finetune", device)
+        check = compare(correct_mask(final_model, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last),
+                        teacher_correct, tolerance=opts.tolerance, z=Z_ONE_SIDED_95 if opts.noise_allowance else 0.0)
+        attempts.append({"k": chosen, "blocks_kept": plans[chosen]["blocks_kept"], "macs": plans[chosen]["macs"],
+                         "macs_fraction": plans[chosen]["macs"] / full_macs, "val_acc": final["val_acc"],
+                         "vs_teacher": check.to_json()})
+        less_pruned = [k for k in candidates if k < chosen]
+        if budget is not None or check.accepted or not less_pruned or len(attempts) > opts.fallbacks:
+            break
+        cb.on_message(f"prune --auto: K={chosen} ends {-check.diff:.2f} points below the teacher, more than "
+                      f"--tolerance {opts.tolerance}; fine-tuning the next less pruned network, K={less_pruned[-1]}")
+        ended({"run": str(run), **final, "teacher_val_acc": teacher_acc,
+               "teacher_test_acc": teacher_summary.get("test_acc"), "final_vs_teacher": check.to_json(),
+               "discarded": True})
+        chosen = less_pruned[-1]
     within = check.accepted  # the measured difference, unless --noise-allowance was asked for
-    search.update(final_val_acc=final["val_acc"], final_test_acc=final.get("test_acc"),
+    for row in search["frontier"]:
+        row["chosen"] = row["k"] == chosen
+    search.update(chosen_k=chosen, searched_k=searched_k, fallbacks=opts.fallbacks, final_attempts=attempts,
+                  final_val_acc=final["val_acc"], final_test_acc=final.get("test_acc"),
                   within_tolerance=check.within_tolerance, accepted=within, noise_allowance=opts.noise_allowance,
                   final_vs_teacher=check.to_json())
     write_json(run / "search" / "frontier.json", search)
-    teacher_summary = read_summary(t_dir.parent, "teacher")
     ended({"run": str(run), **final, "teacher_val_acc": teacher_acc, "teacher_test_acc": teacher_summary.get("test_acc"),
            "final_vs_teacher": check.to_json()})
     result = {"stage": "finetune", "run": str(run), "search": search, "prune": pruned, **final, "stages": stages}
     if budget is None and not within:
+        tuned = ", ".join(f"K={a['k']} {a['vs_teacher']['diff']:+.2f}" for a in attempts)
         result["error"] = (f"the chosen network (K={chosen}) reaches {final['val_acc']:.2f}% on validation, "
                            f"{-check.diff:.2f} points below the teacher's {teacher_acc:.2f}%: more than --tolerance "
                            f"{opts.tolerance}" + (f" plus the noise of {check.n} validation images ({check.margin:.2f}, "
                                                   "--noise-allowance)" if opts.noise_allowance else "")
-                           + "; raise --tolerance, or keep more blocks (--max-macs, prune -k)")
+                           + (f" (fine-tuned: {tuned})" if len(attempts) > 1 else "")
+                           + ("; raise --tolerance or --fallbacks, or keep more blocks (--max-macs, prune -k)"
+                              if less_pruned else "; raise --tolerance (no less pruned network is left to try)"))
     return result
