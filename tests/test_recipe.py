@@ -117,6 +117,36 @@ def test_defaults_train_with_warmup_cosine_and_smoothing_and_the_paper_recipe_is
     assert all(r["train_ce"] == r["train_loss"] for r in rows)
 
 
+@pytest.mark.parametrize("command,flags,epochs", [
+    ("run", [], (20, 40, 20)),  # the student still climbs at 20 epochs (docs/method.md): tailor trains 40
+    ("run", ["--epochs", "3"], (3, 3, 3)),  # --epochs is every stage's
+    ("run", ["--epochs", "3", "--tailor-epochs", "5"], (3, 5, 3)),
+    ("tailor", [], (20, 40)),  # (teacher trained in the run, student)
+    ("tailor", ["--epochs", "7"], (7, 7)),
+    ("tailor", ["--teacher-epochs", "2"], (2, 40)),
+])
+def test_each_stage_has_its_own_default_epochs_and_epochs_sets_them_all(monkeypatch, command, flags, epochs):
+    import tailor_cli.stages as stages
+    import tailor_cli.stages.tailor as tailor_module
+    from tailor_cli.errors import UsageError
+
+    seen = []
+
+    def fake_run(run, export_dir, bb, data, opts, tailor_train, finetune_train, *args, **kwargs):
+        seen.append((opts.teacher_train.epochs, tailor_train.epochs, finetune_train.epochs))
+        raise UsageError("stopped before training")
+
+    def fake_tailor(run, bb, data, train, opts, *args, **kwargs):
+        seen.append((opts.teacher_train.epochs, train.epochs))
+        raise UsageError("stopped before training")
+
+    monkeypatch.setattr(stages, "run_pipeline", fake_run)
+    monkeypatch.setattr(tailor_module, "tailor", fake_tailor)
+    res = invoke(command, "--data", "digits", "--backbone", "test_resnet", *flags)
+    assert res.exit_code == 2 and "stopped before training" in res.stderr, res.output
+    assert seen == [epochs]
+
+
 def test_the_optimiser_is_nesterov_sgd_unless_asked_for_the_papers_plain_momentum():
     from tailor_cli.train import TrainConfig, make_optimizer
 

@@ -84,7 +84,7 @@ def teacher(
     config: Config = None, data: Data = None, backbone: Backbone = "resnet34", output: Output = None,
     pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
     val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
-    skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = defaults.EPOCHS,
+    skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, schedule: Schedule = None,
     warmup_epochs: WarmupEpochs = None, label_smoothing: LabelSmoothing = None, weight_decay: WeightDecay = None,
     nesterov: Nesterov = None, seed: Seed = 0, device: Device = "auto",
@@ -124,7 +124,7 @@ def tailor(
     teacher_loss: TeacherLoss = defaults.TEACHER_LOSS,
     pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
     val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
-    skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = defaults.EPOCHS,
+    skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, schedule: Schedule = None,
     warmup_epochs: WarmupEpochs = None, label_smoothing: LabelSmoothing = None, weight_decay: WeightDecay = None,
     nesterov: Nesterov = None, seed: Seed = 0, device: Device = "auto",
@@ -173,7 +173,7 @@ def prune(
                                                       "fraction (<= 1) of the full network.")] = None,
     search_epochs: Annotated[int, typer.Option("--search-epochs", help="--auto: fine-tuning epochs per "
                                                "candidate.")] = defaults.SEARCH_EPOCHS,
-    epochs: Annotated[int, typer.Option("--epochs", help="--auto: epochs of the final fine-tuning.")] = defaults.EPOCHS,
+    epochs: Annotated[int, typer.Option("--epochs", help="--auto: epochs of the final fine-tuning.")] = defaults.EPOCHS["finetune"],
     data: Data = None, cache: Cache = False, workers: Workers = None, batch_size: BatchSize = None, lr: Lr = None,
     schedule: Schedule = None, warmup_epochs: WarmupEpochs = None, label_smoothing: LabelSmoothing = None,
     seed: Seed = 0, device: Device = "auto", amp: Amp = None, clip_grad: ClipGrad = None,
@@ -216,7 +216,7 @@ def finetune(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="A run directory with a finished 'prune' stage.")],
     config: Config = None, teacher_weight: TeacherWeight = defaults.TEACHER_WEIGHT,
     data: Data = None, task: Task = None, cache: Cache = False, skip_bad: SkipBad = False, workers: Workers = None,
-    augment: Augment = True, epochs: Epochs = defaults.EPOCHS, batch_size: BatchSize = None, lr: Lr = None,
+    augment: Augment = True, epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None,
     lr_step: LrStep = None, schedule: Schedule = None, warmup_epochs: WarmupEpochs = None,
     label_smoothing: LabelSmoothing = None, weight_decay: WeightDecay = None, nesterov: Nesterov = None,
     seed: Seed = 0,
@@ -336,7 +336,9 @@ def run(
     out: OldOut = None, pretrained: Pretrained = True, weights: Weights = None, teacher_run: TeacherSource = None,
     task: Task = None, img_size: ImgSize = None, val_fraction: ValFraction = None, download: Download = False, cache: Cache = False,
     hflip: Hflip = None, skip_bad: SkipBad = False, workers: Workers = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs of each training stage (see --STAGE-epochs).")] = defaults.EPOCHS,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs of every training stage (see --STAGE-epochs) "
+                                                  f"[default: teacher {defaults.EPOCHS['teacher']}, tailor "
+                                                  f"{defaults.EPOCHS['tailor']}, finetune {defaults.EPOCHS['finetune']}].")] = None,
     teacher_epochs: TeacherEpochs = None, teacher_lr: TeacherLr = None, teacher_batch_size: TeacherBatchSize = None,
     tailor_epochs: TailorEpochs = None, tailor_lr: TailorLr = None, tailor_batch_size: TailorBatchSize = None,
     finetune_epochs: FinetuneEpochs = None, finetune_lr: FinetuneLr = None,
@@ -363,7 +365,7 @@ def run(
         from ..stages import BackboneOptions, SearchOptions, TailorOptions, run_pipeline
 
         require_data(data)
-        if epochs <= 0:
+        if epochs is not None and epochs <= 0:
             raise UsageError(f"--epochs must be positive, got {epochs}")
         target = export_dir_value(export_dir, out)
         stage = lambda name, n, lr, bs: train_options(name, epochs=epochs if n is None else n, lr=lr, batch_size=bs,

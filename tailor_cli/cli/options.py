@@ -102,7 +102,9 @@ SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable image
 Augment = Annotated[bool, typer.Option("--augment/--no-augment", help="Random-resized-crop (and flips) in "
                                        "training; --no-augment trains on the evaluation transform.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader workers [default: from CPU count].")]
-Epochs = Annotated[int, typer.Option("--epochs", help="Training epochs.")]
+Epochs = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs [default: teacher "
+                                                              f"{defaults.EPOCHS['teacher']}, tailor {defaults.EPOCHS['tailor']}, "
+                                                              f"finetune {defaults.EPOCHS['finetune']}].")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Batch size (per process).")]
 Lr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (SGD, momentum 0.9; see --schedule).")]
 LrStep = Annotated[Optional[int], typer.Option("--lr-step", help="--schedule step: epochs between x0.1 decays "
@@ -159,7 +161,8 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 def _stage_options(stage: str, short: str, also: str = ""):
     """The options of one training stage: --STAGE-epochs, --STAGE-lr, --STAGE-batch-size (`run`; tailor's --teacher-*)."""
     return (
-        Annotated[Optional[int], typer.Option(f"--{stage}-epochs", help=f"Epochs of {short} [default: --epochs].")],
+        Annotated[Optional[int], typer.Option(f"--{stage}-epochs", help=f"Epochs of {short} [default: --epochs, "
+                                              f"else {defaults.EPOCHS[stage]}].")],
         Annotated[Optional[float], typer.Option(f"--{stage}-lr", help=f"Learning rate of {short}{also} "
                                                 f"[default: {defaults.LR[stage]}].")],
         Annotated[Optional[int], typer.Option(f"--{stage}-batch-size", help=f"Batch size of {short}{also} "
@@ -184,7 +187,7 @@ def default_output(data: str | None, backbone: str) -> Path:
 
 def stage_help(stage: str, text: str) -> str:
     """A training command's help, ending with its defaults."""
-    return (f"{text} Defaults: lr {defaults.LR[stage]}, batch {defaults.BATCH_SIZE[stage]}, {defaults.EPOCHS} epochs, "
+    return (f"{text} Defaults: lr {defaults.LR[stage]}, batch {defaults.BATCH_SIZE[stage]}, {defaults.EPOCHS[stage]} epochs, "
             f"{defaults.SCHEDULE} schedule. The authors' recipe: --lr {defaults.PAPER_LR[stage]} --schedule step "
             "--warmup-epochs 0 --label-smoothing 0 --no-nesterov.")
 

@@ -31,7 +31,7 @@ class DataOptions:
 
 @dataclass
 class TrainOptions:
-    epochs: int = defaults.EPOCHS
+    epochs: int = defaults.EPOCHS["tailor"]
     batch_size: int = defaults.BATCH_SIZE["tailor"]
     lr: float = defaults.LR["tailor"]
     lr_step: int | None = None  # schedule "step": default 40% of the epochs (SVHN demo: 20 epochs, decay every 8)
@@ -57,7 +57,7 @@ class TrainOptions:
                   schedule: str | None = None, label_smoothing: float | None = None,
                   weight_decay: float | None = None, nesterov: bool | None = None, **rest) -> "TrainOptions":
         """Options of a training stage (teacher, tailor, finetune), its defaults (``defaults.py``) for those not given."""
-        return cls(epochs=defaults.EPOCHS if epochs is None else epochs, lr=defaults.LR[stage] if lr is None else lr,
+        return cls(epochs=defaults.EPOCHS[stage] if epochs is None else epochs, lr=defaults.LR[stage] if lr is None else lr,
                    batch_size=defaults.BATCH_SIZE[stage] if batch_size is None else batch_size,
                    warmup_epochs=defaults.WARMUP_EPOCHS[stage] if warmup_epochs is None else warmup_epochs,
                    schedule=defaults.SCHEDULE if schedule is None else schedule,
