@@ -223,6 +223,11 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     teacher_model = teacher if teacher is not None else load_teacher(t_dir, device).eval()
     teacher_correct = correct_mask(teacher_model, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last)
     teacher_summary = read_summary(t_dir.parent, "teacher")
+
+    def checked(final: dict, check) -> dict:  # a final fine-tune's record, with its check against the teacher
+        return {"run": str(run), **final, "teacher_val_acc": teacher_acc,
+                "teacher_test_acc": teacher_summary.get("test_acc"), "final_vs_teacher": check.to_json()}
+
     searched_k, attempts = chosen, []
     while True:  # the chosen network, then (tolerance mode) less pruned ones while it misses, opts.fallbacks at most
         pruned = prune(run, threshold=opts.threshold, drop_blocks=chosen, overwrite=True, callbacks=cb)
@@ -239,9 +244,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
             break
         cb.on_message(f"prune --auto: K={chosen} ends {-check.diff:.2f} points below the teacher, more than "
                       f"--tolerance {opts.tolerance}; fine-tuning the next less pruned network, K={less_pruned[-1]}")
-        ended({"run": str(run), **final, "teacher_val_acc": teacher_acc,
-               "teacher_test_acc": teacher_summary.get("test_acc"), "final_vs_teacher": check.to_json(),
-               "discarded": True})
+        ended(checked(final, check) | {"discarded": True})
         chosen = less_pruned[-1]
     within = check.accepted  # the measured difference, unless --noise-allowance was asked for
     for row in search["frontier"]:
@@ -251,8 +254,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
                   within_tolerance=check.within_tolerance, accepted=within, noise_allowance=opts.noise_allowance,
                   final_vs_teacher=check.to_json())
     write_json(run / "search" / "frontier.json", search)
-    ended({"run": str(run), **final, "teacher_val_acc": teacher_acc, "teacher_test_acc": teacher_summary.get("test_acc"),
-           "final_vs_teacher": check.to_json()})
+    ended(checked(final, check))
     result = {"stage": "finetune", "run": str(run), "search": search, "prune": pruned, **final, "stages": stages}
     if budget is None and not within:
         tuned = ", ".join(f"K={a['k']} {a['vs_teacher']['diff']:+.2f}" for a in attempts)
