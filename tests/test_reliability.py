@@ -511,6 +511,53 @@ def test_run_resume_after_a_search_continues_the_finetune(tmp_path, folder_data)
     _assert_clean_failure(invoke(*more_epochs, "--resume"), 2, "--search-epochs 1 -> 2")
 
 
+def _stopped_before_the_check(run: Path) -> None:
+    """Make a searched run look killed during its final fine-tune: the frontier as the search left it."""
+    _unfinish(run / "finetune")
+    frontier = json.loads((run / "search" / "frontier.json").read_text())
+    for key in ("final_vs_teacher", "final_attempts", "within_tolerance", "accepted", "final_val_acc"):
+        frontier.pop(key)
+    (run / "search" / "frontier.json").write_text(json.dumps(frontier))
+
+
+def test_run_resume_checks_the_final_network_against_the_teacher(tmp_path, folder_data, monkeypatch):
+    import tailor_cli.train as train_module
+    from tailor_cli.student import Student
+
+    students_lose = {"images": 6}  # of 1,000: -0.6 points, more than --tolerance 0.5
+
+    def rigged(model, loader, device, **kw):  # every student the same (the search accepts all), the teacher all right
+        mask = torch.ones(1000, dtype=torch.bool)
+        if isinstance(model, Student):
+            mask[:students_lose["images"]] = False
+        return mask
+
+    monkeypatch.setattr(train_module, "correct_mask", rigged)
+    run = tmp_path / "run"
+    args = ["run", "--data", folder_data, "--output", run, "--epochs", "1", "--threshold", "0.01",
+            "--search-epochs", "1", "--tolerance", "0.5", "--fallbacks", "0", "--keep-checkpoints", *RUN_FAST]
+    first = invoke(*args)
+    assert first.exit_code == 7 and "0.60 points below the teacher" in first.stderr, first.output
+    again = invoke(*args, "--resume")  # nothing left to train: the same verdict, not exit 0
+    assert again.exit_code == 7 and "0.60 points below the teacher" in again.stderr, again.output
+
+    _stopped_before_the_check(run)
+    resumed = invoke(*args, "--resume", "--json")  # the fine-tune resumes, then the check is made and written
+    assert resumed.exit_code == 7, resumed.output
+    assert "finetune: resuming after epoch 1" in resumed.stderr and "search again" in resumed.stderr
+    frontier = json.loads((run / "search" / "frontier.json").read_text())
+    assert frontier["final_vs_teacher"]["diff"] == pytest.approx(-0.6) and frontier["accepted"] is False
+    assert json.loads(resumed.stdout)["stages"][-2]["final_vs_teacher"]["diff"] == pytest.approx(-0.6)
+
+    students_lose["images"] = 4  # -0.4: within the tolerance
+    _stopped_before_the_check(run)
+    passed = invoke(*args, "--resume")
+    assert passed.exit_code == 0, passed.output
+    frontier = json.loads((run / "search" / "frontier.json").read_text())
+    assert frontier["final_vs_teacher"]["diff"] == pytest.approx(-0.4) and frontier["within_tolerance"] is True
+    assert [a["k"] for a in frontier["final_attempts"]] == [frontier["chosen_k"]]
+
+
 def test_tailor_uses_a_teacher_trained_by_the_teacher_command_in_the_same_run(tmp_path, folder_data):
     run = tmp_path / "run"
     assert invoke("teacher", "--data", folder_data, "--output", run, "--epochs", "1", *FAST).exit_code == 0

@@ -21,7 +21,7 @@ from ..train import Callbacks, resolve_device
 from .finetune import finetune
 from .options import BackboneOptions, DataOptions, SearchOptions, TailorOptions, TrainOptions, data_path, weights_option
 from .prune import prune
-from .search import auto_prune, check_run_resume
+from .search import auto_prune, check_run_resume, recheck_resumed
 from .tailor import tailor
 
 
@@ -85,7 +85,7 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
         meta = {k: v for k, v in read_run(run).items() if k != "format"}
         write_run(run, meta | {"command": "run", "options": _run_options(bb, data, trains, opts, search, drop_blocks),
                                "environment": environment(trains["tailor"].device)})
-        searched = None
+        searched: dict | None = None
         if searching:
             search_train = replace(finetune_train, epochs=search.search_epochs)
             searched = auto_prune(run, data, search_train, finetune_train, search, teacher_weight=opts.teacher_weight,
@@ -101,11 +101,13 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
                 ended({"run": str(run), **prune(run, threshold=search.threshold, drop_blocks=drop_blocks,
                                                 overwrite=True, callbacks=cb)})
             teacher = read_summary(run, "teacher") if stage_done(run, "teacher") else {}
-            ended({"run": str(run), **finetune(run, data, finetune_train, teacher_weight=opts.teacher_weight,
-                                               callbacks=cb),
-                   "teacher_val_acc": teacher.get("val_acc"), "teacher_test_acc": teacher.get("test_acc"),
-                   **({"final_vs_teacher": searched_before["final_vs_teacher"]}
-                      if "final_vs_teacher" in searched_before else {})})
+            final = finetune(run, data, finetune_train, teacher_weight=opts.teacher_weight, callbacks=cb)
+            if searched_before:  # the check the search ends with, measured now if the run stopped before it
+                searched = recheck_resumed(run, data, finetune_train, search)
+            ended({"run": str(run), **final, "teacher_val_acc": teacher.get("val_acc"),
+                   "teacher_test_acc": teacher.get("test_acc"),
+                   **({"final_vs_teacher": searched["final_vs_teacher"]} if searched and "final_vs_teacher" in searched
+                      else {})})
         t_export = time.perf_counter()
         exported = export_task(run, export_dir, overwrite=True)
         ended({**exported, "stage": "export", "exported_stage": exported["stage"],

@@ -257,12 +257,66 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     ended(checked(final, check))
     result = {"stage": "finetune", "run": str(run), "search": search, "prune": pruned, **final, "stages": stages}
     if budget is None and not within:
-        tuned = ", ".join(f"K={a['k']} {a['vs_teacher']['diff']:+.2f}" for a in attempts)
-        result["error"] = (f"the chosen network (K={chosen}) reaches {final['val_acc']:.2f}% on validation, "
-                           f"{-check.diff:.2f} points below the teacher's {teacher_acc:.2f}%: more than --tolerance "
-                           f"{opts.tolerance}" + (f" plus the noise of {check.n} validation images ({check.margin:.2f}, "
-                                                  "--noise-allowance)" if opts.noise_allowance else "")
-                           + (f" (fine-tuned: {tuned})" if len(attempts) > 1 else "")
-                           + ("; raise --tolerance or --fallbacks, or keep more blocks (--max-macs, prune -k)"
-                              if less_pruned else "; raise --tolerance (no less pruned network is left to try)"))
+        result["error"] = missed_tolerance(search, opts, "; raise --tolerance or --fallbacks, or keep more blocks "
+                                           "(--max-macs, prune -k)" if less_pruned else
+                                           "; raise --tolerance (no less pruned network is left to try)")
     return result
+
+
+def missed_tolerance(search: dict, opts: SearchOptions, advice: str) -> str:
+    """Exit 7's message: the kept network against the teacher, every network fine-tuned, what to do."""
+    check, attempts = search["final_vs_teacher"], search.get("final_attempts", [])
+    tuned = ", ".join(f"K={a['k']} {a['vs_teacher']['diff']:+.2f}" for a in attempts)
+    return (f"the chosen network (K={search['chosen_k']}) reaches {check['candidate_acc']:.2f}% on validation, "
+            f"{-check['diff']:.2f} points below the teacher's {check['reference_acc']:.2f}%: more than --tolerance "
+            f"{opts.tolerance}" + (f" plus the noise of {check['n']} validation images ({check['margin']:.2f}, "
+                                   "--noise-allowance)" if opts.noise_allowance else "")
+            + (f" (fine-tuned: {tuned})" if len(attempts) > 1 else "") + advice)
+
+
+def recheck_resumed(run: Path, data: DataOptions, train: TrainOptions, opts: SearchOptions) -> dict:
+    """``run --resume`` of a run whose K search had ended: the final network against the teacher.
+
+    ``auto_prune`` ends with this check, but a run stopped during a final fine-tune left a frontier
+    without it; the resumed fine-tune is then checked here as ``auto_prune`` checks it (the same
+    validation images, the measured difference unless ``opts.noise_allowance``) and the check is
+    written to ``search/frontier.json``. A check made before is read back, not remeasured. Returns
+    the frontier, with ``error`` (exit 7) when the kept network misses the tolerance; no less pruned
+    network is tried here (``prune --auto --overwrite`` searches again). Budget mode has no check.
+    """
+    from ..data import make_loader
+    from ..selection import Z_ONE_SIDED_95, compare
+    from ..train import correct_mask
+
+    search = read_json(run / "search" / "frontier.json", what="search frontier")
+    if search.get("mode") == "budget":
+        return search
+    if "final_vs_teacher" not in search:
+        run_meta, device = read_run(run), resolve_device(train.device)
+        cfg = train.config(device)
+        amp = autocast_context(cfg, device)
+        task = load_data(run_meta, data, data_config(run_meta["backbone"]["architecture"]), run, train.seed)
+        val_loader = make_loader(task.val, batch_size=max(train.batch_size, 64), train=False, device=device,
+                                 num_workers=0)
+        final_model, _ = load_student(run / "finetune", device)
+        teacher = load_teacher(locate_teacher(run, run_meta), device).eval()
+        check = compare(*(correct_mask(m, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last)
+                          for m in (final_model, teacher)),
+                        tolerance=opts.tolerance, z=Z_ONE_SIDED_95 if opts.noise_allowance else 0.0)
+        final, k = read_summary(run, "finetune"), read_summary(run, "prune")["drop_blocks"]
+        row = next(r for r in search["frontier"] if r["k"] == k)
+        for r in search["frontier"]:
+            r["chosen"] = r["k"] == k
+        search.setdefault("searched_k", search["chosen_k"])
+        search.update(chosen_k=k, fallbacks=opts.fallbacks, final_val_acc=final["val_acc"],
+                      final_test_acc=final.get("test_acc"), within_tolerance=check.within_tolerance,
+                      accepted=check.accepted, noise_allowance=opts.noise_allowance, final_vs_teacher=check.to_json(),
+                      final_attempts=[{"k": k, "blocks_kept": row["blocks_kept"], "macs": row["macs"],
+                                       "macs_fraction": row["macs_fraction"], "val_acc": final["val_acc"],
+                                       "vs_teacher": check.to_json()}])
+        write_json(run / "search" / "frontier.json", search)
+    accepted = search.get("accepted", search["final_vs_teacher"]["within_tolerance"])
+    if not accepted:
+        search["error"] = missed_tolerance(search, opts, "; the resumed run tries no other network: search again "
+                                           "(prune --auto --overwrite), or raise --tolerance")
+    return search
