@@ -31,7 +31,7 @@ TEACHER_LOSS = "mse"
 
 THRESHOLD = 0.05
 TOLERANCE = 0.5
-SEARCH_EPOCHS = 2
+SEARCH_EPOCHS = 5  # per K candidate; 2 ranked lean networks wrongly both ways (docs/method.md, "Measured", session 9)
 FALLBACKS = 2  # less pruned networks prune --auto fine-tunes in turn when the chosen one misses the tolerance
 
 PROGRESS_SECONDS = 30.0  # non-TTY progress: a line at most this often inside an epoch ($NETTAILOR_PROGRESS_SECONDS)
