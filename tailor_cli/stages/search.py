@@ -236,9 +236,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
         final_model, _ = load_student(run / "finetune", device)
         check = compare(correct_mask(final_model, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last),
                         teacher_correct, tolerance=opts.tolerance, z=Z_ONE_SIDED_95 if opts.noise_allowance else 0.0)
-        attempts.append({"k": chosen, "blocks_kept": plans[chosen]["blocks_kept"], "macs": plans[chosen]["macs"],
-                         "macs_fraction": plans[chosen]["macs"] / full_macs, "val_acc": final["val_acc"],
-                         "vs_teacher": check.to_json()})
+        attempts.append(attempt_record(chosen, plans[chosen], full_macs, final, check))
         less_pruned = [k for k in candidates if k < chosen]
         if budget is not None or check.accepted or not less_pruned or len(attempts) > opts.fallbacks:
             break
@@ -247,12 +245,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
         ended(checked(final, check) | {"discarded": True})
         chosen = less_pruned[-1]
     within = check.accepted  # the measured difference, unless --noise-allowance was asked for
-    for row in search["frontier"]:
-        row["chosen"] = row["k"] == chosen
-    search.update(chosen_k=chosen, searched_k=searched_k, fallbacks=opts.fallbacks, final_attempts=attempts,
-                  final_val_acc=final["val_acc"], final_test_acc=final.get("test_acc"),
-                  within_tolerance=check.within_tolerance, accepted=within, noise_allowance=opts.noise_allowance,
-                  final_vs_teacher=check.to_json())
+    record_final(search, chosen, searched_k, attempts, final, check, opts)
     write_json(run / "search" / "frontier.json", search)
     ended(checked(final, check))
     result = {"stage": "finetune", "run": str(run), "search": search, "prune": pruned, **final, "stages": stages}
@@ -261,6 +254,23 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
                                            "(--max-macs, prune -k)" if less_pruned else
                                            "; raise --tolerance (no less pruned network is left to try)")
     return result
+
+
+def attempt_record(k: int, network: dict, full_macs: float, final: dict, check) -> dict:
+    """One final fine-tune in ``final_attempts``: the network (a frontier row) and its check against the teacher."""
+    return {"k": k, "blocks_kept": network["blocks_kept"], "macs": network["macs"],
+            "macs_fraction": network["macs"] / full_macs, "val_acc": final["val_acc"], "vs_teacher": check.to_json()}
+
+
+def record_final(search: dict, k: int, searched_k: int, attempts: list[dict], final: dict, check,
+                 opts: SearchOptions) -> None:
+    """Write the kept network (K = ``k``) and its check against the teacher into the frontier ``search``."""
+    for row in search["frontier"]:
+        row["chosen"] = row["k"] == k
+    search.update(chosen_k=k, searched_k=searched_k, fallbacks=opts.fallbacks, final_attempts=attempts,
+                  final_val_acc=final["val_acc"], final_test_acc=final.get("test_acc"),
+                  within_tolerance=check.within_tolerance, accepted=check.accepted,
+                  noise_allowance=opts.noise_allowance, final_vs_teacher=check.to_json())
 
 
 def missed_tolerance(search: dict, opts: SearchOptions, advice: str) -> str:
@@ -304,16 +314,9 @@ def recheck_resumed(run: Path, data: DataOptions, train: TrainOptions, opts: Sea
                           for m in (final_model, teacher)),
                         tolerance=opts.tolerance, z=Z_ONE_SIDED_95 if opts.noise_allowance else 0.0)
         final, k = read_summary(run, "finetune"), read_summary(run, "prune")["drop_blocks"]
-        row = next(r for r in search["frontier"] if r["k"] == k)
-        for r in search["frontier"]:
-            r["chosen"] = r["k"] == k
-        search.setdefault("searched_k", search["chosen_k"])
-        search.update(chosen_k=k, fallbacks=opts.fallbacks, final_val_acc=final["val_acc"],
-                      final_test_acc=final.get("test_acc"), within_tolerance=check.within_tolerance,
-                      accepted=check.accepted, noise_allowance=opts.noise_allowance, final_vs_teacher=check.to_json(),
-                      final_attempts=[{"k": k, "blocks_kept": row["blocks_kept"], "macs": row["macs"],
-                                       "macs_fraction": row["macs_fraction"], "val_acc": final["val_acc"],
-                                       "vs_teacher": check.to_json()}])
+        network = next(r for r in search["frontier"] if r["k"] == k)
+        record_final(search, k, search.get("searched_k", search["chosen_k"]),
+                     [attempt_record(k, network, search["full_macs"], final, check)], final, check, opts)
         write_json(run / "search" / "frontier.json", search)
     accepted = search.get("accepted", search["final_vs_teacher"]["within_tolerance"])
     if not accepted:
