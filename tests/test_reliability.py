@@ -584,6 +584,20 @@ def test_run_that_misses_the_tolerance_exits_7_with_one_document_saying_why(tmp_
     assert res.stderr.strip().splitlines()[-1].startswith("error: the chosen network")
 
 
+def test_a_student_does_not_depend_on_whether_its_teacher_was_trained_in_the_same_process(tmp_path, folder_data):
+    """`tailor` that trains its teacher first, and `tailor --resume` after a stop before the student's first
+    checkpoint (the teacher done, in another process): the same student, bit for bit."""
+    once, resumed = tmp_path / "once", tmp_path / "resumed"
+    args = ["--data", folder_data, "--epochs", "1", "--seed", "3", *FAST]
+    assert invoke("tailor", "--output", once, *args).exit_code == 0
+    shutil.copytree(once, resumed)
+    shutil.rmtree(resumed / "tailor")  # stopped in the student's first epoch: its teacher alone is left
+    res = invoke("tailor", "--output", resumed, "--resume", *args)
+    assert res.exit_code == 0 and "fine-tuning one first" not in res.stderr, res.output
+    a, b = (load_file(run / "tailor" / "model.safetensors") for run in (once, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_one_seed_gives_one_network_on_one_machine(tmp_path, folder_data):
     """The same command and --seed twice (same machine, same threads): the same attention, the same
     pruned structure, the same weights, bit for bit. Another seed is another run."""

@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ..backbone import backbone_identity, check_backbone_name
 from ..checkpoint import read_json
 from ..counting import path_costs
@@ -104,6 +106,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
             shutil.copyfile(teacher_dir.parent / "split.json", run / "split.json")
         task = load_data(run_meta, data, data_config(bb.name), run, train.seed)
         backbone = run_backbone(run, run_meta, bb, len(task.classes), train.seed)
+        init_rng = torch.get_rng_state()  # for the student's proxies, below
         say_skipped(cb, task)
         identity = backbone_identity(backbone, name=bb.name, weights=bb.weights, pretrained=bb.pretrained)
         if teacher_dir is not None:
@@ -147,6 +150,9 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
 
     teacher = load_teacher(teacher_dir, device)
     teacher.eval().requires_grad_(False)
+    # The proxies are drawn from the generator as building the backbone left it (seeded there), whether a
+    # teacher was trained in between (`run`) or before (`tailor --resume`, `teacher` then `tailor`).
+    torch.set_rng_state(init_rng)
     student = Student(backbone, len(task.classes), max_skip=opts.max_skip)
     costs, backbone_macs = path_costs(student, task.img_size)
     settings = settings_now(read_run(run))
