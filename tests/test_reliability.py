@@ -558,6 +558,50 @@ def test_run_resume_checks_the_final_network_against_the_teacher(tmp_path, folde
     assert [a["k"] for a in frontier["final_attempts"]] == [frontier["chosen_k"]]
 
 
+def test_run_resumed_after_a_stop_in_a_fallback_keeps_the_networks_discarded_before(tmp_path, folder_data,
+                                                                                   monkeypatch):
+    import tailor_cli.stages.search as search_module
+    import tailor_cli.train as train_module
+    from tailor_cli.errors import Interrupted
+    from tailor_cli.student import Student
+
+    def rigged(model, loader, device, **kw):  # every student 0.6 points below the teacher: each one misses
+        mask = torch.ones(1000, dtype=torch.bool)
+        mask[:6] = not isinstance(model, Student)
+        return mask
+
+    real_finetune, calls = search_module.finetune, []
+
+    def stopped_in_the_fallback(*a, **kw):  # killed as the second final fine-tune (the fallback's) starts
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupted("finetune interrupted in epoch 1, before its first checkpoint")
+        return real_finetune(*a, **kw)
+
+    monkeypatch.setattr(train_module, "correct_mask", rigged)
+    monkeypatch.setattr(search_module, "finetune", stopped_in_the_fallback)
+    run = tmp_path / "run"
+    args = ["run", "--data", folder_data, "--output", run, "--epochs", "1", "--threshold", "0.01",
+            "--search-epochs", "1", "--tolerance", "0.5", "--fallbacks", "1", *RUN_FAST]
+    stopped = invoke(*args)
+    assert stopped.exit_code == 130 and len(calls) == 2, stopped.output
+    first_k = json.loads((run / "search" / "frontier.json").read_text())["final_attempts"][0]["k"]
+    fallback_k = json.loads((run / "prune" / "summary.json").read_text())["drop_blocks"]
+    assert fallback_k < first_k  # the fallback's network was pruned when the stop came
+    assert f"K={first_k} fine-tuned fully" in invoke("report", run).stdout  # the report of the stopped run names it
+
+    monkeypatch.setattr(search_module, "finetune", real_finetune)
+    resumed = invoke(*args, "--resume", "--json")
+    assert resumed.exit_code == 7, resumed.output
+    frontier = json.loads((run / "search" / "frontier.json").read_text())
+    assert [(a["k"], a["vs_teacher"]["diff"]) for a in frontier["final_attempts"]] == [
+        (first_k, pytest.approx(-0.6)), (fallback_k, pytest.approx(-0.6))]
+    assert frontier["chosen_k"] == fallback_k and frontier["searched_k"] == first_k
+    assert f"(fine-tuned: K={first_k} -0.60, K={fallback_k} -0.60)" in resumed.stderr
+    report = invoke("report", run).stdout  # the discarded one is named as such, the kept one is not
+    assert f"K={first_k} fine-tuned fully" in report and f"K={fallback_k} fine-tuned fully" not in report
+
+
 def test_tailor_uses_a_teacher_trained_by_the_teacher_command_in_the_same_run(tmp_path, folder_data):
     run = tmp_path / "run"
     assert invoke("teacher", "--data", folder_data, "--output", run, "--epochs", "1", *FAST).exit_code == 0

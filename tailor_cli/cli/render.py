@@ -123,7 +123,8 @@ def render_frontier(search: dict, console: Console | None = None) -> None:
                 f"MACs as a share{full})")
     for col in ("K", "blocks kept", "proxies", "params", "MACs", "of fine-tuned", "val acc", "vs ref (allowed)", ""):
         tab.add_column(col, justify="right")
-    missed = {a["k"]: a for a in search.get("final_attempts", [])[:-1]}  # fine-tuned fully, then discarded
+    kept = search.get("chosen_k") if search.get("final_vs_teacher") else None  # None: stopped before the check
+    missed = {a["k"]: a for a in search.get("final_attempts", []) if a["k"] != kept}  # fine-tuned fully, discarded
     for row in search["frontier"]:
         if row["status"] == "disconnected":
             tab.add_row(str(row["k"]), "-", "-", "-", "-", "-", "disconnected", "", "")

@@ -243,6 +243,8 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
         cb.on_message(f"prune --auto: K={chosen} ends {-check.diff:.2f} points below the teacher, more than "
                       f"--tolerance {opts.tolerance}; fine-tuning the next less pruned network, K={less_pruned[-1]}")
         ended(checked(final, check) | {"discarded": True})
+        search.update(searched_k=searched_k, final_attempts=list(attempts))  # `run --resume` after a stop keeps them
+        write_json(run / "search" / "frontier.json", search)
         chosen = less_pruned[-1]
     within = check.accepted  # the measured difference, unless --noise-allowance was asked for
     record_final(search, chosen, searched_k, attempts, final, check, opts)
@@ -292,7 +294,8 @@ def recheck_resumed(run: Path, data: DataOptions, train: TrainOptions, opts: Sea
     validation images, the measured difference unless ``opts.noise_allowance``) and the check is
     written to ``search/frontier.json``. A check made before is read back, not remeasured. Returns
     the frontier, with ``error`` (exit 7) when the kept network misses the tolerance; no less pruned
-    network is tried here (``prune --auto --overwrite`` searches again). Budget mode has no check.
+    network is tried here (``prune --auto --overwrite`` searches again). The networks a stopped
+    search had fine-tuned and discarded stay in ``final_attempts``. Budget mode has no check.
     """
     from ..data import make_loader
     from ..selection import Z_ONE_SIDED_95, compare
@@ -315,8 +318,9 @@ def recheck_resumed(run: Path, data: DataOptions, train: TrainOptions, opts: Sea
                         tolerance=opts.tolerance, z=Z_ONE_SIDED_95 if opts.noise_allowance else 0.0)
         final, k = read_summary(run, "finetune"), read_summary(run, "prune")["drop_blocks"]
         network = next(r for r in search["frontier"] if r["k"] == k)
+        discarded = [a for a in search.get("final_attempts", []) if a["k"] != k]  # fine-tuned before the stop
         record_final(search, k, search.get("searched_k", search["chosen_k"]),
-                     [attempt_record(k, network, search["full_macs"], final, check)], final, check, opts)
+                     discarded + [attempt_record(k, network, search["full_macs"], final, check)], final, check, opts)
         write_json(run / "search" / "frontier.json", search)
     accepted = search.get("accepted", search["final_vs_teacher"]["within_tolerance"])
     if not accepted:
