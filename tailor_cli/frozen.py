@@ -22,7 +22,7 @@ import timm
 import torch
 from torch import nn
 
-from .backbone import backbone_tensors, tensors_sha256
+from .backbone import backbone_tensors, tensors_sha256, zero_classifier
 from .checkpoint import read_safetensors, write_safetensors
 from .errors import RunError
 from .student import Student
@@ -131,14 +131,15 @@ def attach_store(student: Student, tensors: dict[str, torch.Tensor], store: dict
 
 
 def backbone_from_store(run: Path, name: str, sha256: str, num_classes: int, seed: int) -> nn.Module:
-    """The run's backbone rebuilt from its store alone (no weights file, no download), with a fresh
-    ``num_classes`` classifier drawn from ``seed`` as ``create_backbone`` draws it."""
+    """The run's backbone rebuilt from its store alone (no weights file, no download): the same network,
+    classifier (zeros) and generator state after it as ``create_backbone`` with ``seed`` gives."""
     run = Path(run)
     params = read_store(run / STORE, sha256)
     stats, _ = read_safetensors(run / STATS, what="pretrained statistics")
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, num_classes=0)
     model.reset_classifier(num_classes)
+    zero_classifier(model.get_classifier())
     missing, unexpected = model.load_state_dict({**params, **stats}, strict=False)
     classifier = model.pretrained_cfg.get("classifier", "fc")
     missing = [k for k in missing if not k.startswith(classifier + ".")]

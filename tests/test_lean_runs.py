@@ -146,3 +146,22 @@ def test_a_run_written_before_the_store_is_read_and_continued(tmp_path, tailored
     assert (run / "prune" / "model.safetensors").stat().st_size < full / 2
     res = invoke("finetune", run, "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu")
     assert res.exit_code == 0, res.output
+
+
+def test_the_backbone_rebuilt_from_the_store_is_the_one_built_from_the_weights_file(tmp_path, folder_data, weights):
+    """A stage that starts after the store exists (a teacher stopped before its first checkpoint and
+    resumed, a student tailored after its teacher) starts from the same network, zero classifier
+    included, and leaves the generator where building from the file leaves it (the proxies come next)."""
+    from tailor_cli.runs import read_run
+    from tailor_cli.stages.common import run_backbone
+    from tailor_cli.stages.options import BackboneOptions
+
+    run = tmp_path / "run"
+    res = invoke("teacher", "--data", folder_data, "--output", run, "--weights", weights, "--epochs", "1", *SMALL)
+    assert res.exit_code == 0, res.output
+    bb = BackboneOptions(name="test_resnet", weights=weights)
+    built, after_file = run_backbone(run, None, bb, 3, 5).state_dict(), torch.get_rng_state()
+    torch.manual_seed(0)  # whatever came before: building reseeds
+    rebuilt, after_store = run_backbone(run, read_run(run), bb, 3, 5).state_dict(), torch.get_rng_state()
+    assert built.keys() == rebuilt.keys() and all(torch.equal(built[k], rebuilt[k]) for k in built)
+    assert not built["fc.weight"].any() and torch.equal(after_file, after_store)
