@@ -23,6 +23,7 @@ CLIP_GRAD = 10.0  # max L2 norm of the weights' gradients per step, every stage 
 TRAIN_STAGES = tuple(LR)
 
 VAL_FRACTION = 0.1  # of the training data, for data without a validation split
+SPLIT_SEED = 0  # the validation split we make; not --seed, so that every training seed is measured on the same images
 
 MAX_SKIP = 3
 COMPLEXITY_WEIGHT = 0.3

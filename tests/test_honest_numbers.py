@@ -63,3 +63,27 @@ def test_data_with_only_a_test_folder_gets_validation_carved_from_train(tmp_path
     assert sizes["test"] == 6 and sizes["train"] + sizes["val"] == 20
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert not any("test/" in str(k) for k in split["train"] + split["val"])
+
+
+def test_every_training_seed_is_measured_on_the_same_validation_images(tmp_path):
+    """The split nettailor makes follows --split-seed (default 0), never --seed; later stages keep the run's."""
+    data = make_imagefolder(tmp_path / "flat", n_classes=3, per_class=10, size=(36, 36), split=False)
+    fast = ["--backbone", "test_resnet", "--no-pretrained", "--img-size", "32", "--workers", "0", "--device", "cpu",
+            "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.3"]
+
+    def teacher(name: str, *extra: str) -> list[str]:
+        res = runner.invoke(app, ["teacher", "--data", str(data), "--output", str(tmp_path / name), *fast, *extra])
+        assert res.exit_code == 0, res.output
+        split = json.loads((tmp_path / name / "split.json").read_text())
+        assert json.loads((tmp_path / name / "run.json").read_text())["data"]["seed"] == split["seed"]
+        return sorted(split["val"])
+
+    seed0, seed1 = teacher("s0"), teacher("s1", "--seed", "1")
+    other = teacher("split1", "--seed", "1", "--split-seed", "1")
+    assert seed0 == seed1 and other != seed0 and len(other) == len(seed0) == 9
+    # a later stage that names another split is refused (exit 2) before anything is written
+    for option in (["--split-seed", "0"], ["--val-fraction", "0.5"]):
+        res = runner.invoke(app, ["tailor", "--data", str(data), "--output", str(tmp_path / "split1"), *fast[:-2],
+                                  *option, "--teacher-epochs", "1"])
+        assert res.exit_code == 2 and "was split with " + option[0] in res.output, res.output
+        assert not (tmp_path / "split1" / "tailor").exists()

@@ -225,7 +225,7 @@ def test_a_fine_tuned_model_file_becomes_the_runs_teacher(tmp_path, folder_data,
     from tailor_cli.train import evaluate
 
     meta = json.loads((run / "run.json").read_text())
-    task = load_data(meta, DataOptions(), data_config("test_resnet"), run, 0)
+    task = load_data(meta, DataOptions(), data_config("test_resnet"), run)
     _, val = loaders(task, 8, torch.device("cpu"), 0, 0)
     expected = evaluate(load_teacher(run / "teacher", torch.device("cpu")), val, torch.device("cpu"))["acc"]
     assert summary["val_acc"] == pytest.approx(expected)

@@ -51,6 +51,7 @@ from .options import (
     Schedule,
     Seed,
     SkipBad,
+    SplitSeed,
     TailorBatchSize,
     TailorEpochs,
     TailorLr,
@@ -83,7 +84,7 @@ from .render import render_export, render_onnx_export, render_predictions, rende
 def teacher(
     config: Config = None, data: Data = None, backbone: Backbone = "resnet34", output: Output = None,
     pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
-    val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
+    val_fraction: ValFraction = None, split_seed: SplitSeed = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
     skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, schedule: Schedule = None,
     warmup_epochs: WarmupEpochs = None, label_smoothing: LabelSmoothing = None, weight_decay: WeightDecay = None,
@@ -106,7 +107,7 @@ def teacher(
         with reporting() as rep:
             result = train_teacher(run, BackboneOptions(backbone, pretrained, weights),
                                    data_options(data, task, img_size, val_fraction, download, cache, hflip, skip_bad,
-                                                workers, augment), train, rep)
+                                                workers, augment, split_seed), train, rep)
         emit({"run": str(run), **result}, json_out, render_stage)
 
     execute(debug, body, json_out)
@@ -123,7 +124,7 @@ def tailor(
     teacher_epochs: TeacherEpochs = None, teacher_lr: TeacherLr = None, teacher_batch_size: TeacherBatchSize = None,
     teacher_loss: TeacherLoss = defaults.TEACHER_LOSS,
     pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
-    val_fraction: ValFraction = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
+    val_fraction: ValFraction = None, split_seed: SplitSeed = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
     skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, lr_step: LrStep = None, schedule: Schedule = None,
     warmup_epochs: WarmupEpochs = None, label_smoothing: LabelSmoothing = None, weight_decay: WeightDecay = None,
@@ -149,7 +150,8 @@ def tailor(
         with reporting() as rep:
             result = run_tailor(
                 run, BackboneOptions(backbone, pretrained, weights),
-                data_options(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers, augment),
+                data_options(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers, augment,
+                             split_seed),
                 train, TailorOptions(teacher=teacher_run, max_skip=max_skip, complexity_weight=complexity_weight,
                                      teacher_weight=teacher_weight, teacher_loss=teacher_loss, teacher_train=t_train),
                 rep)
@@ -334,7 +336,8 @@ def run(
     export_dir: Annotated[Optional[Path], typer.Option("--export-dir", metavar="EXPORT_DIR", help="Export directory for the adapter "
                                                        "[default: RUN/export].")] = None,
     out: OldOut = None, pretrained: Pretrained = True, weights: Weights = None, teacher_run: TeacherSource = None,
-    task: Task = None, img_size: ImgSize = None, val_fraction: ValFraction = None, download: Download = False, cache: Cache = False,
+    task: Task = None, img_size: ImgSize = None, val_fraction: ValFraction = None, split_seed: SplitSeed = None,
+    download: Download = False, cache: Cache = False,
     hflip: Hflip = None, skip_bad: SkipBad = False, workers: Workers = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs of every training stage (see --STAGE-epochs) "
                                                   f"[default: teacher {defaults.EPOCHS['teacher']}, tailor "
@@ -375,7 +378,8 @@ def run(
         with reporting() as rep:
             result = run_pipeline(
                 output or default_output(data, backbone), target, BackboneOptions(backbone, pretrained, weights),
-                data_options(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers),
+                data_options(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers,
+                             split_seed=split_seed),
                 TailorOptions(teacher=teacher_run, max_skip=max_skip, teacher_loss=teacher_loss,
                               teacher_train=stage("teacher", teacher_epochs, teacher_lr, teacher_batch_size)),
                 stage("tailor", tailor_epochs, tailor_lr, tailor_batch_size),

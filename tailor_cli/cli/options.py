@@ -90,6 +90,9 @@ Task = Annotated[Optional[str], typer.Option("--task", help="Visual Decathlon ta
 ImgSize = Annotated[Optional[int], typer.Option("--img-size", help="Training input size [default: dataset/backbone].")]
 ValFraction = Annotated[Optional[float], typer.Option("--val-fraction", help="Validation fraction for data without a "
                                                       f"validation split [default: {defaults.VAL_FRACTION}].")]
+SplitSeed = Annotated[Optional[int], typer.Option("--split-seed", help="Seed of the validation split nettailor makes "
+                                                  "(data without one); kept apart from --seed so that every training "
+                                                  f"seed is measured on the same images [default: {defaults.SPLIT_SEED}].")]
 Download = Annotated[bool, typer.Option("--download", help="Download torchvision datasets.")]
 Cache = Annotated[bool, typer.Option("--cache", help="Decode and resize once, keep uint8 images in memory "
                                          "(refused if over 80% of available memory).")]
@@ -213,11 +216,13 @@ def train_options(stage: str, *, clip_grad: float | None, **options):
     return TrainOptions.for_stage(stage, clip_grad=clip_grad_value(clip_grad), **options)
 
 
-def data_options(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers, augment=True):
+def data_options(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers, augment=True,
+                 split_seed=None):
     from ..stages import DataOptions
 
     return DataOptions(data=data, task=task, img_size=img_size, val_fraction=val_fraction, download=download,
-                       cache=cache, hflip=hflip, skip_bad=skip_bad, workers=workers, augment=augment)
+                       cache=cache, hflip=hflip, skip_bad=skip_bad, workers=workers, augment=augment,
+                       split_seed=split_seed)
 
 
 def export_dir_value(export_dir: Path | None, out: Path | None) -> Path | None:

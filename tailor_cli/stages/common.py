@@ -45,14 +45,23 @@ def other_data(saved: dict, given: str | None) -> bool:
 
 
 def check_run_data(run: Path, run_meta: dict | None, data: DataOptions) -> None:
-    """Every stage of a run trains on the run's data (a later --data must name the same)."""
-    if run_meta is None or not other_data(run_meta["data"], data.data):
+    """Every stage of a run trains on the run's data and split (a later --data, --val-fraction or
+    --split-seed must name the same: the split is made once, by the run's first stage)."""
+    if run_meta is None:
         return
     saved = run_meta["data"]
-    raise UsageError(
-        f"run '{run}' was made on '{saved.get('given') or saved['path']}', not '{data.data}'; pass that --data, "
-        "choose another --output, or start the run over (teacher/run --overwrite)"
-    )
+    if other_data(saved, data.data):
+        raise UsageError(
+            f"run '{run}' was made on '{saved.get('given') or saved['path']}', not '{data.data}'; pass that --data, "
+            "choose another --output, or start the run over (teacher/run --overwrite)"
+        )
+    for option, given, key in (("--val-fraction", data.val_fraction, "val_fraction"),
+                               ("--split-seed", data.split_seed, "seed")):
+        if given is not None and key in saved and given != saved[key]:
+            raise UsageError(
+                f"run '{run}' was split with {option} {saved[key]}, not {given}; leave {option} out (a later "
+                "stage uses the run's split), choose another --output, or start the run over (teacher/run --overwrite)"
+            )
 
 
 def one_writer(create: bool):
@@ -81,13 +90,13 @@ def new_run_guard(run: Path):
         raise
 
 
-def load_data(run_meta: dict | None, opts: DataOptions, data_config: dict, run: Path, seed: int):
+def load_data(run_meta: dict | None, opts: DataOptions, data_config: dict, run: Path):
     from ..data import load_task_data
 
     used = with_run_data(opts, run_meta)
     if used.data is None:
         raise UsageError("--data is required")
-    assert used.val_fraction is not None  # with_run_data falls back to the default
+    assert used.val_fraction is not None and used.split_seed is not None  # with_run_data falls back to the defaults
     return load_task_data(
         used.data,
         data_config=data_config,
@@ -95,7 +104,7 @@ def load_data(run_meta: dict | None, opts: DataOptions, data_config: dict, run: 
         split_file=run / "split.json",
         task=used.task,
         val_fraction=used.val_fraction,
-        seed=(run_meta or {}).get("data", {}).get("seed", seed),
+        seed=used.split_seed,
         download=opts.download,
         cache=opts.cache,
         hflip=used.hflip,
@@ -126,13 +135,14 @@ def loaders(task, batch_size: int, device: torch.device, seed: int, workers: int
     return train, val
 
 
-def data_record(task, opts: DataOptions, seed: int) -> dict:
+def data_record(task, opts: DataOptions) -> dict:
     assert opts.data is not None  # a run's first stage is always given --data
     return {
         "path": data_path(opts.data), "given": opts.data, "layout": task.layout, "name": task.name,
         "task": opts.task, "img_size": task.img_size, "mean": list(task.mean), "std": list(task.std),
         "interpolation": task.interpolation, "crop_pct": task.crop_pct, "crop_mode": task.crop_mode, "hflip": task.hflip,
-        "val_fraction": opts.val_fraction if opts.val_fraction is not None else defaults.VAL_FRACTION, "seed": seed,
+        "val_fraction": opts.val_fraction if opts.val_fraction is not None else defaults.VAL_FRACTION,
+        "seed": opts.split_seed if opts.split_seed is not None else defaults.SPLIT_SEED,  # the split's (--split-seed)
     }
 
 

@@ -26,7 +26,7 @@ def finetune(run: Path, data: DataOptions, train: TrainOptions, *, teacher_weigh
     if done:
         cb.on_message(f"finetune: already complete in {run}")
         return read_summary(run, "finetune")
-    task = load_data(run_meta, data, data_config(run_meta["backbone"]["architecture"]), run, train.seed)
+    task = load_data(run_meta, data, data_config(run_meta["backbone"]["architecture"]), run)
     say_skipped(cb, task)
     student, _ = load_student(prune_dir, device)
     teacher = None

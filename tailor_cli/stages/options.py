@@ -21,6 +21,7 @@ class DataOptions:
     task: str | None = None
     img_size: int | None = None
     val_fraction: float | None = None
+    split_seed: int | None = None  # None: the run's, else defaults.SPLIT_SEED
     download: bool = False
     cache: bool = False
     hflip: bool | None = None
@@ -162,6 +163,7 @@ def with_run_data(opts: DataOptions, run_meta: dict | None) -> DataOptions:
         val_fraction=opts.val_fraction if opts.val_fraction is not None else saved.get("val_fraction",
                                                                                          defaults.VAL_FRACTION),
         hflip=opts.hflip if opts.hflip is not None else saved.get("hflip"),
+        split_seed=opts.split_seed if opts.split_seed is not None else saved.get("seed", defaults.SPLIT_SEED),
     )
 
 
@@ -190,7 +192,7 @@ def stage_settings(train: TrainOptions, device: torch.device, data: DataOptions 
     if data is not None:
         used = with_run_data(data, run_meta)
         out |= {"data": data_path(used.data) if used.data else None, "task": used.task, "img_size": used.img_size,
-                "val_fraction": used.val_fraction, "hflip": used.hflip, "augment": used.augment,
+                "val_fraction": used.val_fraction, "split_seed": used.split_seed, "hflip": used.hflip, "augment": used.augment,
                 "skip_bad": used.skip_bad}
     if bb is not None:
         out |= {"backbone": bb.name, "pretrained": bb.pretrained,
@@ -198,7 +200,7 @@ def stage_settings(train: TrainOptions, device: torch.device, data: DataOptions 
     return out | extra
 
 
-RUN_DATA = ("img_size", "val_fraction", "hflip")  # data settings only the run's first stage takes
+RUN_DATA = ("img_size", "val_fraction", "split_seed", "hflip")  # data settings only the run's first stage takes
 
 
 def recorded_options(settings: dict, train: TrainOptions, data: DataOptions, *, drop: tuple[str, ...] = (), **extra) -> dict:

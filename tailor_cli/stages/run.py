@@ -186,7 +186,7 @@ def _run_options(bb: BackboneOptions, data: DataOptions, trains: dict[str, Train
     """``run``'s options under its own names, recorded in ``run.json``: ``nettailor run -c RUN/run.json`` repeats it."""
     common = trains["tailor"]
     options = {"data": data_path(data.data) if data.data else None, "task": data.task, "img_size": data.img_size,
-               "val_fraction": data.val_fraction, "hflip": data.hflip, "skip_bad": data.skip_bad,
+               "val_fraction": data.val_fraction, "split_seed": data.split_seed, "hflip": data.hflip, "skip_bad": data.skip_bad,
                "cache": data.cache, "workers": data.workers, "backbone": bb.name, "pretrained": bb.pretrained,
                "weights": weights_option(bb),
                "max_skip": opts.max_skip, "teacher_loss": opts.teacher_loss, "threshold": search.threshold,

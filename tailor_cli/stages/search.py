@@ -136,7 +136,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
         t = connecting_threshold(student.structure, alphas, threshold=opts.threshold, drop_blocks=0)
         raise UsageError(f"every K disconnects the classifier at --threshold {opts.threshold}; "
                          + (f"--threshold {t:g} or lower keeps it connected" if t is not None else "lower it"))
-    task = load_data(run_meta, data, data_config(run_meta["backbone"]["architecture"]), run, search_train.seed)
+    task = load_data(run_meta, data, data_config(run_meta["backbone"]["architecture"]), run)
     teacher = load_teacher(t_dir, device).eval().requires_grad_(False) if teacher_weight > 0 else None
     val_loader = make_loader(task.val, batch_size=max(search_train.batch_size, 64), train=False, device=device,
                              num_workers=0)
@@ -308,7 +308,7 @@ def recheck_resumed(run: Path, data: DataOptions, train: TrainOptions, opts: Sea
         run_meta, device = read_run(run), resolve_device(train.device)
         cfg = train.config(device)
         amp = autocast_context(cfg, device)
-        task = load_data(run_meta, data, data_config(run_meta["backbone"]["architecture"]), run, train.seed)
+        task = load_data(run_meta, data, data_config(run_meta["backbone"]["architecture"]), run)
         val_loader = make_loader(task.val, batch_size=max(train.batch_size, 64), train=False, device=device,
                                  num_workers=0)
         final_model, _ = load_student(run / "finetune", device)

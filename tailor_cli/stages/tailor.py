@@ -104,7 +104,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
         if teacher_dir is not None and run_meta is None and (teacher_dir.parent / "split.json").exists():
             run.mkdir(parents=True, exist_ok=True)  # the student must see exactly the teacher's split
             shutil.copyfile(teacher_dir.parent / "split.json", run / "split.json")
-        task = load_data(run_meta, data, data_config(bb.name), run, train.seed)
+        task = load_data(run_meta, data, data_config(bb.name), run)
         backbone = run_backbone(run, run_meta, bb, len(task.classes), train.seed)
         init_rng = torch.get_rng_state()  # for the student's proxies, below
         say_skipped(cb, task)
@@ -116,7 +116,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
         if on_ready is not None:
             on_ready({"backbone": identity, "task_name": (run_meta or {}).get("task_name", task.name)})
     if run_meta is None:
-        write_run(run, {"backbone": identity, "data": data_record(task, data, train.seed), "classes": task.classes,
+        write_run(run, {"backbone": identity, "data": data_record(task, data), "classes": task.classes,
                         "task_name": task.name})
     elif run_meta["backbone"]["sha256"] != identity["sha256"]:
         raise RunError(f"run '{run}' was made with other backbone weights; use another --output or --overwrite")

@@ -108,12 +108,12 @@ def train_teacher(run: Path, bb: BackboneOptions, data: DataOptions, train: Trai
         return read_summary(run, "teacher")
     with new_run_guard(run):
         check_backbone_name(bb.name)
-        task = load_data(run_meta, data, data_config(bb.name), run, train.seed)
+        task = load_data(run_meta, data, data_config(bb.name), run)
         model = run_backbone(run, run_meta, bb, len(task.classes), train.seed)
     say_skipped(cb, task)
     identity = backbone_identity(model, name=bb.name, weights=bb.weights, pretrained=bb.pretrained)
     if run_meta is None:
-        write_run(run, {"backbone": identity, "data": data_record(task, data, train.seed), "classes": task.classes,
+        write_run(run, {"backbone": identity, "data": data_record(task, data), "classes": task.classes,
                         "task_name": task.name})
     elif run_meta["backbone"]["sha256"] != identity["sha256"]:
         raise RunError(f"run '{run}' was made with other backbone weights; use another --output or --overwrite")
