@@ -14,8 +14,8 @@ Supported ``data`` values (``load_task_data`` detects the layout and records it 
 * ``torchvision:NAME``: a ``torchvision.datasets`` dataset (downloaded only with ``download=True``).
 
 Splits that we make (flat, train-only imagefolder, gtsrb, digits, torchvision sets without a val
-split) are stratified per class and seeded. With ``split_file`` they are written once (atomically)
-and re-read exactly by every later stage.
+split) are stratified per class and seeded (by ``--split-seed``, not the training seed). With
+``split_file`` they are written once (atomically) and re-read exactly by every later stage.
 
 Transforms come from ``timm.data.create_transform`` with the backbone's data config (mean, std,
 interpolation, crop_pct). Train: random-resized-crop with scale (0.35, 1) (digits: (0.7, 1)),

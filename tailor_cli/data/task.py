@@ -70,7 +70,7 @@ def load_task_data(data: str, *, data_config: dict, img_size: int | None = None,
         task: Visual Decathlon task name; ``UsageError`` for any other layout (it would be ignored).
         val_fraction: fraction of each class (of each class's tracks for GTSRB) used for val;
             ``0 < val_fraction < 1`` (else ``UsageError``), checked even when the data has a val split.
-        seed: split seed.
+        seed: split seed (``--split-seed``; the stages pass the run's, never the training ``--seed``).
         download: allow torchvision to download ``torchvision:NAME`` into ``root_for_download``
             (default ``$NETTAILOR_DATA_ROOT``, else ``~/.cache/nettailor/datasets``).
         cache: decode + resize every image once into uint8 tensors; augment on tensors.
