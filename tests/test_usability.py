@@ -210,7 +210,9 @@ def test_run_takes_per_stage_settings_and_its_run_json_repeats_them(tmp_path, fo
         0.03, defaults.LR["tailor"], 0.02)
     assert (export / "shapes" / "adapter.safetensors").is_file()
 
-    # run.json records run's options: -c repeats the run; --out still works, with one warning line
+    # run.json records run's options, the split's seed resolved: -c repeats the run; --out still works, with one
+    # warning line
+    assert json.loads((first / "run.json").read_text())["options"]["split_seed"] == defaults.SPLIT_SEED
     again = tmp_path / "again"
     res = invoke("run", "-c", first / "run.json", "--output", again, "--out", tmp_path / "export2")
     assert res.exit_code == 0, res.output

@@ -12,7 +12,7 @@ from typing import Any, Callable, cast
 import timm
 import torch
 
-from .. import __version__
+from .. import __version__, defaults
 from ..backbone import check_backbone_name, describe_chain
 from ..checkpoint import read_json
 from ..errors import UsageError
@@ -83,7 +83,8 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
         teacher_ended()
         ended({"run": str(run), **tailored})
         meta = {k: v for k, v in read_run(run).items() if k != "format"}
-        write_run(run, meta | {"command": "run", "options": _run_options(bb, data, trains, opts, search, drop_blocks),
+        used = replace(data, split_seed=meta["data"].get("seed", defaults.SPLIT_SEED))  # the split the run has
+        write_run(run, meta | {"command": "run", "options": _run_options(bb, used, trains, opts, search, drop_blocks),
                                "environment": environment(trains["tailor"].device)})
         searched: dict | None = None
         if searching:
@@ -186,7 +187,8 @@ def _run_options(bb: BackboneOptions, data: DataOptions, trains: dict[str, Train
     """``run``'s options under its own names, recorded in ``run.json``: ``nettailor run -c RUN/run.json`` repeats it."""
     common = trains["tailor"]
     options = {"data": data_path(data.data) if data.data else None, "task": data.task, "img_size": data.img_size,
-               "val_fraction": data.val_fraction, "split_seed": data.split_seed, "hflip": data.hflip, "skip_bad": data.skip_bad,
+               "val_fraction": data.val_fraction, "hflip": data.hflip, "skip_bad": data.skip_bad,
+               "split_seed": data.split_seed,
                "cache": data.cache, "workers": data.workers, "backbone": bb.name, "pretrained": bb.pretrained,
                "weights": weights_option(bb),
                "max_skip": opts.max_skip, "teacher_loss": opts.teacher_loss, "threshold": search.threshold,
