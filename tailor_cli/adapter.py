@@ -122,6 +122,7 @@ def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool
                   "crop_mode": data.get("crop_mode", "center"),
                   **({"expects": INPUT_NOTES[data.get("layout")]} if data.get("layout") in INPUT_NOTES else {})},
         "max_skip": student.max_skip,
+        "train_bn": student.train_bn,  # its universal BatchNorms' scale and shift are the adapter's own
         "structure": student.structure.to_json(),
         "stage": stage,
         "metrics": {
@@ -204,6 +205,8 @@ def read_adapter_config(task_dir: Path) -> dict:
     _validate(config["input"], _INPUT_FIELDS, f"{path} (input)")
     if len(config["classes"]) != config["num_classes"]:
         raise ExportError(f"'{path}': {len(config['classes'])} class names for num_classes={config['num_classes']}")
+    if not isinstance(config.get("train_bn", False), bool):  # absent before --train-bn existed: False
+        raise ExportError(f"'{path}': train_bn must be true or false; re-export")
     return config
 
 
@@ -274,6 +277,7 @@ def load_task(export_dir: Path, task: str, *, backbone: SharedBackbone | None = 
         raise ExportError(str(err)) from err
     skeleton = timm.create_model(config["base_model"]["architecture"], pretrained=False, num_classes=0)
     student = Student(skeleton, config["num_classes"], max_skip=config["max_skip"],
+                      train_bn=bool(config.get("train_bn", False)),
                       structure=Structure.from_json(config["structure"]))
     del skeleton
     # Task-specific tensors first (strict on the keys the adapter must provide) ...

@@ -40,6 +40,7 @@ def load_student(stage_dir: Path, device: torch.device) -> tuple[Student, dict]:
             raise RunError(f"'{path}' lacks '{key}' in its metadata; it is not a student")
     backbone = timm.create_model(meta["architecture"], pretrained=False, num_classes=0)
     student = Student(backbone, int(meta["num_classes"]), max_skip=int(meta["max_skip"]),
+                      train_bn=bool(meta.get("train_bn", False)),
                       structure=Structure.from_json(meta["structure"]))
     frozen = meta.get(FROZEN_KEY)
     if isinstance(frozen, dict) and isinstance(frozen.get("file"), str) and isinstance(frozen.get("sha256"), str):
@@ -56,7 +57,8 @@ def load_student(stage_dir: Path, device: torch.device) -> tuple[Student, dict]:
 
 def student_meta(student: Student, architecture: str, stage: str) -> dict:
     return {"stage": stage, "architecture": architecture, "num_classes": student.num_classes,
-            "max_skip": student.max_skip, "structure": student.structure.to_json(), "nettailor": __version__}
+            "max_skip": student.max_skip, "train_bn": student.train_bn, "structure": student.structure.to_json(),
+            "nettailor": __version__}
 
 
 def ensure_store(run: Path) -> None:

@@ -66,6 +66,10 @@ class Student(nn.Module):
     :class:`Structure`. Input (B,3,H,W) at any size the backbone accepts;
     output logits (B, num_classes), and optionally the node tensors x_1..x_L
     (``None`` for dead layers) that the teacher term compares.
+
+    ``train_bn``: the BatchNorm scale and shift of the stem, the blocks and the tail are trained
+    and task-specific (stored with the task, like the BN statistics) instead of frozen and shared
+    (the paper's student, the default). LayerNorms (ConvNeXt) stay frozen either way.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class Student(nn.Module):
         *,
         max_skip: int = 3,
         structure: Structure | None = None,
+        train_bn: bool = False,
     ):
         super().__init__()
         chain = describe_chain(backbone)
@@ -113,6 +118,8 @@ class Student(nn.Module):
         self.fc = nn.Linear(chain.num_features, num_classes)
         zero_classifier(self.fc)
         self.num_classes = num_classes
+        self.train_bn = bool(train_bn)
+        self._task_bn: dict[str, nn.Parameter] = self._task_bn_parameters() if self.train_bn else {}
         for p in self.frozen_parameters():
             p.requires_grad_(False)
         # For inference: after which layer each node can be freed.
@@ -123,14 +130,25 @@ class Student(nn.Module):
     def stride(self, source: int, layer: int) -> int:
         return self.node_reduction[layer] // self.node_reduction[source]
 
+    def _universal_modules(self) -> list[nn.Module]:
+        blocks = [layer.block for layer in self.tailored_layers() if layer.block is not None]
+        return [self.stem, self.tail, self.head, *blocks]
+
+    def _task_bn_parameters(self) -> dict[str, nn.Parameter]:
+        """``train_bn``: the BatchNorm weights and biases of the universal modules, by state-dict key."""
+        out: dict[str, nn.Parameter] = {}
+        for name, module in self.named_modules():
+            universal = name.split(".", 1)[0] in ("stem", "tail", "head") or ".block." in f"{name}."
+            if universal and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                out.update({f"{name}.{p}": param for p, param in module.named_parameters(recurse=False)})
+        return out
+
     def frozen_parameters(self):
-        """The shared universal parameters (stem, blocks, tail, head): never trained."""
-        yield from self.stem.parameters()
-        yield from self.tail.parameters()
-        yield from self.head.parameters()
-        for layer in self.layers:
-            if layer.block is not None:
-                yield from layer.block.parameters()
+        """The shared universal parameters (stem, blocks, tail, head): never trained (with ``train_bn``,
+        all but their BatchNorm scales and shifts)."""
+        task = {id(p) for p in getattr(self, "_task_bn", {}).values()}
+        for module in self._universal_modules():
+            yield from (p for p in module.parameters() if id(p) not in task)
 
     def tailored_layers(self) -> list[TailoredLayer]:
         """``self.layers`` as what they are (an ``nn.ModuleList`` yields plain modules to a type checker)."""
@@ -140,12 +158,14 @@ class Student(nn.Module):
         return [layer.logits for layer in self.tailored_layers() if layer.alive]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Proxies, attention logits, classifier."""
+        """Proxies, attention logits, classifier (and, with ``train_bn``, the universal BatchNorms' affine)."""
         params = [p for layer in self.layers for p in layer.proxies.parameters()]
-        return params + self.attention_parameters() + list(self.fc.parameters())
+        return params + self.attention_parameters() + list(self.fc.parameters()) + list(self._task_bn.values())
 
     def timm_name(self, key: str) -> str | None:
         """Map a student state-dict key of a universal tensor to the timm key (``None`` if task-specific)."""
+        if key in self._task_bn:
+            return None
         for prefix in ("stem.", "tail.", "head."):
             if key.startswith(prefix):
                 return key[len(prefix):]
@@ -186,6 +206,7 @@ class Student(nn.Module):
         for key in list(self.pools.keys()):
             if int(key) not in strides:
                 del self.pools[key]
+        self._task_bn = self._task_bn_parameters() if self.train_bn else {}
         self._last_use = self._compute_last_use()
         self._plan = None
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from datagen import make_imagefolder
 from PIL import Image
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tailor_cli.adapter import load_export, load_task
@@ -189,11 +190,11 @@ def three_tasks(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     root = tmp_path_factory.mktemp("tasks")
     export = root / "export"
     runs = {}
-    for name, n_classes, k in (("alpha", 2, 1), ("beta", 3, 2), ("gamma", 4, 0)):
+    for name, n_classes, k, extra in (("alpha", 2, 1, ()), ("beta", 3, 2, ()), ("gamma", 4, 0, ("--train-bn",))):
         data = make_imagefolder(root / "data" / name, n_classes=n_classes, per_class=8, size=(34, 30), seed=n_classes)
         run = root / "runs" / name
         res = invoke("run", "--data", data, "--output", run, "--export-dir", export, "--epochs", "1", "--drop-blocks", k,
-                     "--threshold", "0.01", *TINY)
+                     "--threshold", "0.01", *TINY, *extra)
         assert res.exit_code == 0, res.output
         runs[name] = run
     return export, runs
@@ -210,6 +211,24 @@ def test_three_tasks_share_one_backbone_in_memory(three_tasks):
     # adapters add only their own bytes: no task holds a private copy of a backbone tensor
     a, b = tasks["alpha"][0], tasks["gamma"][0]
     assert a.stem.conv1[0].weight is b.stem.conv1[0].weight
+
+
+def test_a_train_bn_task_carries_its_own_batchnorms_on_the_shared_backbone(three_tasks):
+    """gamma was tailored with --train-bn: its adapter holds the blocks' BN scale and shift, the backbone
+    file is the one the other tasks use, and served, gamma's BNs are its own while its convs are shared."""
+    export, runs = three_tasks
+    configs = {t: json.loads((export / t / "adapter_config.json").read_text()) for t in ("alpha", "gamma")}
+    assert configs["gamma"]["train_bn"] is True and configs["alpha"]["train_bn"] is False
+    adapter = load_file(export / "gamma" / "adapter.safetensors")
+    assert {"layers.0.block.bn1.weight", "layers.0.block.bn1.bias", "stem.bn1.weight"} <= set(adapter)
+    assert not any(k.endswith("bn1.weight") for k in load_file(export / "alpha" / "adapter.safetensors"))
+    _, tasks = load_export(export)
+    alpha, gamma = tasks["alpha"][0], tasks["gamma"][0]
+    assert gamma.stem.conv1[0].weight is alpha.stem.conv1[0].weight
+    assert gamma.layers[0].block.bn1.weight is not alpha.layers[0].block.bn1.weight
+    trained, _ = load_student(runs["gamma"] / "finetune", torch.device("cpu"))
+    assert trained.train_bn and torch.equal(gamma.layers[0].block.bn1.weight, trained.layers[0].block.bn1.weight)
+    assert not torch.equal(gamma.layers[0].block.bn1.weight, alpha.layers[0].block.bn1.weight)  # trained
 
 
 def test_matrix_lists_exactly_the_blocks_each_task_kept(three_tasks):

@@ -43,10 +43,12 @@ def test_blocks_only_student_reproduces_backbone_exactly(name, size):
         assert torch.equal(got, want)
 
 
-def test_attention_one_on_blocks_reproduces_backbone_with_proxies_present():
-    """Proxies present but with alpha 0 (logit -inf) also give the backbone exactly."""
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_attention_one_on_blocks_reproduces_backbone_with_proxies_present(train_bn):
+    """Proxies present but with alpha 0 (logit -inf) also give the backbone exactly (with --train-bn too:
+    its BatchNorms start from the pretrained scale and shift)."""
     model = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
-    student = Student(model, 3).eval()
+    student = Student(model, 3, train_bn=train_bn).eval()
     with torch.no_grad():
         for layer in student.layers:
             layer.logits[1:] = float("-inf")
@@ -114,6 +116,45 @@ def test_frozen_weights_get_no_gradient_and_trainable_ones_do():
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in student.frozen_parameters())
     assert all(p.grad is not None for p in student.trainable_parameters())
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet"])
+def test_train_bn_trains_the_backbones_batchnorm_affine_and_nothing_else_of_it(name):
+    """--train-bn: exactly the backbone's BatchNorm weights and biases (outside its classifier) join the
+    trainable tensors and leave the shared ones, counted naively on the timm model; one SGD step moves
+    them and no frozen tensor; after pruning, only the surviving blocks' are trained."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3)
+    naive = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+                for p in (m.weight, m.bias))
+    plain, bn = Student(model, 3), Student(model, 3, train_bn=True)
+    count = lambda ps: sum(p.numel() for p in ps)
+    assert count(bn.trainable_parameters()) - count(plain.trainable_parameters()) == naive
+    assert count(plain.frozen_parameters()) - count(bn.frozen_parameters()) == naive
+    task_keys = {k for k in bn.state_dict() if bn.timm_name(k) is None} - {
+        k for k in plain.state_dict() if plain.timm_name(k) is None}
+    assert len(task_keys) == 2 * sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert all(k.rsplit(".", 1)[1] in ("weight", "bias") and ".proxies." not in k for k in task_keys)
+
+    frozen_before = [p.detach().clone() for p in bn.frozen_parameters()]
+    bn_before = {k: v.detach().clone() for k, v in bn.state_dict().items() if k in task_keys}
+    torch.nn.init.normal_(bn.fc.weight)  # the zero classifier would pass no gradient back
+    opt = torch.optim.SGD(bn.trainable_parameters(), lr=0.1)
+    bn.train()
+    loss = torch.nn.functional.cross_entropy(bn(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in bn.frozen_parameters())
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(frozen_before, bn.frozen_parameters()))
+    moved = [k for k, v in bn.state_dict().items() if k in bn_before and not torch.equal(v, bn_before[k])]
+    assert len(moved) > len(task_keys) // 2  # (a BN whose output the loss ignores may get no gradient)
+
+    layers = bn.structure.layers
+    pruned = Structure([LayerSpec(spec.block and l % 2 == 0, spec.proxies) for l, spec in enumerate(layers)])
+    bn.prune_(pruned)
+    alive = {id(p) for p in bn.parameters()}
+    assert all(id(p) in alive for p in bn.trainable_parameters())
+    assert count(bn.trainable_parameters()) < count(plain.trainable_parameters()) + naive
 
 
 def test_pruned_modules_are_gone_and_not_executed():

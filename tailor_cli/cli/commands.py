@@ -63,6 +63,7 @@ from .options import (
     TeacherSource,
     TeacherWeight,
     Threshold,
+    TrainBn,
     ValFraction,
     WarmupEpochs,
     WeightDecay,
@@ -122,7 +123,7 @@ def tailor(
     complexity_weight: Annotated[float, typer.Option("--complexity-weight", help="g1, weight of E[C].")] = defaults.COMPLEXITY_WEIGHT,
     teacher_weight: TeacherWeight = defaults.TEACHER_WEIGHT,
     teacher_epochs: TeacherEpochs = None, teacher_lr: TeacherLr = None, teacher_batch_size: TeacherBatchSize = None,
-    teacher_loss: TeacherLoss = defaults.TEACHER_LOSS,
+    teacher_loss: TeacherLoss = defaults.TEACHER_LOSS, train_bn: TrainBn = False,
     pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
     val_fraction: ValFraction = None, split_seed: SplitSeed = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
     skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = None,
@@ -153,7 +154,8 @@ def tailor(
                 data_options(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers, augment,
                              split_seed),
                 train, TailorOptions(teacher=teacher_run, max_skip=max_skip, complexity_weight=complexity_weight,
-                                     teacher_weight=teacher_weight, teacher_loss=teacher_loss, teacher_train=t_train),
+                                     teacher_weight=teacher_weight, teacher_loss=teacher_loss, train_bn=train_bn,
+                                     teacher_train=t_train),
                 rep)
         emit({"run": str(run), **result}, json_out, render_stage)
 
@@ -355,7 +357,7 @@ def run(
     max_macs: Annotated[Optional[float], typer.Option("--max-macs", help="MACs budget instead of a tolerance.")] = None,
     search_epochs: Annotated[int, typer.Option("--search-epochs", help="Fine-tuning epochs of each K search "
                                                "candidate.")] = defaults.SEARCH_EPOCHS,
-    max_skip: MaxSkip = defaults.MAX_SKIP, teacher_loss: TeacherLoss = defaults.TEACHER_LOSS,
+    max_skip: MaxSkip = defaults.MAX_SKIP, teacher_loss: TeacherLoss = defaults.TEACHER_LOSS, train_bn: TrainBn = False,
     schedule: Schedule = None, label_smoothing: LabelSmoothing = None,
     seed: Seed = 0, device: Device = "auto", amp: Amp = None, resume: Resume = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run again: remove what nettailor wrote "
@@ -380,7 +382,7 @@ def run(
                 output or default_output(data, backbone), target, BackboneOptions(backbone, pretrained, weights),
                 data_options(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers,
                              split_seed=split_seed),
-                TailorOptions(teacher=teacher_run, max_skip=max_skip, teacher_loss=teacher_loss,
+                TailorOptions(teacher=teacher_run, max_skip=max_skip, teacher_loss=teacher_loss, train_bn=train_bn,
                               teacher_train=stage("teacher", teacher_epochs, teacher_lr, teacher_batch_size)),
                 stage("tailor", tailor_epochs, tailor_lr, tailor_batch_size),
                 stage("finetune", finetune_epochs, finetune_lr, finetune_batch_size),

@@ -143,6 +143,9 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo the stage (an
 TeacherLoss = Annotated[str, typer.Option("--teacher-loss", help="Teacher term: 'mse' (the paper's) or 'relative' "
                                           "(each layer's squared error over its energy: scale-free, bounded; "
                                           "see docs/method.md for when it helps).")]
+TrainBn = Annotated[bool, typer.Option("--train-bn/--no-train-bn", help="Also train the frozen blocks' BatchNorm "
+                                       "scale and shift, per task (kept in the adapter beside the BN statistics; "
+                                       "the shared backbone is unchanged). Off: the paper's student.")]
 TeacherSource = Annotated[Optional[Path], typer.Option(
     "--teacher", metavar="RUN|FILE", help="The fine-tuned network to learn from: a finished teacher run, or a model file of the same "
     "backbone and classes (.safetensors state dict or timm .pth checkpoint, read with weights_only), which is "

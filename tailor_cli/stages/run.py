@@ -191,7 +191,7 @@ def _run_options(bb: BackboneOptions, data: DataOptions, trains: dict[str, Train
                "split_seed": data.split_seed,
                "cache": data.cache, "workers": data.workers, "backbone": bb.name, "pretrained": bb.pretrained,
                "weights": weights_option(bb),
-               "max_skip": opts.max_skip, "teacher_loss": opts.teacher_loss, "threshold": search.threshold,
+               "max_skip": opts.max_skip, "teacher_loss": opts.teacher_loss, "train_bn": opts.train_bn, "threshold": search.threshold,
                "drop_blocks": drop_blocks, "tolerance": search.tolerance, "max_macs": search.max_macs,
                "search_epochs": search.search_epochs,
                "noise_allowance": search.noise_allowance, "fallbacks": search.fallbacks, "seed": common.seed, "device": common.device,

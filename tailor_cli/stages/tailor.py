@@ -89,7 +89,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
     def settings_now(meta):
         return stage_settings(train, device, data, bb, meta, max_skip=opts.max_skip, teacher=teacher_setting,
                               complexity_weight=opts.complexity_weight, teacher_weight=opts.teacher_weight,
-                              teacher_loss=opts.teacher_loss)
+                              teacher_loss=opts.teacher_loss, train_bn=opts.train_bn)
 
     done = prepare_stage(run, "tailor", resume=train.resume, overwrite=train.overwrite, settings=settings_now(run_meta))
     if done:
@@ -153,7 +153,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
     # The proxies are drawn from the generator as building the backbone left it (seeded there), whether a
     # teacher was trained in between (`run`) or before (`tailor --resume`, `teacher` then `tailor`).
     torch.set_rng_state(init_rng)
-    student = Student(backbone, len(task.classes), max_skip=opts.max_skip)
+    student = Student(backbone, len(task.classes), max_skip=opts.max_skip, train_bn=opts.train_bn)
     costs, backbone_macs = path_costs(student, task.img_size)
     settings = settings_now(read_run(run))
     t = opts.teacher_train  # its options are tailor's --teacher-* when tailor trains the teacher in the run
@@ -166,7 +166,8 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
                         complexity=ComplexityModel(student.structure, costs),
                         g1=opts.complexity_weight, g2=opts.teacher_weight, teacher_loss=opts.teacher_loss,
                         keep="last",  # the architecture is what the complexity schedule ends with
-                        extra={"settings": settings, "max_skip": opts.max_skip, "complexity_weight": opts.complexity_weight,
+                        extra={"settings": settings, "max_skip": opts.max_skip, "train_bn": opts.train_bn,
+                               "complexity_weight": opts.complexity_weight,
                                "teacher_weight": opts.teacher_weight, "teacher": str(teacher_dir),
                                "path_costs": costs, "backbone_macs": backbone_macs,
                                "command": "tailor", "options": options})
