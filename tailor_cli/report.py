@@ -58,6 +58,7 @@ def student_report(student: Student, *, task: str, architecture: str, img_size: 
         "stage": stage,
         "backbone": architecture,
         "img_size": img_size,
+        "train_bn": student.train_bn,  # the blocks' BatchNorm scale and shift are the task's own
         "layers": layers,
         "totals": {
             "blocks_kept": sum(l["block_kept"] for l in layers), "blocks_total": len(layers),

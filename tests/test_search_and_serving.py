@@ -229,6 +229,8 @@ def test_a_train_bn_task_carries_its_own_batchnorms_on_the_shared_backbone(three
     trained, _ = load_student(runs["gamma"] / "finetune", torch.device("cpu"))
     assert trained.train_bn and torch.equal(gamma.layers[0].block.bn1.weight, trained.layers[0].block.bn1.weight)
     assert not torch.equal(gamma.layers[0].block.bn1.weight, alpha.layers[0].block.bn1.weight)  # trained
+    rep = json.loads(invoke("report", export, "--json").stdout)
+    assert [t["train_bn"] for t in rep["tasks"]] == [False, False, True]
 
 
 def test_matrix_lists_exactly_the_blocks_each_task_kept(three_tasks):

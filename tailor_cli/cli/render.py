@@ -34,8 +34,9 @@ def render_report(result: dict, *, stages_printed: bool = False) -> None:
     console = stdout_console()
     for rep in result["tasks"]:
         t = rep["totals"]
+        own_bn = "; its own BatchNorm scale and shift, --train-bn" if rep.get("train_bn") else ""
         tab = table(f"task '{rep['task']}': its network after the '{rep['stage']}' stage "
-                    f"({rep['backbone']} at {rep['img_size']} px)")
+                    f"({rep['backbone']} at {rep['img_size']} px{own_bn})")
         for col in ("layer", "block", "universal block", "alpha", "proxies (from node: alpha)", "params", "MACs"):
             tab.add_column(col, justify="right" if col in ("layer", "params", "MACs", "alpha") else "left")
         for l in rep["layers"]:
