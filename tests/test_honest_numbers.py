@@ -87,3 +87,6 @@ def test_every_training_seed_is_measured_on_the_same_validation_images(tmp_path)
                                   *option, "--teacher-epochs", "1"])
         assert res.exit_code == 2 and "was split with " + option[0] in res.output, res.output
         assert not (tmp_path / "split1" / "tailor").exists()
+    res = runner.invoke(app, ["teacher", "--data", str(data), "--output", str(tmp_path / "neg"), *fast,
+                              "--split-seed", "-1"])
+    assert res.exit_code == 2 and "--split-seed must be 0 or more" in res.output and not (tmp_path / "neg").exists()

@@ -26,6 +26,11 @@ def check_val_fraction(val_fraction: float) -> None:
                          f"pass e.g. 0.1")
 
 
+def check_split_seed(seed: int) -> None:
+    if seed < 0:
+        raise UsageError(f"--split-seed must be 0 or more, got {seed}")
+
+
 def _check_header(path: Path) -> BaseException | None:
     """Cheap integrity check: PIL header parse + ``verify()`` (CRC for PNG). Returns the error."""
     try:

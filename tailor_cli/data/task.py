@@ -13,6 +13,7 @@ from .checks import (
     check_classes_present,
     check_expected,
     check_img_size,
+    check_split_seed,
     check_val_fraction,
     verify_files,
 )
@@ -90,6 +91,7 @@ def load_task_data(data: str, *, data_config: dict, img_size: int | None = None,
     """
     check_img_size(img_size)  # option values first: before any (slow) reading of the data
     check_val_fraction(val_fraction)
+    check_split_seed(seed)
     skipped: list[str] = []
     raw = read_task(str(data), task, download, root_for_download, skip_bad, skipped)
     if len(raw.classes) < 2:
