@@ -146,7 +146,7 @@ class Student(nn.Module):
     def frozen_parameters(self):
         """The shared universal parameters (stem, blocks, tail, head): never trained (with ``train_bn``,
         all but their BatchNorm scales and shifts)."""
-        task = {id(p) for p in getattr(self, "_task_bn", {}).values()}
+        task = {id(p) for p in self._task_bn.values()}
         for module in self._universal_modules():
             yield from (p for p in module.parameters() if id(p) not in task)
 

@@ -12,14 +12,23 @@ from typing import Any, Callable, cast
 import timm
 import torch
 
-from .. import __version__, defaults
+from .. import __version__
 from ..backbone import check_backbone_name, describe_chain
 from ..checkpoint import read_json
 from ..errors import UsageError
 from ..runs import lock_dir, read_run, read_summary, reset_run, stage_done, write_run
 from ..train import Callbacks, resolve_device
 from .finetune import finetune
-from .options import BackboneOptions, DataOptions, SearchOptions, TailorOptions, TrainOptions, data_path, weights_option
+from .options import (
+    BackboneOptions,
+    DataOptions,
+    SearchOptions,
+    TailorOptions,
+    TrainOptions,
+    data_path,
+    weights_option,
+    with_run_data,
+)
 from .prune import prune
 from .search import auto_prune, check_run_resume, recheck_resumed
 from .tailor import tailor
@@ -83,7 +92,7 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
         teacher_ended()
         ended({"run": str(run), **tailored})
         meta = {k: v for k, v in read_run(run).items() if k != "format"}
-        used = replace(data, split_seed=meta["data"].get("seed", defaults.SPLIT_SEED))  # the split the run has
+        used = replace(data, split_seed=with_run_data(data, meta).split_seed)  # the split the run has
         write_run(run, meta | {"command": "run", "options": _run_options(bb, used, trains, opts, search, drop_blocks),
                                "environment": environment(trains["tailor"].device)})
         searched: dict | None = None
