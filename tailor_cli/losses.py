@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .structure import Structure
@@ -105,6 +106,19 @@ def relative_se(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 TEACHER_LOSSES = ("relative", "mse")
+
+
+def logit_distillation(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s distillation term: ``T^2 * KL(softmax(t / T) || softmax(s / T))``, mean over the batch.
+
+    ``logits`` and ``teacher_logits`` are (B, classes). The ``T^2`` keeps the gradient's size
+    independent of ``T``. Computed in float32 from log-probabilities on both sides, so
+    ``teacher_logits`` may be an inference tensor (it is never saved for backward).
+    """
+    student_log_p = F.log_softmax(logits.float() / temperature, dim=1)
+    teacher_log_p = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    kl = F.kl_div(student_log_p, teacher_log_p, reduction="batchmean", log_target=True)
+    return kl * temperature * temperature
 
 
 def teacher_term(

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import ComplexityModel, teacher_term
+from .losses import ComplexityModel, logit_distillation, teacher_term
 from .student import Student, teacher_forward
 
 
@@ -43,7 +43,11 @@ class TeacherObjective:
 
 
 class StudentObjective:
-    """CE + g1 * E[C] + g2 * Omega. The teacher runs once per step without autograd."""
+    """CE + g1 * E[C] + g2 * Omega (+ kd_weight * KD). The teacher runs once per step without autograd.
+
+    KD is :func:`tailor_cli.losses.logit_distillation` of the teacher's logits at
+    ``kd_temperature``, next to the feature term (off when ``kd_weight`` is 0).
+    """
 
     def __init__(
         self,
@@ -56,25 +60,29 @@ class StudentObjective:
         forward: Callable[..., Any] | None = None,
         teacher_loss: str = "mse",
         label_smoothing: float = 0.0,
+        kd_weight: float = 0.0,
+        kd_temperature: float = 4.0,
     ):
         self.label_smoothing = label_smoothing
+        self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
         self.student, self.teacher, self.chain = student, teacher, teacher_chain
         self.forward = forward if forward is not None else student  # DDP and/or compiled wrapper
         self.complexity = complexity
         self.g1, self.g2 = complexity_weight, teacher_weight
         self.teacher_loss = teacher_loss
-        if self.g2 > 0 and teacher is None:
-            raise ValueError("a teacher is required when teacher_weight > 0")
+        if (self.g2 > 0 or self.kd_weight > 0) and teacher is None:
+            raise ValueError("a teacher is required when teacher_weight or kd_weight > 0")
         if self.g1 > 0 and complexity is None:
             raise ValueError("a complexity model is required when complexity_weight > 0")
-        self.terms = ("ce",) + (("complexity",) if self.g1 > 0 else ()) + (("teacher",) if self.g2 > 0 else ())
+        self.terms = (("ce",) + (("complexity",) if self.g1 > 0 else ()) + (("teacher",) if self.g2 > 0 else ())
+                      + (("kd",) if self.kd_weight > 0 else ()))
 
     def __call__(self, images, labels):
         alphas = self.student.attention()  # once per step, shared by forward and E[C]
-        use_teacher = self.g2 > 0
-        if use_teacher:
+        if self.g2 > 0 or self.kd_weight > 0:
             with torch.inference_mode():
                 t_logits, t_feats = teacher_forward(self.teacher, self.chain, images)
+        if self.g2 > 0:
             logits, feats = self.forward(images, alphas=alphas, return_features=True)
         else:
             logits = self.forward(images, alphas=alphas)
@@ -84,10 +92,14 @@ class StudentObjective:
             ec = self.complexity(alphas)
             loss = loss + self.g1 * ec
             terms["complexity"] = ec
-        if use_teacher:
+        if self.g2 > 0:
             omega = teacher_term(logits, feats, t_logits, t_feats, kind=self.teacher_loss)
             loss = loss + self.g2 * omega
             terms["teacher"] = omega
+        if self.kd_weight > 0:
+            kd = logit_distillation(logits, t_logits, self.kd_temperature)
+            loss = loss + self.kd_weight * kd
+            terms["kd"] = kd
         return loss, logits, terms
 
 

@@ -1,13 +1,18 @@
-"""E[C] against a hand computation, and the teacher term."""
+"""E[C] against a hand computation, the teacher term, and the logit distillation."""
 from __future__ import annotations
 
 import itertools
 import math
 
+import pytest
+import timm
 import torch
 
-from tailor_cli.losses import ComplexityModel, teacher_term
-from tailor_cli.student import LayerSpec, Structure
+from tailor_cli.backbone import describe_chain
+from tailor_cli.counting import path_costs
+from tailor_cli.losses import ComplexityModel, logit_distillation, teacher_term
+from tailor_cli.objectives import StudentObjective
+from tailor_cli.student import LayerSpec, Structure, Student
 
 
 def _small_graph():
@@ -106,3 +111,38 @@ def test_teacher_term_is_zero_for_a_perfect_student_and_skips_pruned_layers():
     pruned = teacher_term(logits, [feats[0], None, feats[2]], logits, other, kind="relative").item()
     assert abs(full - sum(rel) / 3) < 1e-5
     assert abs(pruned - (rel[0] + rel[2]) / 3) < 1e-5
+
+
+def test_logit_distillation_is_hintons_kl_and_its_gradient():
+    torch.manual_seed(0)
+    s = torch.randn(5, 4, requires_grad=True)
+    t, T = torch.randn(5, 4), 3.0
+    p_t = torch.softmax(t / T, dim=1)
+    naive = T * T * (p_t * (p_t.log() - torch.log_softmax(s / T, dim=1))).sum(dim=1).mean()
+    with torch.inference_mode():  # the teacher's logits are inference tensors in training
+        t_inf = t.clone()
+    kd = logit_distillation(s, t_inf, T)
+    assert kd.item() == pytest.approx(naive.item(), rel=1e-5)
+    kd.backward()
+    # d/ds of T^2 KL(p_t || softmax(s / T)), averaged over the batch: T (softmax(s / T) - p_t) / B
+    assert torch.allclose(s.grad, T * (torch.softmax(s / T, dim=1) - p_t) / 5, atol=1e-6)
+    assert logit_distillation(t, t, T).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("g2", [10.0, 0.0])  # the KD term needs the teacher even with no feature term
+def test_the_student_objective_adds_the_weighted_distillation_term(g2):
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    teacher = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval().requires_grad_(False)
+    student = Student(backbone, 3)
+    complexity = ComplexityModel(student.structure, path_costs(student, 32)[0])
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    plain = StudentObjective(student, teacher, describe_chain(teacher), complexity, 0.3, g2)
+    with_kd = StudentObjective(student, teacher, describe_chain(teacher), complexity, 0.3, g2,
+                               kd_weight=2.0, kd_temperature=4.0)
+    assert with_kd.terms == plain.terms + ("kd",)
+    base, logits, _ = plain(images, labels)
+    loss, _, terms = with_kd(images, labels)
+    expected_kd = logit_distillation(logits, teacher(images), 4.0)
+    assert terms["kd"].item() == pytest.approx(expected_kd.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(base.item() + 2.0 * expected_kd.item(), rel=1e-5)

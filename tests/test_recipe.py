@@ -195,6 +195,34 @@ def test_label_smoothing_is_in_the_training_loss():
     assert smooth.item() == pytest.approx(expected.item()) and smooth.item() != pytest.approx(plain.item())
 
 
+def test_logit_distillation_is_recorded_at_tailor_and_kept_by_finetune_unless_the_teacher_is_off(tmp_path, folder_data):
+    run = tmp_path / "kd"
+    res = invoke("tailor", "--data", folder_data, "--output", run, "--epochs", "1", "--teacher-epochs", "1",
+                 "--kd-weight", "0.5", "--kd-temperature", "2", *FAST)
+    assert res.exit_code == 0, res.output
+    settings = json.loads((run / "tailor" / "config.json").read_text())["settings"]
+    assert (settings["kd_weight"], settings["kd_temperature"]) == (0.5, 2.0)
+    (row,) = read_jsonl(run / "tailor" / "metrics.jsonl")
+    assert row["train_kd"] > 0 and row["train_loss"] > row["train_ce"] + 0.5 * row["train_kd"]
+    res = invoke("prune", run, "--threshold", "0.01", "--drop-blocks", "1")
+    assert res.exit_code == 0, res.output
+    tune = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
+    res = invoke("finetune", run, *tune)
+    assert res.exit_code == 0, res.output
+    assert read_jsonl(run / "finetune" / "metrics.jsonl")[-1]["train_kd"] > 0
+    res = invoke("finetune", run, *tune, "--teacher-weight", "0", "--overwrite")  # no teacher: no KD either
+    assert res.exit_code == 0, res.output
+    assert "train_kd" not in read_jsonl(run / "finetune" / "metrics.jsonl")[-1]
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--kd-weight", "-1", "--kd-weight must be >= 0"),
+                                               ("--kd-temperature", "0", "--kd-temperature must be > 0")])
+def test_bad_distillation_options_are_one_line_usage_errors(tmp_path, folder_data, flag, value, needle):
+    res = invoke("tailor", "--data", folder_data, "--output", tmp_path / "r", flag, value, *FAST)
+    _one_line_error(res, 2, needle)
+    assert not (tmp_path / "r").exists()
+
+
 # --------------------------------------------------------------------------- --teacher FILE
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):

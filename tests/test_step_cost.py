@@ -51,15 +51,19 @@ def _loaders(steps: int, batch: int = 2):
     return train, val
 
 
-def _tailor_setup():
+def _tailor_setup(kd_weight: float = 0.0):
     torch.manual_seed(0)
     backbone = timm.create_model("test_resnet", pretrained=False, num_classes=NUM_CLASSES)
     teacher = copy.deepcopy(backbone).eval().requires_grad_(False)
     student = Student(backbone, NUM_CLASSES)
     costs, _ = path_costs(student, 32)
     objective = StudentObjective(student, teacher, describe_chain(teacher),
-                                 ComplexityModel(student.structure, costs), 0.3, 10.0)
+                                 ComplexityModel(student.structure, costs), 0.3, 10.0, kd_weight=kd_weight)
     return student, teacher, objective, [{"params": student.trainable_parameters()}]
+
+
+def _tailor_kd_setup():
+    return _tailor_setup(kd_weight=1.0)
 
 
 def _full_setup():
@@ -88,7 +92,7 @@ class _StepWindow:
         pass
 
 
-@pytest.mark.parametrize("setup", [_tailor_setup, _full_setup], ids=["tailor", "finetune"])
+@pytest.mark.parametrize("setup", [_tailor_setup, _tailor_kd_setup, _full_setup], ids=["tailor", "tailor-kd", "finetune"])
 def test_training_steps_never_sync_with_the_host(tmp_path, monkeypatch, setup):
     """Steps between finiteness checks copy nothing to the host: the count does not grow with steps."""
     counts = {}

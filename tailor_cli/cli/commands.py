@@ -36,6 +36,8 @@ from .options import (
     Hflip,
     ImgSize,
     Json,
+    KdTemperature,
+    KdWeight,
     KeepCheckpoints,
     LabelSmoothing,
     Lr,
@@ -124,6 +126,7 @@ def tailor(
     teacher_weight: TeacherWeight = defaults.TEACHER_WEIGHT,
     teacher_epochs: TeacherEpochs = None, teacher_lr: TeacherLr = None, teacher_batch_size: TeacherBatchSize = None,
     teacher_loss: TeacherLoss = defaults.TEACHER_LOSS, train_bn: TrainBn = False,
+    kd_weight: KdWeight = defaults.KD_WEIGHT, kd_temperature: KdTemperature = defaults.KD_TEMPERATURE,
     pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
     val_fraction: ValFraction = None, split_seed: SplitSeed = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
     skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = None,
@@ -155,7 +158,7 @@ def tailor(
                              split_seed),
                 train, TailorOptions(teacher=teacher_run, max_skip=max_skip, complexity_weight=complexity_weight,
                                      teacher_weight=teacher_weight, teacher_loss=teacher_loss, train_bn=train_bn,
-                                     teacher_train=t_train),
+                                     kd_weight=kd_weight, kd_temperature=kd_temperature, teacher_train=t_train),
                 rep)
         emit({"run": str(run), **result}, json_out, render_stage)
 
@@ -358,6 +361,7 @@ def run(
     search_epochs: Annotated[int, typer.Option("--search-epochs", help="Fine-tuning epochs of each K search "
                                                "candidate.")] = defaults.SEARCH_EPOCHS,
     max_skip: MaxSkip = defaults.MAX_SKIP, teacher_loss: TeacherLoss = defaults.TEACHER_LOSS, train_bn: TrainBn = False,
+    kd_weight: KdWeight = defaults.KD_WEIGHT, kd_temperature: KdTemperature = defaults.KD_TEMPERATURE,
     schedule: Schedule = None, label_smoothing: LabelSmoothing = None,
     seed: Seed = 0, device: Device = "auto", amp: Amp = None, resume: Resume = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run again: remove what nettailor wrote "
@@ -383,6 +387,7 @@ def run(
                 data_options(data, task, img_size, val_fraction, download, cache, hflip, skip_bad, workers,
                              split_seed=split_seed),
                 TailorOptions(teacher=teacher_run, max_skip=max_skip, teacher_loss=teacher_loss, train_bn=train_bn,
+                              kd_weight=kd_weight, kd_temperature=kd_temperature,
                               teacher_train=stage("teacher", teacher_epochs, teacher_lr, teacher_batch_size)),
                 stage("tailor", tailor_epochs, tailor_lr, tailor_batch_size),
                 stage("finetune", finetune_epochs, finetune_lr, finetune_batch_size),

@@ -146,6 +146,10 @@ TeacherLoss = Annotated[str, typer.Option("--teacher-loss", help="Teacher term: 
 TrainBn = Annotated[bool, typer.Option("--train-bn/--no-train-bn", help="Also train the frozen blocks' BatchNorm "
                                        "scale and shift, per task (kept in the adapter beside the BN statistics; "
                                        "the shared backbone is unchanged). Off: the paper's student.")]
+KdWeight = Annotated[float, typer.Option("--kd-weight", help="Weight of logit distillation (Hinton's KL to the "
+                                         "teacher's softened outputs, times T^2) next to the teacher term; "
+                                         "0: the paper's loss.")]
+KdTemperature = Annotated[float, typer.Option("--kd-temperature", help="Temperature T of the logit distillation.")]
 TeacherSource = Annotated[Optional[Path], typer.Option(
     "--teacher", metavar="RUN|FILE", help="The fine-tuned network to learn from: a finished teacher run, or a model file of the same "
     "backbone and classes (.safetensors state dict or timm .pth checkpoint, read with weights_only), which is "
@@ -158,7 +162,9 @@ Fallbacks = Annotated[int, typer.Option(
     "--fallbacks", metavar="N", help="When the chosen network misses --tolerance after its full fine-tune, fine-tune "
     "the next less pruned one, up to N times, and keep the first that meets it.")]
 MaxSkip = Annotated[int, typer.Option("--max-skip", help="Proxies per layer (skips over 1..K blocks).")]
-TeacherWeight = Annotated[float, typer.Option("--teacher-weight", help="g2, weight of the teacher term.")]
+TeacherWeight = Annotated[float, typer.Option("--teacher-weight", help="g2, weight of the teacher term. In "
+                                              "finetune, 0 trains without the teacher (without the tailored "
+                                              "--kd-weight too).")]
 Threshold = Annotated[float, typer.Option("--threshold", help="Remove proxies with attention below this.")]
 Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]

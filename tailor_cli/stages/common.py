@@ -6,7 +6,7 @@ import contextlib
 import functools
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -191,9 +191,22 @@ def _student_groups(student: Student) -> list[dict]:
     return [{"params": rest}, {"params": logits, "weight_decay": 0.0, "clip": False}]
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """How the student learns from its teacher besides ``g2``: the teacher term's form and the logit KD.
+
+    Chosen at ``tailor`` (recorded in its config.json); the search and ``finetune`` keep it
+    (:func:`tailored_distillation`).
+    """
+
+    teacher_loss: str = defaults.TEACHER_LOSS
+    kd_weight: float = defaults.KD_WEIGHT
+    kd_temperature: float = defaults.KD_TEMPERATURE
+
+
 def fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | None, task, data: DataOptions,
                  train: TrainOptions, device: torch.device, cb: Callbacks, *, complexity, g1: float, g2: float,
-                 teacher_loss: str, extra: dict, keep: str = "best", held_out: bool = True) -> dict:
+                 distill: Distillation, extra: dict, keep: str = "best", held_out: bool = True) -> dict:
     t0 = time.perf_counter()
     cfg = train.config(device)
     student = student.to(device)
@@ -214,7 +227,8 @@ def fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | No
     student = dist.sync_batchnorm(student, device)
     forward = maybe_compile(dist.wrap(student, device), train.compile)
     objective = StudentObjective(student, teacher, chain, complexity, g1, g2, forward=forward,
-                                 teacher_loss=teacher_loss, label_smoothing=cfg.label_smoothing)
+                                 teacher_loss=distill.teacher_loss, kd_weight=distill.kd_weight,
+                                 kd_temperature=distill.kd_temperature, label_smoothing=cfg.label_smoothing)
     ensure_store(run)
     ident = read_run(run)["backbone"]
     arch, sha = ident["architecture"], ident["sha256"]
@@ -259,13 +273,16 @@ def accuracies(row: dict, model: nn.Module, task, train: TrainOptions, device: t
     return out
 
 
-def tailored_teacher_loss(run: Path) -> str:
-    """The teacher-term form the run's student was tailored with; fine-tuning keeps it.
+def tailored_distillation(run: Path, teacher_weight: float) -> Distillation:
+    """How the run's student was tailored to learn from its teacher; the search and fine-tuning keep it.
 
-    Runs made before the option existed were tailored with the paper's plain MSE.
+    ``teacher_weight`` is the later stage's own g2: 0 turns the teacher off, logit KD included.
+    Runs made before an option existed were tailored without it: the paper's plain MSE, no logit KD.
     """
-    config = read_json(run / "tailor" / "config.json", what="tailor config")
-    return config.get("settings", {}).get("teacher_loss", "mse")
+    settings = read_json(run / "tailor" / "config.json", what="tailor config").get("settings", {})
+    return Distillation(teacher_loss=settings.get("teacher_loss", "mse"),
+                        kd_weight=settings.get("kd_weight", 0.0) if teacher_weight > 0 else 0.0,
+                        kd_temperature=settings.get("kd_temperature", defaults.KD_TEMPERATURE))
 
 
 def maybe_compile(module: nn.Module, enabled: bool) -> Callable[..., Any]:

@@ -7,7 +7,7 @@ from .. import defaults
 from ..loading import load_student, load_teacher
 from ..runs import locate_teacher, prepare_stage, read_run, read_summary, require_stage
 from ..train import Callbacks, resolve_device
-from .common import check_run_data, data_config, fit_student, load_data, one_writer, say_skipped, tailored_teacher_loss
+from .common import check_run_data, data_config, fit_student, load_data, one_writer, say_skipped, tailored_distillation
 from .options import RUN_DATA, DataOptions, TrainOptions, recorded_options, stage_settings
 
 
@@ -33,6 +33,6 @@ def finetune(run: Path, data: DataOptions, train: TrainOptions, *, teacher_weigh
     if teacher_weight > 0:
         teacher = load_teacher(locate_teacher(run, run_meta), device).eval().requires_grad_(False)
     return fit_student(run, "finetune", student, teacher, task, data, train, device, cb, complexity=None,
-                        g1=0.0, g2=teacher_weight, teacher_loss=tailored_teacher_loss(run),
+                        g1=0.0, g2=teacher_weight, distill=tailored_distillation(run, teacher_weight),
                         extra={"settings": settings, "teacher_weight": teacher_weight, "command": "finetune",
                                "options": recorded_options(settings, train, data, drop=RUN_DATA)})

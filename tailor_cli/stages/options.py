@@ -116,6 +116,8 @@ class TailorOptions:
     teacher_weight: float = defaults.TEACHER_WEIGHT
     teacher_loss: str = defaults.TEACHER_LOSS  # "mse" (the paper's form) or "relative" (scale-free); see losses.teacher_term
     train_bn: bool = False  # also train the frozen blocks' BatchNorm scale and shift, per task (Student)
+    kd_weight: float = defaults.KD_WEIGHT  # logit distillation at kd_temperature (losses.logit_distillation)
+    kd_temperature: float = defaults.KD_TEMPERATURE
     teacher_train: TrainOptions = field(default_factory=lambda: TrainOptions.for_stage("teacher"))  # trained in the run
 
     def validate(self) -> None:
@@ -123,6 +125,10 @@ class TailorOptions:
             raise UsageError(f"--max-skip must be at least 1, got {self.max_skip}")
         if self.complexity_weight < 0 or self.teacher_weight < 0:
             raise UsageError("--complexity-weight and --teacher-weight must be >= 0")
+        if self.kd_weight < 0:
+            raise UsageError(f"--kd-weight must be >= 0, got {self.kd_weight}")
+        if not self.kd_temperature > 0:
+            raise UsageError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
         if self.teacher_loss not in TEACHER_LOSSES:
             raise UsageError(f"--teacher-loss must be one of {', '.join(TEACHER_LOSSES)}, got '{self.teacher_loss}'")
 

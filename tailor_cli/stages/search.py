@@ -20,7 +20,7 @@ from ..pruning import connecting_threshold
 from ..pruning import plan as plan_pruning
 from ..runs import MODEL, locate_teacher, read_run, read_summary, require_stage, stage_done
 from ..train import Callbacks, autocast_context, resolve_device
-from .common import check_run_data, data_config, fit_student, load_data, one_writer, tailored_teacher_loss
+from .common import check_run_data, data_config, fit_student, load_data, one_writer, tailored_distillation
 from .finetune import finetune
 from .options import DataOptions, SearchOptions, TrainOptions
 from .prune import prune
@@ -154,7 +154,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
         shutil.rmtree(run / stage, ignore_errors=True)
         opts_k = TrainOptions(**{**asdict(search_train), "epochs": opts.search_epochs, "resume": False})
         summary = fit_student(run, stage, cand, teacher, task, data, opts_k, device, cb, complexity=None, g1=0.0,
-                               g2=teacher_weight, teacher_loss=tailored_teacher_loss(run), extra={"search_k": k},
+                               g2=teacher_weight, distill=tailored_distillation(run, teacher_weight), extra={"search_k": k},
                                keep="last", held_out=False)
         trained, _ = load_student(run / stage, device)
         correct[k] = correct_mask(trained, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last)

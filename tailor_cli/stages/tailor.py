@@ -29,6 +29,7 @@ from ..student import Student
 from ..train import Callbacks, resolve_device
 from .common import (
     REDO_TEACHER,
+    Distillation,
     check_run_data,
     data_config,
     data_record,
@@ -89,7 +90,8 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
     def settings_now(meta):
         return stage_settings(train, device, data, bb, meta, max_skip=opts.max_skip, teacher=teacher_setting,
                               complexity_weight=opts.complexity_weight, teacher_weight=opts.teacher_weight,
-                              teacher_loss=opts.teacher_loss, train_bn=opts.train_bn)
+                              teacher_loss=opts.teacher_loss, train_bn=opts.train_bn,
+                              kd_weight=opts.kd_weight, kd_temperature=opts.kd_temperature)
 
     done = prepare_stage(run, "tailor", resume=train.resume, overwrite=train.overwrite, settings=settings_now(run_meta))
     if done:
@@ -164,7 +166,8 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
                                drop=("teacher",) if inside else ())
     return fit_student(run, "tailor", student, teacher, task, data, train, device, cb,
                         complexity=ComplexityModel(student.structure, costs),
-                        g1=opts.complexity_weight, g2=opts.teacher_weight, teacher_loss=opts.teacher_loss,
+                        g1=opts.complexity_weight, g2=opts.teacher_weight,
+                        distill=Distillation(opts.teacher_loss, opts.kd_weight, opts.kd_temperature),
                         keep="last",  # the architecture is what the complexity schedule ends with
                         extra={"settings": settings, "max_skip": opts.max_skip, "train_bn": opts.train_bn,
                                "complexity_weight": opts.complexity_weight,
