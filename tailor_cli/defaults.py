@@ -29,7 +29,7 @@ MAX_SKIP = 3
 COMPLEXITY_WEIGHT = 0.3
 TEACHER_WEIGHT = 10.0
 TEACHER_LOSS = "mse"
-KD_WEIGHT = 0.0  # logit distillation next to the feature term; off: the paper's loss (docs/method.md)
+KD_WEIGHT = 0.0  # logit distillation next to the feature term; off: the paper's loss (measured: docs/method.md, "The loss")
 KD_TEMPERATURE = 4.0
 
 THRESHOLD = 0.05

@@ -51,6 +51,9 @@ def test_tailor_without_teacher_trains_one_and_writes_the_run_layout(tailored_ru
         assert all(0 <= r["val_acc"] <= 100 for r in rows)
     rows = read_jsonl(run / "tailor" / "metrics.jsonl")
     assert {"train_ce", "train_complexity", "train_teacher", "attention"} <= set(rows[0])
+    assert "train_kd" not in rows[0]  # logit distillation is opt-in (--kd-weight): no gain measured on average
+    settings = json.loads((run / "tailor" / "config.json").read_text())["settings"]
+    assert (settings["kd_weight"], settings["kd_temperature"]) == (0.0, 4.0)
     assert not list(run.rglob("*.tmp"))
 
 

@@ -215,6 +215,17 @@ def test_logit_distillation_is_recorded_at_tailor_and_kept_by_finetune_unless_th
     assert "train_kd" not in read_jsonl(run / "finetune" / "metrics.jsonl")[-1]
 
 
+def test_a_run_tailored_before_the_option_existed_is_fine_tuned_without_distillation(tmp_path):
+    from tailor_cli.stages.common import Distillation, tailored_distillation
+
+    (tmp_path / "tailor").mkdir()
+    (tmp_path / "tailor" / "config.json").write_text(json.dumps({"settings": {"teacher_loss": "mse"}}))
+    assert tailored_distillation(tmp_path, 10.0) == Distillation("mse", 0.0, defaults.KD_TEMPERATURE)
+    (tmp_path / "tailor" / "config.json").write_text(json.dumps({"settings": {"kd_weight": 1.0, "kd_temperature": 2.0}}))
+    assert tailored_distillation(tmp_path, 10.0) == Distillation("mse", 1.0, 2.0)
+    assert tailored_distillation(tmp_path, 0.0).kd_weight == 0.0
+
+
 @pytest.mark.parametrize("flag,value,needle", [("--kd-weight", "-1", "--kd-weight must be >= 0"),
                                                ("--kd-temperature", "0", "--kd-temperature must be > 0")])
 def test_bad_distillation_options_are_one_line_usage_errors(tmp_path, folder_data, flag, value, needle):
