@@ -50,6 +50,9 @@ from .options import (
     Overwrite,
     Pretrained,
     Resume,
+    RunDropBlocks,
+    RunSearchEpochs,
+    RunTolerance,
     Schedule,
     Seed,
     SkipBad,
@@ -352,14 +355,10 @@ def run(
     finetune_epochs: FinetuneEpochs = None, finetune_lr: FinetuneLr = None,
     finetune_batch_size: FinetuneBatchSize = None,
     threshold: Threshold = defaults.THRESHOLD,
-    drop_blocks: Annotated[Optional[int], typer.Option("--drop-blocks", "-k", help="Drop exactly K blocks "
-                                                       "[default: search K automatically].")] = None,
-    tolerance: Annotated[float, typer.Option("--tolerance", help="Accuracy points allowed below the teacher; "
-                                             "the exit code is 7 when the chosen network misses it.")] = defaults.TOLERANCE,
+    drop_blocks: RunDropBlocks = None, tolerance: RunTolerance = defaults.TOLERANCE,
     noise_allowance: NoiseAllowance = False, fallbacks: Fallbacks = defaults.FALLBACKS,
     max_macs: Annotated[Optional[float], typer.Option("--max-macs", help="MACs budget instead of a tolerance.")] = None,
-    search_epochs: Annotated[int, typer.Option("--search-epochs", help="Fine-tuning epochs of each K search "
-                                               "candidate.")] = defaults.SEARCH_EPOCHS,
+    search_epochs: RunSearchEpochs = defaults.SEARCH_EPOCHS,
     max_skip: MaxSkip = defaults.MAX_SKIP, teacher_loss: TeacherLoss = defaults.TEACHER_LOSS, train_bn: TrainBn = False,
     kd_weight: KdWeight = defaults.KD_WEIGHT, kd_temperature: KdTemperature = defaults.KD_TEMPERATURE,
     schedule: Schedule = None, label_smoothing: LabelSmoothing = None,

@@ -146,6 +146,12 @@ TeacherLoss = Annotated[str, typer.Option("--teacher-loss", help="Teacher term: 
 TrainBn = Annotated[bool, typer.Option("--train-bn/--no-train-bn", help="Also train the frozen blocks' BatchNorm "
                                        "scale and shift, per task (kept in the adapter beside the BN statistics; "
                                        "the shared backbone is unchanged). Off: the paper's student.")]
+# `run`'s own wording of the search options (prune's say "--auto: ...")
+RunDropBlocks = Annotated[Optional[int], typer.Option("--drop-blocks", "-k", help="Drop exactly K blocks "
+                                                      "[default: search K automatically].")]
+RunTolerance = Annotated[float, typer.Option("--tolerance", help="Accuracy points allowed below the teacher; "
+                                             "the exit code is 7 when the chosen network misses it.")]
+RunSearchEpochs = Annotated[int, typer.Option("--search-epochs", help="Fine-tuning epochs of each K search candidate.")]
 KdWeight = Annotated[float, typer.Option("--kd-weight", help="Weight of logit distillation (Hinton's KL to the "
                                          "teacher's softened outputs, times T^2) next to the teacher term; "
                                          "0: the paper's loss.")]
