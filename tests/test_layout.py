@@ -15,7 +15,7 @@ MAX_LINES = 400
 ORDER = [
     "__main__",
     # the command line
-    "cli", "cli.commands", "cli.app", "cli.options", "cli.progress", "cli.render", "cli.output",
+    "cli", "cli.pipeline", "cli.commands", "cli.app", "cli.options", "cli.progress", "cli.render", "cli.output",
     # the pipeline
     "stages", "stages.run", "stages.search", "stages.tailor", "stages.teacher", "stages.finetune", "stages.prune",
     "stages.common", "stages.options",

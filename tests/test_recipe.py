@@ -325,11 +325,16 @@ def test_run_takes_a_teacher_file_and_trains_no_teacher(tmp_path, folder_data, f
     path, _ = finetuned
     run = tmp_path / "run"
     res = invoke("run", "--data", folder_data, "--output", run, "--teacher", path, "--epochs", "1", "--drop-blocks",
-                 "1", "--threshold", "0", "--tolerance", "100", *[a for a in FAST if a not in ("--batch-size", "8")])
+                 "1", "--threshold", "0", "--tolerance", "100", "--complexity-weight", "0.2", "--teacher-weight", "5",
+                 *[a for a in FAST if a not in ("--batch-size", "8")])
     assert res.exit_code == 0, res.output
     assert "teacher epoch" not in res.stderr
     options = json.loads((run / "run.json").read_text())["options"]
     assert options["teacher"] == str(path.resolve())
+    # run passes the loss weights to the tailor stage and records them: `run -c RUN/run.json` repeats them
+    assert (options["complexity_weight"], options["teacher_weight"]) == (0.2, 5.0)
+    tailored = json.loads((run / "tailor" / "config.json").read_text())
+    assert (tailored["complexity_weight"], tailored["teacher_weight"]) == (0.2, 5.0)
 
 
 def test_weight_decay_reaches_the_optimiser_but_never_the_attention_logits():

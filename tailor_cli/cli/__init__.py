@@ -7,11 +7,12 @@ stderr (a rich progress bar on a terminal, plain lines otherwise). Every failure
 Modules, in import order: ``output`` (stdout and stderr, the JSON document, the error line),
 ``render`` (results as tables and lines), ``progress`` (the training callbacks on stderr),
 ``options`` (the shared options, ``-c/--config``, option values -> the core's options), ``app``
-(the Typer app, the error boundary, the entry point), ``commands`` (the eight commands).
+(the Typer app, the error boundary, the entry point), ``commands`` (the stages and the tools on
+finished runs, one command each), ``pipeline`` (``run``: every stage in one command).
 """
 from __future__ import annotations
 
-from . import commands  # noqa: F401  (registers the commands on the app)
+from . import commands, pipeline  # noqa: F401  (register the commands on the app)
 from .app import app, invoke, main
 
 __all__ = ["app", "invoke", "main"]

@@ -168,6 +168,8 @@ Fallbacks = Annotated[int, typer.Option(
     "--fallbacks", metavar="N", help="When the chosen network misses --tolerance after its full fine-tune, fine-tune "
     "the next less pruned one, up to N times, and keep the first that meets it.")]
 MaxSkip = Annotated[int, typer.Option("--max-skip", help="Proxies per layer (skips over 1..K blocks).")]
+ComplexityWeight = Annotated[float, typer.Option("--complexity-weight", help="g1, weight of E[C], the expected cost "
+                                                 "of the network the attention keeps.")]
 TeacherWeight = Annotated[float, typer.Option("--teacher-weight", help="g2, weight of the teacher term. In "
                                               "finetune, 0 trains without the teacher (without the tailored "
                                               "--kd-weight too).")]
