@@ -4,7 +4,7 @@ Measures, on one machine with one backbone, batch and input size (random inputs,
 
 * train step: plain full fine-tuning (``TeacherObjective``: forward, backward, SGD) and the
   ``tailor`` step (``StudentObjective``: teacher under inference_mode, student forward/backward
-  with complexity weight 0.3 and teacher weight 10, SGD), exactly as ``train.fit`` runs them;
+  with the default loss weights and ``--train-bn`` setting, SGD), exactly as ``train.fit`` runs them;
 * peak memory of each step, each in a fresh subprocess (CPU: peak RSS growth over the
   interpreter's baseline; CUDA: ``torch.cuda.max_memory_allocated``). Both include the
   models, optimizer state and the step's activations;
@@ -46,8 +46,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 TARGETS = {"train_step_ratio": 1.1, "memory_ratio": 1.25, "inference_efficiency": 0.8}
-COMPLEXITY_WEIGHT = 0.3
-TEACHER_WEIGHT = 10.0
 NUM_CLASSES = 10
 
 
@@ -93,6 +91,7 @@ class Setup:
     def __init__(self, args: argparse.Namespace, *, need: tuple[str, ...] = ("finetune", "tailor", "pruned")):
         import timm
 
+        from tailor_cli import defaults
         from tailor_cli.backbone import describe_chain
         from tailor_cli.counting import path_costs
         from tailor_cli.losses import ComplexityModel
@@ -126,12 +125,12 @@ class Setup:
             self.ft_opt, _ = make_optimizer([{"params": list(self.full.parameters())}], cfg)
         if "tailor" in need:
             self.teacher = prepare(new_model()).eval().requires_grad_(False)
-            self.student = Student(new_model(), NUM_CLASSES)
+            self.student = Student(new_model(), NUM_CLASSES, train_bn=defaults.TRAIN_BN)
             costs, _ = path_costs(self.student, S)  # on CPU, at the training size, as the pipeline does
             self.student = prepare(self.student)
             complexity = ComplexityModel(self.student.structure, costs).to(self.device)
             self.tailor_objective = StudentObjective(self.student, self.teacher, describe_chain(self.teacher),
-                                                     complexity, COMPLEXITY_WEIGHT, TEACHER_WEIGHT,
+                                                     complexity, defaults.COMPLEXITY_WEIGHT, defaults.TEACHER_WEIGHT,
                                                      forward=compile_(self.student))
             logits = {id(p) for p in self.student.attention_parameters()}  # stages.common._student_groups
             rest = [p for p in self.student.trainable_parameters() if id(p) not in logits]
@@ -409,12 +408,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     counts = setup.pruned.structure.counts()
     import timm
 
+    from tailor_cli import defaults
+
     return {
         "config": {"backbone": args.backbone, "batch_size": B, "img_size": S, "device": str(setup.device),
                    "amp": bool(args.amp), "channels_last": bool(args.channels_last), "compile": bool(args.compile),
                    "repeats": args.repeats,
                    "warmup": args.warmup, "drop_blocks": setup.drop_blocks, "threads": torch.get_num_threads(),
-                   "complexity_weight": COMPLEXITY_WEIGHT, "teacher_weight": TEACHER_WEIGHT,
+                   "complexity_weight": defaults.COMPLEXITY_WEIGHT, "teacher_weight": defaults.TEACHER_WEIGHT,
+                   "train_bn": defaults.TRAIN_BN,
                    "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
                    "machine": platform.machine(), "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
                    # other processes' load distorts CPU timings: 1-minute load average before/after

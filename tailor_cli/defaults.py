@@ -29,6 +29,7 @@ MAX_SKIP = 3
 COMPLEXITY_WEIGHT = 0.3
 TEACHER_WEIGHT = 10.0
 TEACHER_LOSS = "mse"
+TRAIN_BN = False  # True: the blocks' BatchNorm scale and shift are the task's own (measured: docs/method.md, sessions 11-13)
 KD_WEIGHT = 0.0  # logit distillation next to the feature term; off: the paper's loss (measured: docs/method.md, "The loss")
 KD_TEMPERATURE = 4.0
 

@@ -120,7 +120,7 @@ def tailor(
     complexity_weight: ComplexityWeight = defaults.COMPLEXITY_WEIGHT,
     teacher_weight: TeacherWeight = defaults.TEACHER_WEIGHT,
     teacher_epochs: TeacherEpochs = None, teacher_lr: TeacherLr = None, teacher_batch_size: TeacherBatchSize = None,
-    teacher_loss: TeacherLoss = defaults.TEACHER_LOSS, train_bn: TrainBn = False,
+    teacher_loss: TeacherLoss = defaults.TEACHER_LOSS, train_bn: TrainBn = defaults.TRAIN_BN,
     kd_weight: KdWeight = defaults.KD_WEIGHT, kd_temperature: KdTemperature = defaults.KD_TEMPERATURE,
     pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
     val_fraction: ValFraction = None, split_seed: SplitSeed = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,

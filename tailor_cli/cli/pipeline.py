@@ -95,7 +95,7 @@ def run(
     search_epochs: RunSearchEpochs = defaults.SEARCH_EPOCHS,
     max_skip: MaxSkip = defaults.MAX_SKIP, complexity_weight: ComplexityWeight = defaults.COMPLEXITY_WEIGHT,
     teacher_weight: TeacherWeight = defaults.TEACHER_WEIGHT, teacher_loss: TeacherLoss = defaults.TEACHER_LOSS,
-    train_bn: TrainBn = False,
+    train_bn: TrainBn = defaults.TRAIN_BN,
     kd_weight: KdWeight = defaults.KD_WEIGHT, kd_temperature: KdTemperature = defaults.KD_TEMPERATURE,
     schedule: Schedule = None, label_smoothing: LabelSmoothing = None,
     seed: Seed = 0, device: Device = "auto", amp: Amp = None, resume: Resume = False,

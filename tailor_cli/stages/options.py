@@ -115,7 +115,7 @@ class TailorOptions:
     complexity_weight: float = defaults.COMPLEXITY_WEIGHT
     teacher_weight: float = defaults.TEACHER_WEIGHT
     teacher_loss: str = defaults.TEACHER_LOSS  # "mse" (the paper's form) or "relative" (scale-free); see losses.teacher_term
-    train_bn: bool = False  # also train the frozen blocks' BatchNorm scale and shift, per task (Student)
+    train_bn: bool = defaults.TRAIN_BN  # also train the frozen blocks' BatchNorm scale and shift, per task (Student)
     kd_weight: float = defaults.KD_WEIGHT  # logit distillation at kd_temperature (losses.logit_distillation)
     kd_temperature: float = defaults.KD_TEMPERATURE
     teacher_train: TrainOptions = field(default_factory=lambda: TrainOptions.for_stage("teacher"))  # trained in the run
