@@ -4,6 +4,7 @@ Everything runs offline on CPU: models use pretrained=False, data is generated.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(2)
+# two cores: one process with two threads, or (pytest -n 2) two workers with one thread each
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 from datagen import make_imagefolder  # noqa: E402
 
