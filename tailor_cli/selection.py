@@ -63,3 +63,22 @@ def compare(candidate: torch.Tensor, reference: torch.Tensor, *, tolerance: floa
         only_reference=int((d < 0).sum().item()), accepted=diff >= -(tolerance + margin) - 1e-9,
         within_tolerance=diff >= -tolerance - 1e-9,
     )
+
+
+def resolution_warning(n: int, tolerance: float, *, min_images: float = 3.0) -> str | None:
+    """A warning when ``tolerance`` points span fewer than ``min_images`` of ``n`` validation images.
+
+    One image is ``100 / n`` points. When the tolerance is one or two images, whether a network
+    passes it can turn on a single image that another seed gets right or wrong. The message states
+    the arithmetic and what would span ``min_images``; it promises nothing more (a larger split did
+    not make the digits' networks agree: docs/method.md, session 14). None when the split resolves
+    the tolerance.
+    """
+    per_image = 100.0 / n
+    if tolerance >= min_images * per_image:
+        return None
+    allowed = math.floor(tolerance / per_image + 1e-9)
+    return (f"the validation split has {n} images: one image is {per_image:.2f} points, so --tolerance {tolerance:g} "
+            f"allows {allowed} image{'' if allowed == 1 else 's'} and whether a network passes can turn on a single "
+            f"image; spanning {min_images:g} images takes --tolerance {math.ceil(min_images * per_image * 100) / 100:g}, "
+            f"or a validation split of {math.ceil(min_images * 100 / tolerance)} images (--val-fraction, or a val/ folder)")

@@ -87,6 +87,10 @@ def test_missed_tolerance_exits_7(tmp_path, tailored_run, monkeypatch):
     out = json.loads(res.stdout)  # the result is still reported
     check = out["search"]["final_vs_teacher"]
     assert check["accepted"] is False and check["diff"] == -100.0
+    # the fixture's few validation images cannot resolve 0.5 points: said on stderr and in the frontier
+    n = out["search"]["val_images"]
+    assert f"warning: the validation split has {n} images" in res.stderr
+    assert out["search"]["coarse_validation"].startswith(f"the validation split has {n} images")
 
 
 @pytest.mark.parametrize("lost,flags,code,verdict", [

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tailor_cli.selection import compare
+from tailor_cli.selection import compare, resolution_warning
 
 
 def _pair(n: int, worse: int, better: int = 0, wrong_both: int = 10):
@@ -51,3 +51,14 @@ def test_identical_networks_and_bad_input():
     assert compare(ref, ref, tolerance=0.0).accepted and compare(ref, ref, tolerance=0.0).margin == 0
     with pytest.raises(ValueError):
         compare(ref, ref[:2], tolerance=0.5)
+
+
+def test_a_tolerance_of_fewer_than_three_validation_images_is_named():
+    # the README's digits: 287 validation images, one image 0.35 points, --tolerance 0.5 allows one image
+    message = resolution_warning(287, 0.5)
+    assert message is not None and "287 images" in message and "0.35 points" in message
+    assert "allows 1 image and" in message and "--tolerance 1.05, or a validation split of 600 images" in message
+    assert "allows 2 images" in resolution_warning(575, 0.5)
+    assert resolution_warning(599, 0.5) is not None  # 2.995 images
+    assert resolution_warning(600, 0.5) is None and resolution_warning(10_000, 0.5) is None
+    assert resolution_warning(287, 1.5) is None  # 4.3 images

@@ -145,6 +145,8 @@ def render_frontier(search: dict, console: Console | None = None) -> None:
                       "pruned network was fine-tuned in its place (--fallbacks)", highlight=False)
     if search.get("final_vs_teacher"):
         console.print(tolerance_line(search["final_vs_teacher"]), highlight=False)
+    if search.get("coarse_validation"):
+        console.print(f"note: {search['coarse_validation']}", highlight=False)
 
 
 def tolerance_line(final: dict) -> str:

@@ -86,7 +86,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     with the check against the teacher); the result lists them under ``stages``.
     """
     from ..data import make_loader
-    from ..selection import Z_ONE_SIDED_95, compare
+    from ..selection import Z_ONE_SIDED_95, compare, resolution_warning
     from ..train import correct_mask
 
     cb = callbacks or Callbacks()
@@ -143,6 +143,9 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     cfg = search_train.config(device)
     amp = autocast_context(cfg, device)
     correct: dict[int, torch.Tensor] = {}
+    coarse = resolution_warning(len(task.val), opts.tolerance) if budget is None else None
+    if coarse is not None:
+        cb.on_message(f"prune --auto: warning: {coarse}")
 
     def evaluate_k(k: int) -> float:
         row = plans[k]
@@ -206,6 +209,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     search = {"mode": "budget" if budget is not None else "tolerance", "tolerance": opts.tolerance,
               "max_macs": budget, "teacher_val_acc": teacher_acc, "full_macs": full_macs, "chosen_k": chosen,
               "reference_k": reference if budget is None else None, "val_images": len(task.val),
+              "coarse_validation": coarse,
               "candidates_tried": len(tried), "k_values": len(plans), "distinct_networks": len(candidates),
               "search_epochs": opts.search_epochs, "wall_seconds": round(time.perf_counter() - t0, 1),
               "frontier": frontier}
