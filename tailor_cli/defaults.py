@@ -32,6 +32,8 @@ TEACHER_LOSS = "mse"
 TRAIN_BN = False  # True: the blocks' BatchNorm scale and shift are the task's own (measured: docs/method.md, sessions 11-13)
 KD_WEIGHT = 0.0  # logit distillation next to the feature term; off: the paper's loss (measured: docs/method.md, "The loss")
 KD_TEMPERATURE = 4.0
+ATTENTION_SLOW_SHARE = 0.25  # of the tailor epochs, when --attention-slow-epochs is not given: 10 of 40
+ATTENTION_SLOW_FACTOR = 0.1  # the attention logits' rate in those epochs, times the stage's (docs/method.md, session 18)
 
 THRESHOLD = 0.05
 TOLERANCE = 0.5

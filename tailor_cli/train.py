@@ -273,6 +273,7 @@ def fit(
                 sampler.set_epoch(epoch)
             (train_mode or model.train)()
             lr = opt.param_groups[0]["lr"]  # the rate of the epoch's first update
+            named_lr = {f"{g['name']}_lr": g["lr"] for g in opt.param_groups if "name" in g}  # e.g. attention_lr
             sums = torch.zeros(len(objective.terms) + 2, device=device)  # terms..., loss, correct
             grads = torch.zeros(2, device=device)  # largest gradient norm, steps clipped
             seen = 0
@@ -323,7 +324,7 @@ def fit(
             val = evaluate(model, val_loader, device, amp_ctx=amp_ctx, channels_last=cfg.channels_last)
             seen_all = all_reduce_sum(torch.tensor(float(seen), device=device))
             host = (all_reduce_sum(sums) / seen_all.clamp(min=1)).tolist()
-            row = {"epoch": epoch + 1, "lr": lr}
+            row = {"epoch": epoch + 1, "lr": lr, **named_lr}
             row.update({f"train_{t}": host[i] for i, t in enumerate(objective.terms)})
             row.update({
                 "train_loss": host[-2], "train_acc": 100.0 * host[-1],

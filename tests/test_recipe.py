@@ -226,9 +226,11 @@ def test_a_run_tailored_before_the_option_existed_is_fine_tuned_without_distilla
     assert tailored_distillation(tmp_path, 0.0).kd_weight == 0.0
 
 
-@pytest.mark.parametrize("flag,value,needle", [("--kd-weight", "-1", "--kd-weight must be >= 0"),
-                                               ("--kd-temperature", "0", "--kd-temperature must be > 0")])
-def test_bad_distillation_options_are_one_line_usage_errors(tmp_path, folder_data, flag, value, needle):
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--kd-weight", "-1", "--kd-weight must be >= 0"), ("--kd-temperature", "0", "--kd-temperature must be > 0"),
+    ("--attention-slow-epochs", "-1", "--attention-slow-epochs must be >= 0"),
+    ("--attention-slow-factor", "1.5", "--attention-slow-factor must be between 0 and 1")])
+def test_bad_student_options_are_one_line_usage_errors(tmp_path, folder_data, flag, value, needle):
     res = invoke("tailor", "--data", folder_data, "--output", tmp_path / "r", flag, value, *FAST)
     _one_line_error(res, 2, needle)
     assert not (tmp_path / "r").exists()
@@ -345,3 +347,75 @@ def test_weight_decay_reaches_the_optimiser_but_never_the_attention_logits():
     weights, logits = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     opt, _ = make_optimizer([{"params": [weights]}, {"params": [logits], "weight_decay": 0.0}], cfg)
     assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+
+
+# --------------------------------------------------------------------------- the attention's slow start
+def test_a_slow_group_follows_a_plain_sgd_whose_rate_is_set_by_hand():
+    """Two groups: the weights on the stage's curve, the attention logits at 0.1x for the first epoch
+    of three. Against two plain SGDs whose rates are written out here, update by update, across the
+    end of the slow start and through a checkpoint's JSON round trip."""
+    from tailor_cli.train import TrainConfig, make_optimizer
+
+    torch.manual_seed(0)
+    per_epoch, epochs, lr = 4, 3, 0.05
+    cfg = TrainConfig(epochs=epochs, lr=lr, lr_step=1, warmup_epochs=1.0)  # cosine, Nesterov, weight decay 5e-4
+    w, a = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    w_ref, a_ref = torch.nn.Parameter(w.detach().clone()), torch.nn.Parameter(a.detach().clone())
+    opt, sched = make_optimizer([{"params": [w]}, {"params": [a], "name": "attention", "weight_decay": 0.0,
+                                                   "slow_epochs": 1, "slow_factor": 0.1}], cfg, steps_per_epoch=per_epoch)
+    sgd = lambda p, wd: torch.optim.SGD([p], lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    ref_w, ref_a = sgd(w_ref, 5e-4), sgd(a_ref, 0.0)
+
+    def curve(u):  # one epoch of linear warm-up, then cosine to 0 over the last two
+        return (u + 1) / per_epoch if u < per_epoch else 0.5 * (1 + math.cos(math.pi * (u - per_epoch) / (2 * per_epoch)))
+
+    rates = []
+    for u in range(epochs * per_epoch):
+        if u == 2:  # a checkpoint inside the slow start, resumed by a new optimiser and scheduler
+            state = json.loads(json.dumps(sched.state_dict()))
+            groups = [{**g, "params": [p]} for g, p in zip(opt.param_groups, (w, a))]
+            opt2, sched = make_optimizer([{k: v for k, v in g.items() if k != "lr"} for g in groups], cfg,
+                                         steps_per_epoch=per_epoch)
+            opt2.load_state_dict(opt.state_dict())
+            sched.load_state_dict(state)
+            opt = opt2
+        rates.append((opt.param_groups[0]["lr"], opt.param_groups[1]["lr"]))
+        for group, rate in ((ref_w.param_groups[0], lr * curve(u)), (ref_a.param_groups[0], lr * curve(u) * (0.1 if u < per_epoch else 1))):
+            group["lr"] = rate
+        grad_w, grad_a = torch.randn(3), torch.randn(3)
+        for p, g in ((w, grad_w), (a, grad_a), (w_ref, grad_w), (a_ref, grad_a)):
+            p.grad = g.clone()
+        opt.step(), ref_w.step(), ref_a.step()
+        sched.step()
+        assert torch.allclose(w, w_ref, rtol=0, atol=1e-7) and torch.allclose(a, a_ref, rtol=0, atol=1e-7), u
+    assert rates[0] == pytest.approx((lr / per_epoch, 0.1 * lr / per_epoch))
+    assert rates[per_epoch - 1][1] == pytest.approx(0.1 * rates[per_epoch - 1][0])
+    assert all(r[0] == r[1] for r in rates[per_epoch:])  # the same curve once the slow start is over
+
+
+def test_tailor_starts_the_attention_slow_records_it_and_a_factor_of_zero_holds_it(tmp_path, folder_data):
+    from tailor_cli.student import BLOCK_LOGIT_INIT, PROXY_LOGIT_INIT
+
+    base = ["--data", folder_data, "--epochs", "4", "--teacher-epochs", "1", *FAST]
+    res = invoke("tailor", "--output", tmp_path / "default", *base)
+    assert res.exit_code == 0, res.output
+    settings = json.loads((tmp_path / "default" / "tailor" / "config.json").read_text())["settings"]
+    assert (settings["attention_slow_epochs"], settings["attention_slow_factor"]) == (1, defaults.ATTENTION_SLOW_FACTOR)
+    rows = read_jsonl(tmp_path / "default" / "tailor" / "metrics.jsonl")
+    assert rows[0]["attention_lr"] == pytest.approx(0.1 * rows[0]["lr"])  # a quarter of 4 epochs: the first
+    assert [r["attention_lr"] for r in rows[1:]] == [r["lr"] for r in rows[1:]]
+
+    # factor 0 for every epoch: the logits never move, the proxies do
+    held = tmp_path / "held"
+    assert invoke("tailor", "--output", held, *base, "--attention-slow-factor", "0",
+                  "--attention-slow-epochs", "4").exit_code == 0
+    moved = tmp_path / "moved"
+    assert invoke("tailor", "--output", moved, *base, "--attention-slow-epochs", "0").exit_code == 0
+    (h, m) = (load_file(run / "tailor" / "model.safetensors") for run in (held, moved))
+    logits = [k for k in h if k.endswith(".logits") and h[k].numel() > 1]
+    assert logits and all(set(h[k].tolist()) <= {BLOCK_LOGIT_INIT, PROXY_LOGIT_INIT} for k in logits)
+    assert any(not torch.equal(h[k], m[k]) for k in logits)
+    proxies = [k for k in h if ".proxies." in k and k.endswith("weight")]
+    assert proxies and any(not torch.equal(h[k], m[k]) for k in proxies)
+    assert [r["attention_lr"] for r in read_jsonl(moved / "tailor" / "metrics.jsonl")] == \
+        [r["lr"] for r in read_jsonl(moved / "tailor" / "metrics.jsonl")]

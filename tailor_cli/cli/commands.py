@@ -15,6 +15,8 @@ from .app import app, execute, fail_on_tolerance
 from .options import (
     Amp,
     AmpDtype,
+    AttentionSlowEpochs,
+    AttentionSlowFactor,
     Augment,
     Backbone,
     BatchSize,
@@ -122,6 +124,8 @@ def tailor(
     teacher_epochs: TeacherEpochs = None, teacher_lr: TeacherLr = None, teacher_batch_size: TeacherBatchSize = None,
     teacher_loss: TeacherLoss = defaults.TEACHER_LOSS, train_bn: TrainBn = defaults.TRAIN_BN,
     kd_weight: KdWeight = defaults.KD_WEIGHT, kd_temperature: KdTemperature = defaults.KD_TEMPERATURE,
+    attention_slow_epochs: AttentionSlowEpochs = None,
+    attention_slow_factor: AttentionSlowFactor = defaults.ATTENTION_SLOW_FACTOR,
     pretrained: Pretrained = True, weights: Weights = None, task: Task = None, img_size: ImgSize = None,
     val_fraction: ValFraction = None, split_seed: SplitSeed = None, download: Download = False, cache: Cache = False, hflip: Hflip = None,
     skip_bad: SkipBad = False, workers: Workers = None, augment: Augment = True, epochs: Epochs = None,
@@ -153,7 +157,9 @@ def tailor(
                              split_seed),
                 train, TailorOptions(teacher=teacher_run, max_skip=max_skip, complexity_weight=complexity_weight,
                                      teacher_weight=teacher_weight, teacher_loss=teacher_loss, train_bn=train_bn,
-                                     kd_weight=kd_weight, kd_temperature=kd_temperature, teacher_train=t_train),
+                                     kd_weight=kd_weight, kd_temperature=kd_temperature,
+                                     attention_slow_epochs=attention_slow_epochs,
+                                     attention_slow_factor=attention_slow_factor, teacher_train=t_train),
                 rep)
         emit({"run": str(run), **result}, json_out, render_stage)
 

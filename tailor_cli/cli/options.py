@@ -156,6 +156,12 @@ KdWeight = Annotated[float, typer.Option("--kd-weight", help="Weight of logit di
                                          "teacher's softened outputs, times T^2) next to the teacher term; "
                                          "0: the paper's loss.")]
 KdTemperature = Annotated[float, typer.Option("--kd-temperature", help="Temperature T of the logit distillation.")]
+AttentionSlowEpochs = Annotated[Optional[int], typer.Option(
+    "--attention-slow-epochs", metavar="N", help="Tailor epochs at the start during which the attention logits learn "
+    "at --attention-slow-factor times the rate: the blocks kept are then not decided by the first epochs' noise; "
+    "0: off [default: a quarter of the tailor epochs].")]
+AttentionSlowFactor = Annotated[float, typer.Option(
+    "--attention-slow-factor", help="The attention logits' rate in the slow epochs, times the tailor stage's.")]
 TeacherSource = Annotated[Optional[Path], typer.Option(
     "--teacher", metavar="RUN|FILE", help="The fine-tuned network to learn from: a finished teacher run, or a model file of the same "
     "backbone and classes (.safetensors state dict or timm .pth checkpoint, read with weights_only), which is "

@@ -13,6 +13,8 @@ from ..errors import UsageError
 from .app import app, execute, fail_on_tolerance
 from .options import (
     Amp,
+    AttentionSlowEpochs,
+    AttentionSlowFactor,
     Backbone,
     Cache,
     ClipGrad,
@@ -97,6 +99,8 @@ def run(
     teacher_weight: TeacherWeight = defaults.TEACHER_WEIGHT, teacher_loss: TeacherLoss = defaults.TEACHER_LOSS,
     train_bn: TrainBn = defaults.TRAIN_BN,
     kd_weight: KdWeight = defaults.KD_WEIGHT, kd_temperature: KdTemperature = defaults.KD_TEMPERATURE,
+    attention_slow_epochs: AttentionSlowEpochs = None,
+    attention_slow_factor: AttentionSlowFactor = defaults.ATTENTION_SLOW_FACTOR,
     schedule: Schedule = None, label_smoothing: LabelSmoothing = None,
     seed: Seed = 0, device: Device = "auto", amp: Amp = None, resume: Resume = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run again: remove what nettailor wrote "
@@ -124,6 +128,8 @@ def run(
                 TailorOptions(teacher=teacher_run, max_skip=max_skip, complexity_weight=complexity_weight,
                               teacher_weight=teacher_weight, teacher_loss=teacher_loss, train_bn=train_bn,
                               kd_weight=kd_weight, kd_temperature=kd_temperature,
+                              attention_slow_epochs=attention_slow_epochs,
+                              attention_slow_factor=attention_slow_factor,
                               teacher_train=stage("teacher", teacher_epochs, teacher_lr, teacher_batch_size)),
                 stage("tailor", tailor_epochs, tailor_lr, tailor_batch_size),
                 stage("finetune", finetune_epochs, finetune_lr, finetune_batch_size),

@@ -183,12 +183,14 @@ def data_config(name: str) -> dict:
     return timm.data.resolve_data_config({}, model=model)
 
 
-def _student_groups(student: Student) -> list[dict]:
-    """Attention logits get no weight decay and no gradient clipping (docs/method.md)."""
+def _student_groups(student: Student, attention_slow: tuple[int, float] | None = None) -> list[dict]:
+    """Attention logits get no weight decay and no gradient clipping (docs/method.md); with ``attention_slow``
+    = (epochs, factor) they learn at ``factor`` times the rate for the first ``epochs`` epochs (schedule.py)."""
     logit_ids = set(id(p) for p in student.attention_parameters())
     rest = [p for p in student.trainable_parameters() if id(p) not in logit_ids]
     logits = [p for p in student.attention_parameters() if p.requires_grad]
-    return [{"params": rest}, {"params": logits, "weight_decay": 0.0, "clip": False}]
+    slow = {"slow_epochs": attention_slow[0], "slow_factor": attention_slow[1]} if attention_slow else {}
+    return [{"params": rest}, {"params": logits, "name": "attention", "weight_decay": 0.0, "clip": False, **slow}]
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,12 @@ class Distillation:
 
 def fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | None, task, data: DataOptions,
                  train: TrainOptions, device: torch.device, cb: Callbacks, *, complexity, g1: float, g2: float,
-                 distill: Distillation, extra: dict, keep: str = "best", held_out: bool = True) -> dict:
+                 distill: Distillation, extra: dict, keep: str = "best", held_out: bool = True,
+                 attention_slow: tuple[int, float] | None = None) -> dict:
+    """Train ``student`` as stage ``stage`` of ``run`` and write its model, config and summary.
+
+    ``attention_slow``: (epochs, factor), the attention logits' slow start (the tailor stage's).
+    """
     t0 = time.perf_counter()
     cfg = train.config(device)
     student = student.to(device)
@@ -233,7 +240,7 @@ def fit_student(run: Path, stage: str, student: Student, teacher: nn.Module | No
     ident = read_run(run)["backbone"]
     arch, sha = ident["architecture"], ident["sha256"]
     row = fit(stage=stage, stage_dir=stage_dir, model=student, objective=objective,
-              param_groups=_student_groups(student), train_loader=train_loader, val_loader=val_loader,
+              param_groups=_student_groups(student, attention_slow), train_loader=train_loader, val_loader=val_loader,
               device=device, cfg=cfg, resume=train.resume, callbacks=cb,
               checkpoint_extra={**student_meta(student, arch, stage), FROZEN_KEY: frozen_record(run, stage_dir, sha)},
               keep=keep, frozen=frozen_keys(student))

@@ -118,6 +118,8 @@ class TailorOptions:
     train_bn: bool = defaults.TRAIN_BN  # also train the frozen blocks' BatchNorm scale and shift, per task (Student)
     kd_weight: float = defaults.KD_WEIGHT  # logit distillation at kd_temperature (losses.logit_distillation)
     kd_temperature: float = defaults.KD_TEMPERATURE
+    attention_slow_epochs: int | None = None  # None: defaults.ATTENTION_SLOW_SHARE of the tailor epochs
+    attention_slow_factor: float = defaults.ATTENTION_SLOW_FACTOR
     teacher_train: TrainOptions = field(default_factory=lambda: TrainOptions.for_stage("teacher"))  # trained in the run
 
     def validate(self) -> None:
@@ -129,8 +131,18 @@ class TailorOptions:
             raise UsageError(f"--kd-weight must be >= 0, got {self.kd_weight}")
         if not self.kd_temperature > 0:
             raise UsageError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
+        if self.attention_slow_epochs is not None and self.attention_slow_epochs < 0:
+            raise UsageError(f"--attention-slow-epochs must be >= 0 (0: off), got {self.attention_slow_epochs}")
+        if not 0 <= self.attention_slow_factor <= 1:
+            raise UsageError(f"--attention-slow-factor must be between 0 and 1, got {self.attention_slow_factor}")
         if self.teacher_loss not in TEACHER_LOSSES:
             raise UsageError(f"--teacher-loss must be one of {', '.join(TEACHER_LOSSES)}, got '{self.teacher_loss}'")
+
+    def slow_epochs(self, epochs: int) -> int:
+        """The tailor epochs at whose start the attention logits learn at ``attention_slow_factor`` times the rate."""
+        if self.attention_slow_epochs is not None:
+            return min(self.attention_slow_epochs, epochs)
+        return round(defaults.ATTENTION_SLOW_SHARE * epochs)
 
 
 @dataclass

@@ -91,7 +91,9 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
         return stage_settings(train, device, data, bb, meta, max_skip=opts.max_skip, teacher=teacher_setting,
                               complexity_weight=opts.complexity_weight, teacher_weight=opts.teacher_weight,
                               teacher_loss=opts.teacher_loss, train_bn=opts.train_bn,
-                              kd_weight=opts.kd_weight, kd_temperature=opts.kd_temperature)
+                              kd_weight=opts.kd_weight, kd_temperature=opts.kd_temperature,
+                              attention_slow_epochs=opts.slow_epochs(train.epochs),
+                              attention_slow_factor=opts.attention_slow_factor)
 
     done = prepare_stage(run, "tailor", resume=train.resume, overwrite=train.overwrite, settings=settings_now(run_meta))
     if done:
@@ -169,6 +171,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
                         g1=opts.complexity_weight, g2=opts.teacher_weight,
                         distill=Distillation(opts.teacher_loss, opts.kd_weight, opts.kd_temperature),
                         keep="last",  # the architecture is what the complexity schedule ends with
+                        attention_slow=(opts.slow_epochs(train.epochs), opts.attention_slow_factor),
                         extra={"settings": settings, "max_skip": opts.max_skip, "train_bn": opts.train_bn,
                                "complexity_weight": opts.complexity_weight,
                                "teacher_weight": opts.teacher_weight, "teacher": str(teacher_dir),
