@@ -171,7 +171,7 @@ def tailor(run: Path, bb: BackboneOptions, data: DataOptions, train: TrainOption
                         g1=opts.complexity_weight, g2=opts.teacher_weight,
                         distill=Distillation(opts.teacher_loss, opts.kd_weight, opts.kd_temperature),
                         keep="last",  # the architecture is what the complexity schedule ends with
-                        attention_slow=(opts.slow_epochs(train.epochs), opts.attention_slow_factor),
+                        attention_slow=(settings["attention_slow_epochs"], settings["attention_slow_factor"]),
                         extra={"settings": settings, "max_skip": opts.max_skip, "train_bn": opts.train_bn,
                                "complexity_weight": opts.complexity_weight,
                                "teacher_weight": opts.teacher_weight, "teacher": str(teacher_dir),
