@@ -111,12 +111,20 @@ def _prepare_stage(run: Path, stage: str, *, resume: bool, overwrite: bool, sett
     )
 
 
+# Settings recorded from some version on, and what a stage written before then did. A tailor stage
+# from before the attention's slow start (session 18) trained without it: resuming it with the slow
+# start would change its recipe halfway.
+SETTINGS_BEFORE_RECORDED: dict[str, object] = {"attention_slow_epochs": 0}
+
+
 def check_settings(run: Path, stage: str, settings: dict | None, *, done: bool,
                    redo: str = "pass --overwrite to redo it") -> None:
     """Refuse to resume or reuse ``run/stage`` with settings other than those it was made with.
 
     ``settings`` maps option names to values; ``None`` means "not given" (inherited from the run)
-    and matches anything. Stages written without recorded settings are not checked.
+    and matches anything. Stages written without recorded settings are not checked. A setting a
+    stage predates (its record lacks the key) counts as the value the tool had then
+    (:data:`SETTINGS_BEFORE_RECORDED`), or is not checked when that value is not known.
     """
     path = run / stage / CONFIG
     if settings is None or not path.is_file():
@@ -125,6 +133,7 @@ def check_settings(run: Path, stage: str, settings: dict | None, *, done: bool,
     if not isinstance(old, dict):
         return
     new = json.loads(json.dumps(settings, default=str))
+    old = {**{k: v for k, v in SETTINGS_BEFORE_RECORDED.items() if k in new}, **old}
     diffs = [f"{key} {old[key]!r} -> {value!r}" for key, value in new.items()
              if value is not None and key in old and old[key] != value]
     if diffs:

@@ -405,6 +405,18 @@ def test_tailor_starts_the_attention_slow_records_it_and_a_factor_of_zero_holds_
     assert rows[0]["attention_lr"] == pytest.approx(0.1 * rows[0]["lr"])  # a quarter of 4 epochs: the first
     assert [r["attention_lr"] for r in rows[1:]] == [r["lr"] for r in rows[1:]]
 
+    # a stage from before the slow start (no such settings) trained without it: resuming it needs 0, as any
+    # other changed setting would
+    config = tmp_path / "default" / "tailor" / "config.json"
+    record = json.loads(config.read_text())
+    for key in ("attention_slow_epochs", "attention_slow_factor"):
+        del record["settings"][key]
+    config.write_text(json.dumps(record))
+    res = invoke("tailor", "--output", tmp_path / "default", *base, "--resume")
+    assert res.exit_code == 2 and "attention_slow_epochs 0 -> 1" in res.output, res.output
+    res = invoke("tailor", "--output", tmp_path / "default", *base, "--resume", "--attention-slow-epochs", "0")
+    assert res.exit_code == 0 and "already complete" in res.output, res.output
+
     # factor 0 for every epoch: the logits never move, the proxies do
     held = tmp_path / "held"
     assert invoke("tailor", "--output", held, *base, "--attention-slow-factor", "0",
