@@ -35,7 +35,10 @@ from .errors import RunError
 
 RUN_FORMAT = 2  # 2: the frozen backbone stored once (frozen/), student files without it
 STAGES = ("teacher", "tailor", "prune", "finetune")
-DOWNSTREAM = {"teacher": ("tailor", "prune", "finetune"), "tailor": ("prune", "finetune"), "prune": ("finetune",), "finetune": ()}
+# What an --overwrite of a stage discards: the stages built on it, and the K search ("search/") made from a tailored
+# student. Pruning again by hand discards the search too (`prune`); the search's own pruning keeps it.
+DOWNSTREAM = {"teacher": ("tailor", "prune", "finetune", "search"), "tailor": ("prune", "finetune", "search"),
+              "prune": ("finetune",), "finetune": ()}
 MODEL = "model.safetensors"
 SUMMARY = "summary.json"
 CONFIG = "config.json"

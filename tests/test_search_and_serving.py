@@ -54,6 +54,15 @@ def test_auto_prune_bisects_and_writes_the_frontier(tmp_path, tailored_run):
     text = invoke("report", run).stdout
     assert "architecture search" in text and "chosen" in text
 
+    # A K chosen by hand replaces the searched network: the search's record goes with it, and the report (or a
+    # `run --resume`, which reads the record's check) no longer describes a network the run does not hold.
+    res = invoke("prune", run, "-k", "0", "--threshold", "0.01", "--overwrite", "--json")
+    assert res.exit_code == 0, res.output
+    assert not (run / "search").exists()
+    rep = json.loads(invoke("report", run, "--json").stdout)
+    assert "search" not in rep["tasks"][0] and rep["tasks"][0]["stage"] == "prune"
+    assert json.loads((run / "prune" / "summary.json").read_text())["drop_blocks"] == 0
+
 
 def test_auto_prune_under_a_macs_budget(tmp_path, tailored_run):
     run = tmp_path / "run"

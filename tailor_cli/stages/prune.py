@@ -1,12 +1,14 @@
 """Stage 3, prune: remove the paths under the threshold and the K weakest blocks (trains nothing)."""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from .. import defaults
+from .. import distributed as dist
 from ..counting import format_count, full_network, student_macs, student_params
 from ..errors import RunError
 from ..frozen import save_student
@@ -19,8 +21,12 @@ from .common import one_writer
 
 @one_writer(create=False)
 def prune(run: Path, *, threshold: float = defaults.THRESHOLD, drop_blocks: int = 0, overwrite: bool = False,
-          callbacks: Callbacks | None = None) -> dict:
-    """Drop low-attention proxies and the K weakest blocks, then everything orphaned (stage 3)."""
+          callbacks: Callbacks | None = None, searched: bool = False) -> dict:
+    """Drop low-attention proxies and the K weakest blocks, then everything orphaned (stage 3).
+
+    ``searched``: K comes from the search (``prune --auto``), whose record ``run/search/`` stays;
+    a K chosen by hand discards an earlier search's record, which no longer describes the run.
+    """
     cb = callbacks or Callbacks()
     t0 = time.perf_counter()
     run_meta = read_run(run)
@@ -31,6 +37,8 @@ def prune(run: Path, *, threshold: float = defaults.THRESHOLD, drop_blocks: int 
     if stage_done(run, "prune") and not overwrite:
         raise RunError(f"'{run}' is already pruned; pass --overwrite to prune again (this also discards 'finetune')")
     prepare_stage(run, "prune", resume=False, overwrite=True)
+    if not searched and dist.is_main():
+        shutil.rmtree(run / "search", ignore_errors=True)
     img_size = run_meta["data"]["img_size"]
     macs_before = student_macs(student, img_size).total
     before = {"params": student_params(student), "macs": macs_before,

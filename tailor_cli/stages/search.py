@@ -18,7 +18,7 @@ from ..errors import RunError, UsageError
 from ..loading import load_student, load_teacher
 from ..pruning import connecting_threshold
 from ..pruning import plan as plan_pruning
-from ..runs import MODEL, locate_teacher, read_run, read_summary, require_stage, stage_done
+from ..runs import MODEL, locate_teacher, prepare_stage, read_run, read_summary, require_stage, stage_done
 from ..train import Callbacks, autocast_context, resolve_device
 from .common import check_run_data, data_config, fit_student, load_data, one_writer, tailored_distillation
 from .finetune import finetune
@@ -172,11 +172,16 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
         return row["val_acc"]
 
     reference = min(candidates)  # the least pruned network, at the same training as every candidate
+    fits = [k for k in candidates if budget is not None and plans[k]["macs"] <= budget]
+    if budget is not None and not fits:
+        raise UsageError(f"no network fits --max-macs {budget / 1e6:.1f}M (the leanest needs "
+                         f"{min(plans[k]['macs'] for k in candidates) / 1e6:.1f}M)")
+    # Searching again: the pruned network, its fine-tune and the last search's record go before any training.
+    prepare_stage(run, "prune", resume=False, overwrite=True)
+    if dist.is_main():
+        shutil.rmtree(run / "search", ignore_errors=True)
+    dist.barrier()
     if budget is not None:
-        fits = [k for k in candidates if plans[k]["macs"] <= budget]
-        if not fits:
-            raise UsageError(f"no network fits --max-macs {budget / 1e6:.1f}M (the leanest needs "
-                             f"{min(plans[k]['macs'] for k in candidates) / 1e6:.1f}M)")
         chosen = min(fits)  # fewest blocks dropped under the budget: the most accurate
         evaluate_k(chosen)
     else:
@@ -234,7 +239,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
 
     searched_k, attempts = chosen, []
     while True:  # the chosen network, then (tolerance mode) less pruned ones while it misses, opts.fallbacks at most
-        pruned = prune(run, threshold=opts.threshold, drop_blocks=chosen, overwrite=True, callbacks=cb)
+        pruned = prune(run, threshold=opts.threshold, drop_blocks=chosen, overwrite=True, callbacks=cb, searched=True)
         ended({"run": str(run), **pruned})
         final = finetune(run, data, final_train, teacher_weight=teacher_weight, callbacks=cb)
         final_model, _ = load_student(run / "finetune", device)
