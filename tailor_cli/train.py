@@ -387,6 +387,7 @@ def _check_finite(values: torch.Tensor, names: tuple[str, ...], stage: str, epoc
         which = [n for n, b in zip(list(names) + ["loss"], bad.tolist()) if b]
         raise TrainingError(
             f"{stage}: non-finite loss at epoch {epoch + 1}, step {step + 1} (term: {', '.join(which)}); "
-            "rerun the same command with a lower --lr and --overwrite (the stage starts again)"
+            "rerun the same command with a lower learning rate (--lr; `run`: --teacher-lr, --tailor-lr or "
+            "--finetune-lr) and --overwrite (the stage starts again)"
             + ("; a teacher term that explodes is bounded by `tailor --teacher-loss relative`" if "teacher" in which else "")
         )

@@ -82,7 +82,7 @@ def test_a_non_finite_loss_says_how_to_rerun_and_that_rerun_works(tmp_path, gray
     assert res.exit_code == 6, res.output
     assert "--overwrite" in res.stderr
     advice = res.stderr.strip().splitlines()[-1]
-    assert "lower --lr" in advice
+    assert "lower learning rate (--lr;" in advice
     res = runner.invoke(app, ["teacher", "--data", str(gray), "--output", str(run), *ARGS[:-2], "--epochs", "2",
                               "--lr", "0.01", "--overwrite"])
     assert res.exit_code == 0, res.output

@@ -77,6 +77,41 @@ def test_auto_prune_under_a_macs_budget(tmp_path, tailored_run):
     assert search["candidates_tried"] == 1
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--max-macs", "0.3"], "--max-macs only applies to the search; add --auto"),
+    (["-k", "1", "--tolerance", "1", "--epochs", "3"], "--tolerance, --epochs only apply to the search"),
+    (["--auto", "--search-epochs", "0"], "--search-epochs must be positive"),
+])
+def test_prune_refuses_options_it_would_not_use(tmp_path, tailored_run, args, needle):
+    """Without --auto, a budget or a tolerance would be ignored and K=0 kept: refused, nothing written."""
+    run = tmp_path / "run"
+    shutil.copytree(tailored_run, run)
+    res = invoke("prune", run, *args)
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
+    assert not (run / "prune").exists() and not (run / "search").exists()
+
+
+def test_an_interrupted_search_says_how_to_search_again(tmp_path, tailored_run, monkeypatch):
+    """The training loop's advice (`--resume`) is a stage command's; `prune` has no --resume."""
+    import tailor_cli.stages.search as search_module
+    from tailor_cli.errors import Interrupted
+
+    def stopped(*a, **kw):
+        raise Interrupted("finetune interrupted in epoch 2; its checkpoint after epoch 1 is kept (x). Rerun the same "
+                          "command with --resume to continue", exit_code=143)
+
+    monkeypatch.setattr(search_module, "finetune", stopped)
+    run = tmp_path / "run"
+    shutil.copytree(tailored_run, run)
+    res = invoke("prune", run, "--auto", "--tolerance", "100", *AUTO)
+    message = ("prune --auto: finetune interrupted in epoch 2; the search does not resume: rerun the same command "
+               "with --overwrite to search again")
+    assert res.exit_code == 143 and json.loads(res.stdout) == {"error": message, "exit_code": 143}, res.output
+    assert res.stderr.strip().splitlines()[-1] == "error: " + message, res.stderr
+
+
 def test_missed_tolerance_exits_7(tmp_path, tailored_run, monkeypatch):
     import tailor_cli.train as train_module
     from tailor_cli.student import Student

@@ -10,9 +10,10 @@ from typing import Annotated, Optional
 import typer
 
 from .. import defaults
-from ..errors import UsageError
+from ..errors import Interrupted, UsageError
 from .app import app, execute, fail_on_tolerance
 from .options import (
+    AUTO_ONLY,
     Amp,
     AmpDtype,
     AttentionSlowEpochs,
@@ -68,6 +69,7 @@ from .options import (
     WeightDecay,
     Weights,
     Workers,
+    command_line_options,
     data_options,
     default_output,
     export_dir_value,
@@ -168,6 +170,7 @@ def tailor(
 
 @app.command()
 def prune(
+    ctx: typer.Context,
     run: Annotated[Path, typer.Argument(metavar="RUN", help="A run directory with a finished 'tailor' stage.")],
     config: Config = None, threshold: Threshold = defaults.THRESHOLD,
     drop_blocks: Annotated[int, typer.Option("--drop-blocks", "-k", help="Remove the K universal blocks with the "
@@ -196,6 +199,9 @@ def prune(
 
         if auto and drop_blocks:
             raise UsageError("--auto searches K itself; drop --drop-blocks (or drop --auto to prune exactly K blocks)")
+        if not auto and (given := command_line_options(ctx, AUTO_ONLY)):
+            raise UsageError(f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to the search; "
+                             "add --auto to search K, or drop them to prune exactly --drop-blocks K")
         with reporting() as rep:
             if not auto:
                 result = run_prune(run, threshold=threshold, drop_blocks=drop_blocks, overwrite=overwrite,
@@ -206,12 +212,17 @@ def prune(
                                                device=device, amp=amp, keep_checkpoints=keep_checkpoints,
                                                clip_grad=clip_grad, schedule=schedule, warmup_epochs=warmup_epochs,
                                                label_smoothing=label_smoothing)
-            result = auto_prune(run, data_options(data, None, None, None, False, cache, None, False, workers),
-                                finetune(search_epochs), finetune(epochs),
-                                SearchOptions(tolerance=tolerance, max_macs=max_macs, search_epochs=search_epochs,
-                                              noise_allowance=noise_allowance, fallbacks=fallbacks,
-                                              threshold=threshold), overwrite=overwrite, callbacks=rep,
-                                on_stage=None if json_out else lambda r: emit(r, False, render_stage))
+            try:
+                result = auto_prune(run, data_options(data, None, None, None, False, cache, None, False, workers),
+                                    finetune(search_epochs), finetune(epochs),
+                                    SearchOptions(tolerance=tolerance, max_macs=max_macs, search_epochs=search_epochs,
+                                                  noise_allowance=noise_allowance, fallbacks=fallbacks,
+                                                  threshold=threshold), overwrite=overwrite, callbacks=rep,
+                                    on_stage=None if json_out else lambda r: emit(r, False, render_stage))
+            except Interrupted as err:  # the training loop's advice (--resume) is a stage command's, not prune's
+                where = str(err).split(";")[0].split(". ")[0]
+                raise Interrupted(f"prune --auto: {where}; the search does not resume: rerun the same command with "
+                                  "--overwrite to search again", exit_code=err.exit_code) from err
         emit(result, json_out)  # without --json, each part's lines were printed as it ended
         fail_on_tolerance(result)
 

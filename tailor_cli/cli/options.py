@@ -218,6 +218,23 @@ def stage_help(stage: str, text: str) -> str:
             "--warmup-epochs 0 --label-smoothing 0 --no-nesterov.")
 
 
+# --------------------------------------------------------------------------- options given but unused
+# `prune`'s options that only the search (--auto) reads: without --auto they would be silently ignored.
+AUTO_ONLY = ("tolerance", "noise_allowance", "fallbacks", "max_macs", "search_epochs", "epochs", "data", "cache",
+             "workers", "batch_size", "lr", "schedule", "warmup_epochs", "label_smoothing", "seed", "device", "amp",
+             "clip_grad", "keep_checkpoints")
+
+
+def command_line_options(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
+    """The flags among ``names`` (parameter names) given on the command line, as the user wrote them."""
+    given = []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name) if param.name in names else None
+        if source is not None and source.name == "COMMANDLINE":  # not a default, nor a -c file's value
+            given.append(max(param.opts, key=len))  # the long form: --max-macs, not -k
+    return given
+
+
 # --------------------------------------------------------------------------- values -> the core's options
 def require_data(data: str | None) -> str:
     if data is None:

@@ -91,9 +91,9 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
 
     cb = callbacks or Callbacks()
     t0 = time.perf_counter()
+    opts.validate()  # first: --search-epochs 0 is named as itself, not as the candidates' --epochs
     search_train.validate()
     final_train.validate()
-    opts.validate()
     run_meta = read_run(run)
     tailor_dir = require_stage(run, "tailor", "prune --auto")
     if stage_done(run, "prune") and not overwrite:
