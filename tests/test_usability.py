@@ -160,14 +160,14 @@ def test_finished_stages_keep_only_what_later_stages_read(tmp_path, folder_data)
 def test_a_stage_config_json_reproduces_its_settings_and_flags_win(tmp_path, folder_data):
     first = tmp_path / "first"
     res = invoke("teacher", "--data", folder_data, "--output", first, "--epochs", "1", "--lr", "0.02", "--seed", "3",
-                 "--no-hflip", *FAST)
+                 "--no-hflip", "--clip-grad", "0", *FAST)
     assert res.exit_code == 0, res.output
     config = first / "teacher" / "config.json"
     again = tmp_path / "again"
     res = invoke("teacher", "-c", config, "--output", again)
     assert res.exit_code == 0, res.output
     settings = lambda run: json.loads((run / "teacher" / "config.json").read_text())["settings"]
-    assert settings(again) == settings(first)
+    assert settings(again) == settings(first) and settings(first)["clip_grad"] == "off"
     assert json.loads((again / "teacher" / "config.json").read_text())["options"] == json.loads(config.read_text())["options"]
 
     user = tmp_path / "mine.yaml"  # a file of one's own, with dashes or underscores; the command line wins
@@ -202,10 +202,11 @@ def test_run_takes_per_stage_settings_and_its_run_json_repeats_them(tmp_path, fo
     first, export = tmp_path / "first", tmp_path / "export"
     res = invoke("run", "--data", folder_data, "--output", first, "--export-dir", export, "--epochs", "1",
                  "--tailor-epochs", "2", "--finetune-lr", "0.02", "--teacher-lr", "0.03", "--drop-blocks", "1",
-                 "--threshold", "0.01", *TINY, *BATCHES)
+                 "--threshold", "0.01", "--clip-grad", "5", *TINY, *BATCHES)
     assert res.exit_code == 0, res.output
     settings = lambda run, stage: json.loads((run / stage / "config.json").read_text())["settings"]
     assert [settings(first, s)["epochs"] for s in ("teacher", "tailor", "finetune")] == [1, 2, 1]
+    assert [settings(first, s)["clip_grad"] for s in ("teacher", "tailor", "finetune")] == [5, 5, 5]
     assert (settings(first, "teacher")["lr"], settings(first, "tailor")["lr"], settings(first, "finetune")["lr"]) == (
         0.03, defaults.LR["tailor"], 0.02)
     assert (export / "shapes" / "adapter.safetensors").is_file()
@@ -224,6 +225,15 @@ def test_run_takes_per_stage_settings_and_its_run_json_repeats_them(tmp_path, fo
     assert (tmp_path / "export2" / "shapes" / "adapter.safetensors").is_file()
     _one_error_line(invoke("run", "-c", first / "run.json", "--export-dir", export, "--out", export), 2,
                     "pass only --export-dir")
+    # Another run into the same export directory would replace the first run's task of the same name: refused
+    # before any training, with what to do; an invalid --task-name before anything is loaded.
+    adapter = (export / "shapes" / "adapter.safetensors").read_bytes()
+    third = tmp_path / "third"
+    _one_error_line(invoke("run", "-c", first / "run.json", "--output", third, "--export-dir", export), 8,
+                    "task 'shapes' already exists", "--task-name NAME")
+    assert not (third / "teacher").exists() and (export / "shapes" / "adapter.safetensors").read_bytes() == adapter
+    _one_error_line(invoke("run", "-c", first / "run.json", "--output", third, "--export-dir", export,
+                           "--task-name", "a/b"), 8, "task name 'a/b' is not valid")
 
 
 def test_a_run_directory_called_digits_does_not_shadow_the_embedded_digits(tmp_path, monkeypatch):

@@ -56,6 +56,7 @@ from .options import (
     SkipBad,
     SplitSeed,
     Task,
+    TaskName,
     TeacherBatchSize,
     TeacherEpochs,
     TeacherLoss,
@@ -266,8 +267,7 @@ def export(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="A run directory (its latest student stage is "
                                         "exported).")],
     export_dir: ExportDir = None, out: OldOut = None,
-    task_name: Annotated[Optional[str], typer.Option("--task-name", help="Name of the task in the export "
-                                                     "[default: the dataset's name].")] = None,
+    task_name: TaskName = None,
     export_format: Annotated[str, typer.Option("--format", metavar="adapter|onnx", help="adapter: the task's own "
                                                "tensors beside the shared backbone; onnx: the task's network as one "
                                                "standalone EXPORT_DIR/TASK/model.onnx, checked in ONNX Runtime (pip "

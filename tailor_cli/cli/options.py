@@ -133,6 +133,8 @@ Amp = Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed preci
 AmpDtype = Annotated[str, typer.Option("--amp-dtype", help="bfloat16 or float16 (with a gradient scaler).")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the training forward (CUDA: faster "
                                        "steps after a warm-up compile).")]
+TaskName = Annotated[Optional[str], typer.Option("--task-name", help="Name of the task in the export "
+                                                   "[default: the dataset's name].")]
 ClipGrad = Annotated[Optional[float], typer.Option("--clip-grad", help="Clip each step's gradient norm (the "
                                                   "weights', never the attention logits') to this; 0: no clipping "
                                                   f"[default: {defaults.CLIP_GRAD:g}].")]

@@ -52,6 +52,7 @@ from .options import (
     TailorEpochs,
     TailorLr,
     Task,
+    TaskName,
     TeacherBatchSize,
     TeacherEpochs,
     TeacherLoss,
@@ -79,7 +80,8 @@ def run(
     config: Config = None, data: Data = None, backbone: Backbone = "resnet34", output: Output = None,
     export_dir: Annotated[Optional[Path], typer.Option("--export-dir", metavar="EXPORT_DIR", help="Export directory for the adapter "
                                                        "[default: RUN/export].")] = None,
-    out: OldOut = None, pretrained: Pretrained = True, weights: Weights = None, teacher_run: TeacherSource = None,
+    out: OldOut = None, task_name: TaskName = None, pretrained: Pretrained = True, weights: Weights = None,
+    teacher_run: TeacherSource = None,
     task: Task = None, img_size: ImgSize = None, val_fraction: ValFraction = None, split_seed: SplitSeed = None,
     download: Download = False, cache: Cache = False,
     hflip: Hflip = None, skip_bad: SkipBad = False, workers: Workers = None,
@@ -135,7 +137,7 @@ def run(
                 stage("finetune", finetune_epochs, finetune_lr, finetune_batch_size),
                 SearchOptions(tolerance=tolerance, max_macs=max_macs, search_epochs=search_epochs, threshold=threshold,
                               noise_allowance=noise_allowance, fallbacks=fallbacks),
-                drop_blocks, resume=resume, overwrite=overwrite, callbacks=rep,
+                drop_blocks, resume=resume, overwrite=overwrite, task_name=task_name, callbacks=rep,
                 on_stage=None if json_out else lambda r: emit(r, False, render_stage))
         emit(result, json_out, render_run)
         fail_on_tolerance(result)

@@ -231,6 +231,8 @@ def recorded_options(settings: dict, train: TrainOptions, data: DataOptions, *, 
     speed = {"device": train.device, "workers": data.workers, "cache": data.cache, "compile": train.compile,
              "channels_last": train.channels_last, "keep_checkpoints": train.keep_checkpoints}
     options = json.loads(json.dumps({**settings, **speed, **extra}, default=str))
+    if options.get("clip_grad") == "off":  # recorded as "off" in the settings; the option says it as 0
+        options["clip_grad"] = 0
     return {key: value for key, value in options.items() if value is not None and key not in drop}
 
 

@@ -15,7 +15,7 @@ import torch
 from .. import __version__
 from ..backbone import check_backbone_name, describe_chain
 from ..checkpoint import read_json
-from ..errors import UsageError
+from ..errors import ExportError, UsageError
 from ..runs import lock_dir, read_run, read_summary, reset_run, stage_done, write_run
 from ..train import Callbacks, resolve_device
 from .finetune import finetune
@@ -37,7 +37,8 @@ from .tailor import tailor
 def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: DataOptions, opts: TailorOptions,
                  tailor_train: TrainOptions, finetune_train: TrainOptions, search: SearchOptions,
                  drop_blocks: int | None = None, *, resume: bool = False, overwrite: bool = False,
-                 callbacks: Callbacks | None = None, on_stage: Callable[[dict], None] | None = None) -> dict:
+                 task_name: str | None = None, callbacks: Callbacks | None = None,
+                 on_stage: Callable[[dict], None] | None = None) -> dict:
     """``nettailor run``: teacher (``opts.teacher_train``), tailor, the K search (or K = ``drop_blocks``),
     finetune, export to ``export_dir`` (default ``run/export``), and the report of the run.
 
@@ -47,23 +48,29 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
     size and learning rate. ``on_stage`` is called with each stage's record as the stage ends, in
     pipeline order (teacher, tailor, search, prune, finetune, export). Returns the report with
     ``stages`` (those records), ``export``, ``wall_seconds`` and, when the chosen network misses the
-    tolerance, ``error`` (exit 7).
+    tolerance, ``error`` (exit 7). The adapter is exported as ``task_name`` (default: the data's name);
+    a task of that name already in ``export_dir`` is another run's, and is refused before any training
+    unless the run is resumed (it may be this run's own export) or ``overwrite`` asks to replace it.
     """
-    from ..adapter import check_export_target, export_task
+    from ..adapter import ADAPTER_CONFIG, check_export_target, export_task
     from ..report import report_run
 
     cb = callbacks or Callbacks()
     t0 = time.perf_counter()
     export_dir = Path(export_dir) if export_dir is not None else run / "export"
     trains = {"teacher": opts.teacher_train, "tailor": tailor_train, "finetune": finetune_train}
-    num_blocks = _check_run_options(bb, trains, opts, search, drop_blocks, export_dir, resume=resume,
+    num_blocks = _check_run_options(bb, trains, opts, search, drop_blocks, export_dir, task_name, resume=resume,
                                     overwrite=overwrite)
     trains = {stage: replace(train, resume=resume) for stage, train in trains.items()}
     opts, tailor_train, finetune_train = (replace(opts, teacher_train=trains["teacher"]), trains["tailor"],
                                           trains["finetune"])
 
     def ready(meta: dict) -> None:  # backbone and data known, nothing trained yet
-        check_export_target(export_dir, meta["backbone"], meta.get("task_name"))
+        task = task_name or meta.get("task_name")
+        check_export_target(export_dir, meta["backbone"], task)
+        if task and not (resume or overwrite) and (export_dir / task / ADAPTER_CONFIG).exists():
+            raise ExportError(f"task '{task}' already exists in '{export_dir}' (another run's export); pass --task-name "
+                              "NAME, another --export-dir, or --overwrite to replace it")
 
     stages: list[dict] = []
     earlier = {name for name in ("teacher", "tailor", "prune", "finetune") if resume and stage_done(run, name)}
@@ -93,7 +100,7 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
         ended({"run": str(run), **tailored})
         meta = {k: v for k, v in read_run(run).items() if k != "format"}
         used = replace(data, split_seed=with_run_data(data, meta).split_seed)  # the split the run has
-        write_run(run, meta | {"command": "run", "options": _run_options(bb, used, trains, opts, search, drop_blocks),
+        write_run(run, meta | {"command": "run", "options": _run_options(bb, used, trains, opts, search, drop_blocks, task_name),
                                "environment": environment(trains["tailor"].device)})
         searched: dict | None = None
         if searching:
@@ -119,7 +126,7 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
                    **({"final_vs_teacher": searched["final_vs_teacher"]} if searched and "final_vs_teacher" in searched
                       else {})})
         t_export = time.perf_counter()
-        exported = export_task(run, export_dir, overwrite=True)
+        exported = export_task(run, export_dir, task_name=task_name, overwrite=True)
         ended({**exported, "stage": "export", "exported_stage": exported["stage"],
                "wall_seconds": round(time.perf_counter() - t_export, 1)})
         result = report_run(run)
@@ -167,8 +174,8 @@ def cpu_model() -> str | None:
 
 
 def _check_run_options(bb: BackboneOptions, trains: dict[str, TrainOptions], opts: TailorOptions,
-                       search: SearchOptions, drop_blocks: int | None, export_dir: Path, *, resume: bool,
-                       overwrite: bool) -> int:
+                       search: SearchOptions, drop_blocks: int | None, export_dir: Path, task_name: str | None, *,
+                       resume: bool, overwrite: bool) -> int:
     """What ``run`` can check before loading data or weights; returns the backbone's number of blocks."""
     from ..adapter import check_export_target
     from ..pruning import validate_args
@@ -187,12 +194,12 @@ def _check_run_options(bb: BackboneOptions, trains: dict[str, TrainOptions], opt
     num_blocks = len(describe_chain(model).blocks)
     if drop_blocks is not None:
         validate_args(search.threshold, drop_blocks, num_blocks)
-    check_export_target(export_dir, {"architecture": model.pretrained_cfg["architecture"]})
+    check_export_target(export_dir, {"architecture": model.pretrained_cfg["architecture"]}, task_name)
     return num_blocks
 
 
 def _run_options(bb: BackboneOptions, data: DataOptions, trains: dict[str, TrainOptions], opts: TailorOptions,
-                 search: SearchOptions, drop_blocks: int | None) -> dict:
+                 search: SearchOptions, drop_blocks: int | None, task_name: str | None) -> dict:
     """``run``'s options under its own names, recorded in ``run.json``: ``nettailor run -c RUN/run.json`` repeats it."""
     common = trains["tailor"]
     options = {"data": data_path(data.data) if data.data else None, "task": data.task, "img_size": data.img_size,
@@ -210,7 +217,8 @@ def _run_options(bb: BackboneOptions, data: DataOptions, trains: dict[str, Train
                "noise_allowance": search.noise_allowance, "fallbacks": search.fallbacks, "seed": common.seed, "device": common.device,
                "amp": common.amp, "keep_checkpoints": common.keep_checkpoints, "schedule": common.schedule,
                "label_smoothing": common.label_smoothing,
-               "teacher": str(Path(opts.teacher).resolve()) if opts.teacher else None}
+               "clip_grad": common.clip_grad if common.clip_grad is not None else 0,  # --clip-grad 0: unclipped
+               "teacher": str(Path(opts.teacher).resolve()) if opts.teacher else None, "task_name": task_name}
     for stage, train in trains.items():
         options |= {f"{stage}_epochs": train.epochs, f"{stage}_lr": train.lr, f"{stage}_batch_size": train.batch_size}
     return {key: value for key, value in options.items() if value is not None}
