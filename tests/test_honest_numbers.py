@@ -87,6 +87,14 @@ def test_every_training_seed_is_measured_on_the_same_validation_images(tmp_path)
                                   *option, "--teacher-epochs", "1"])
         assert res.exit_code == 2 and "was split with " + option[0] in res.output, res.output
         assert not (tmp_path / "split1" / "tailor").exists()
+    # so is another input size or flipping: prune counts MACs, and the export serves, at the run's
+    for option, needle in ((["--img-size", "48"], "was made with --img-size 32, not --img-size 48"),
+                           (["--no-hflip"], "was made with --hflip, not --no-hflip")):
+        res = runner.invoke(app, ["tailor", "--data", str(data), "--output", str(tmp_path / "split1"),
+                                  *[a for a in fast[:-2] if a not in ("--img-size", "32")], *option,
+                                  "--teacher-epochs", "1"])
+        assert res.exit_code == 2 and needle in res.output, res.output
+        assert not (tmp_path / "split1" / "tailor").exists()
     res = runner.invoke(app, ["teacher", "--data", str(data), "--output", str(tmp_path / "neg"), *fast,
                               "--split-seed", "-1"])
     assert res.exit_code == 2 and "--split-seed must be 0 or more" in res.output and not (tmp_path / "neg").exists()

@@ -434,6 +434,10 @@ def test_skip_bad_reports_what_it_skipped(tmp_path):
     assert "skipped 1 unreadable image(s) (--skip-bad): class_1/broken.png" in res.stderr
     summary = json.loads((tmp_path / "r" / "teacher" / "summary.json").read_text())
     assert summary["skipped_images"] == ["class_1/broken.png"]
+    # The run records it: a later stage (and `prune --auto`, which has no --skip-bad) skips the same image.
+    res = invoke("tailor", "--data", data, "--output", tmp_path / "r", "--epochs", "1", *FAST)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r" / "tailor" / "summary.json").read_text())["skipped_images"] == ["class_1/broken.png"]
 
 
 def _unfinish(stage_dir: Path) -> None:

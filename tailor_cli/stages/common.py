@@ -62,6 +62,16 @@ def check_run_data(run: Path, run_meta: dict | None, data: DataOptions) -> None:
                 f"run '{run}' was split with {option} {saved[key]}, not {given}; leave {option} out (a later "
                 "stage uses the run's split), choose another --output, or start the run over (teacher/run --overwrite)"
             )
+    # The input size and the flips are the run's too: pruning counts MACs and the export serves at the run's size.
+    flag = lambda on: "--hflip" if on else "--no-hflip"
+    for was, now, option in ((saved.get("img_size"), data.img_size, "--img-size"),
+                             (saved.get("hflip"), data.hflip, "--hflip/--no-hflip")):
+        if now is not None and was is not None and now != was:
+            shown = (flag(was), flag(now)) if option.startswith("--hflip") else (f"{option} {was}", f"{option} {now}")
+            raise UsageError(
+                f"run '{run}' was made with {shown[0]}, not {shown[1]}; leave {option.split('/')[0]} out (a later stage "
+                "uses the run's), choose another --output, or start the run over (teacher/run --overwrite)"
+            )
 
 
 def one_writer(create: bool):
@@ -108,7 +118,7 @@ def load_data(run_meta: dict | None, opts: DataOptions, data_config: dict, run: 
         download=opts.download,
         cache=opts.cache,
         hflip=used.hflip,
-        skip_bad=opts.skip_bad,
+        skip_bad=used.skip_bad,
         expected_classes=(run_meta or {}).get("classes"),
         augment=opts.augment,
     )
@@ -143,6 +153,7 @@ def data_record(task, opts: DataOptions) -> dict:
         "interpolation": task.interpolation, "crop_pct": task.crop_pct, "crop_mode": task.crop_mode, "hflip": task.hflip,
         "val_fraction": opts.val_fraction if opts.val_fraction is not None else defaults.VAL_FRACTION,
         "seed": opts.split_seed if opts.split_seed is not None else defaults.SPLIT_SEED,  # the split's (--split-seed)
+        "skip_bad": opts.skip_bad,  # later stages (and prune --auto, which has no --skip-bad) skip them too
     }
 
 

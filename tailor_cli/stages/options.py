@@ -183,6 +183,7 @@ def with_run_data(opts: DataOptions, run_meta: dict | None) -> DataOptions:
                                                                                          defaults.VAL_FRACTION),
         hflip=opts.hflip if opts.hflip is not None else saved.get("hflip"),
         split_seed=opts.split_seed if opts.split_seed is not None else saved.get("seed", defaults.SPLIT_SEED),
+        skip_bad=opts.skip_bad or bool(saved.get("skip_bad", False)),
     )
 
 
