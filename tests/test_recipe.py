@@ -279,7 +279,7 @@ def test_a_fine_tuned_model_file_becomes_the_runs_teacher(tmp_path, folder_data,
 def test_a_timm_training_checkpoint_is_read_without_unpickling_code(tmp_path, folder_data, finetuned):
     """timm's train.py saves {'state_dict', 'args' (an argparse.Namespace), 'epoch', ...}."""
     _, model = finetuned
-    ckpt = tmp_path / "model_best.pth.tar.pth"
+    ckpt = tmp_path / "model_best.pth.tar"  # the name timm gives it: Path.suffix is .tar
     torch.save({"epoch": 7, "arch": "test_resnet", "state_dict": model.state_dict(),
                 "args": argparse.Namespace(lr=0.05, model="test_resnet")}, ckpt)
     res = invoke("tailor", "--data", folder_data, "--output", tmp_path / "run", "--teacher", ckpt, "--epochs", "1",
@@ -316,7 +316,7 @@ def test_a_corrupt_file_is_refused(tmp_path, folder_data, finetuned):
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(path.read_bytes()[:200])
     res = invoke("tailor", "--data", folder_data, "--output", tmp_path / "run", "--teacher", bad, *FAST)
-    _one_line_error(res, 5, "corrupt or truncated")
+    _one_line_error(res, 4, "corrupt or truncated")  # a file the user hands in: a weights error, as a pickle's is
     pickled = tmp_path / "evil.pth"
     torch.save({"state_dict": {"fc.weight": torch.zeros(3, 8)}, "obj": object()}, pickled)
     res = invoke("tailor", "--data", folder_data, "--output", tmp_path / "run2", "--teacher", pickled, *FAST)

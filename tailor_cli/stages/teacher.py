@@ -16,7 +16,7 @@ from ..errors import RunError, UsageError
 from ..objectives import TeacherObjective
 from ..runs import MODEL, check_writable, prepare_stage, read_run, read_summary, reset_run, write_run, write_summary
 from ..train import Callbacks, evaluate, fit, resolve_device
-from ..weights import WEIGHT_SUFFIXES, load_finetuned_weights, read_weights_file
+from ..weights import WEIGHT_SUFFIXES, is_weights_name, load_finetuned_weights, read_weights_file
 from .common import (
     accuracies,
     check_run_data,
@@ -39,7 +39,7 @@ from .options import BackboneOptions, DataOptions, TrainOptions, recorded_option
 
 def is_teacher_file(path: Path | None) -> bool:
     """``--teacher`` names a fine-tuned model file (not a teacher run)."""
-    return path is not None and Path(path).is_file() and Path(path).suffix in WEIGHT_SUFFIXES
+    return path is not None and Path(path).is_file() and is_weights_name(path)
 
 
 def resolve_teacher_dir(path: Path) -> Path:
