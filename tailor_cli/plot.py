@@ -6,9 +6,10 @@ right from its source node to the layer it enters, thicker with more attention.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import RunError, UsageError
 
 
 def plot_block_usage(report: dict, out: Path) -> Path:
@@ -61,9 +62,15 @@ def plot_block_usage(report: dict, out: Path) -> Path:
     ax.set_ylim(-1.2, n_layers + 1.6)
     ax.axis("off")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    fig.savefig(tmp, dpi=150, bbox_inches="tight")  # the legend sits under the columns
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=150, bbox_inches="tight")  # the legend sits under the columns
+        tmp.replace(out)
+    except OSError as err:
+        with contextlib.suppress(OSError):  # the folder may not exist, or be a file
+            tmp.unlink(missing_ok=True)
+        raise RunError(f"cannot write --plot '{out}' ({err.strerror or err}); choose a writable path") from err
+    finally:
+        plt.close(fig)
     return out

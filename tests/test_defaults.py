@@ -123,3 +123,6 @@ def test_clip_grad_option(tmp_path, folder_data):
     res = runner.invoke(app, ["teacher", "--data", str(folder_data), "--output", str(tmp_path / "bad"), *FAST,
                               "--clip-grad", "-1"])
     assert res.exit_code == 2 and "--clip-grad must be positive" in res.stderr and "Traceback" not in res.output
+    res = runner.invoke(app, ["teacher", "--data", str(folder_data), "--output", str(tmp_path / "bad"), *FAST,
+                              "--schedule", "step", "--lr-step", "0"])  # used to mean "the default", silently
+    assert res.exit_code == 2 and "--lr-step must be positive, got 0" in res.stderr and not (tmp_path / "bad").exists()

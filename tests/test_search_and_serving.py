@@ -423,6 +423,10 @@ def test_block_usage_plot(three_tasks, tmp_path, suffix):
     assert not list(tmp_path.glob(".*tmp*"))
     res = invoke("report", export, "--plot", tmp_path / "usage.pdf")
     assert res.exit_code == 2 and ".png or .svg" in res.stderr
+    (tmp_path / "a-file").write_text("")  # a folder that cannot be made: exit 5 in one line, nothing left behind
+    res = invoke("report", export, "--plot", tmp_path / "a-file" / f"usage{suffix}")
+    assert res.exit_code == 5 and "cannot write --plot" in res.stderr and "Traceback" not in res.output, res.output
+    assert not list(tmp_path.rglob(".*tmp*"))
 
 
 def test_run_searches_k_by_default_and_its_export_is_served(tmp_path, folder_data):

@@ -74,6 +74,8 @@ class TrainOptions:
             raise UsageError(f"--{flag}batch-size must be positive, got {self.batch_size}")
         if not self.lr > 0:
             raise UsageError(f"--{flag}lr must be positive, got {self.lr}")
+        if self.lr_step is not None and self.lr_step <= 0:
+            raise UsageError(f"--lr-step must be positive, got {self.lr_step}; leave it out for 40% of --epochs")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise UsageError(f"--clip-grad must be positive, got {self.clip_grad}; pass --clip-grad 0 to train unclipped")
         if self.schedule not in SCHEDULES:
