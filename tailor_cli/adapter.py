@@ -5,10 +5,12 @@
       backbone.json             timm name, pretrained tag, sha256 of those tensors
       <task>/adapter.safetensors   proxies, attention logits, classifier, the task's BN statistics
       <task>/adapter_config.json   base model (name, tag, sha256), classes, input transform,
-                                   surviving structure, metrics
+                                   surviving structure, metrics, sha256 of the adapter's tensors
 
 Loading checks the backbone's sha256 against the adapter's record and refuses a
-mismatch, a newer format, or a config with missing/wrong-typed fields. Every task
+mismatch, an adapter file that is not the one its config was written with (an export
+stopped between its two files, or a file replaced), a newer format, or a config with
+missing/wrong-typed fields. Every task
 loaded from one directory references the *same* backbone tensors in memory.
 """
 from __future__ import annotations
@@ -106,6 +108,7 @@ def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool
     if (task_dir / ADAPTER_CONFIG).exists() and not overwrite:
         raise ExportError(f"task '{task}' already exists in '{out}'; pass --overwrite or --task-name NAME")
     data = run_meta["data"]
+    adapter = task_tensors(student)
     summary = read_summary(run, stage)
     teacher = _teacher_summary(run, run_meta)
     img_size = int(data["img_size"])
@@ -124,6 +127,7 @@ def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool
         "max_skip": student.max_skip,
         "train_bn": student.train_bn,  # its universal BatchNorms' scale and shift are the adapter's own
         "structure": student.structure.to_json(),
+        "adapter_sha256": tensors_sha256(adapter),  # the pair of files belongs together: checked on loading
         "stage": stage,
         "metrics": {
             "val_acc": summary.get("val_acc"), "teacher_val_acc": teacher.get("val_acc"),
@@ -133,7 +137,6 @@ def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool
             "full_params": network_params(full_model), "full_macs": model_macs(full_model, img_size),
         },
     }
-    adapter = task_tensors(student)
     write_safetensors(task_dir / ADAPTER_FILE, adapter, {"task": task, "format_version": FORMAT_VERSION})
     write_json(task_dir / ADAPTER_CONFIG, config)
     return {"export_dir": str(out), "task": task, "stage": stage, "backbone_reused": reused, "backbone_linked": linked,
@@ -294,6 +297,11 @@ def load_task(export_dir: Path, task: str, *, backbone: SharedBackbone | None = 
     except RuntimeError as err:  # shapes: e.g. an adapter whose proxies another nettailor version sized
         raise ExportError(f"adapter '{task}' does not fit its structure ({str(err).splitlines()[-1].strip()[:160]}); "
                           "re-export it with this nettailor from its run") from err
+    recorded, got = config.get("adapter_sha256"), tensors_sha256(tensors)  # absent in exports made before it was
+    if recorded is not None and got != recorded:
+        raise ExportError(f"'{task_dir / ADAPTER_FILE}' is not the adapter its {ADAPTER_CONFIG} was written with "
+                          f"(sha256 {got[:12]}, recorded {str(recorded)[:12]}): an export stopped between its two "
+                          "files, or a file was replaced; re-export the task")
     student.to(backbone.device).eval()
     # ... then the shared parameters, by reference.
     for key in shared_keys:

@@ -387,6 +387,26 @@ def test_adapter_with_other_proxy_shapes_is_refused_in_one_line(three_tasks, tmp
     assert "Traceback" not in res.output
 
 
+def test_an_adapter_that_is_not_the_one_its_config_was_written_with_is_refused(three_tasks, tmp_path):
+    """Same keys and shapes, other values (an export stopped between its two files, or a file replaced): exit 8."""
+    from safetensors.torch import load_file, save_file
+
+    export = _copy_export(three_tasks[0], tmp_path)
+    path = export / "alpha" / "adapter.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k in sorted(tensors) if k.startswith("fc."))
+    tensors[key] = tensors[key] + 1.0
+    save_file(tensors, str(path))
+    res = invoke("report", export)
+    assert res.exit_code == 8 and "is not the adapter its adapter_config.json was written with" in res.stderr, res.output
+    assert "re-export the task" in res.stderr and "Traceback" not in res.output
+    # an export made before the hash was recorded still loads
+    config = json.loads((export / "alpha" / "adapter_config.json").read_text())
+    config.pop("adapter_sha256")
+    (export / "alpha" / "adapter_config.json").write_text(json.dumps(config))
+    assert invoke("report", export).exit_code == 0
+
+
 @pytest.mark.parametrize("mutate,needle", [
     (lambda c: c.pop("classes"), "lacks the field 'classes'"),
     (lambda c: c.update(num_classes="3"), "wrong type"),
