@@ -138,7 +138,8 @@ def check_settings(run: Path, stage: str, settings: dict | None, *, done: bool,
     new = json.loads(json.dumps(settings, default=str))
     old = {**{k: v for k, v in SETTINGS_BEFORE_RECORDED.items() if k in new}, **old}
     diffs = [f"{key} {old[key]!r} -> {value!r}" for key, value in new.items()
-             if value is not None and key in old and old[key] != value]
+             if value is not None and key in old and old[key] != value
+             and not (key == "weights" and _same_package_file(old[key], value))]
     if diffs:
         from .errors import UsageError
 
@@ -147,6 +148,15 @@ def check_settings(run: Path, stage: str, settings: dict | None, *, done: bool,
             f"({'; '.join(diffs)}); rerun with its settings to {'reuse' if done else 'resume'} it, "
             f"{redo}, or choose another --output"
         )
+
+
+def _same_package_file(old: object, new: object) -> bool:
+    """Two recorded ``--weights`` paths to the same file of an installed package (``pkg:NAME``) in two
+    environments: the same path after ``site-packages/``. (The backbone's sha256 is checked anyway.)"""
+    marker = "site-packages/"
+    if not (isinstance(old, str) and isinstance(new, str) and marker in old and marker in new):
+        return False
+    return old.rsplit(marker, 1)[1] == new.rsplit(marker, 1)[1]
 
 
 def reset_run(run: Path) -> None:

