@@ -54,8 +54,13 @@ class ExportError(TailorError):
 
 
 class Interrupted(TailorError):
-    """Raised by the training loop after it saved a checkpoint on SIGINT/SIGTERM."""
+    """Raised by the training loop after it saved a checkpoint on SIGINT/SIGTERM.
 
-    def __init__(self, message: str, exit_code: int = EXIT_SIGINT):
+    ``where``: what stopped, without the advice (``"finetune interrupted in epoch 2"``), for a command
+    whose way to continue is not the stage's own.
+    """
+
+    def __init__(self, message: str, exit_code: int = EXIT_SIGINT, where: str | None = None):
         super().__init__(message)
         self.exit_code = exit_code
+        self.where = where or message

@@ -312,13 +312,13 @@ def fit(
                     break
             if stop.signum is not None:
                 code = EXIT_SIGTERM if stop.signum == signal.SIGTERM else EXIT_SIGINT
+                where = f"{stage} interrupted in epoch {epoch + 1}"
                 if ckpt_path.exists():
-                    raise Interrupted(f"{stage} interrupted in epoch {epoch + 1}; its checkpoint after epoch {epoch} "
-                                      f"is kept ({ckpt_path}). Rerun the same command with --resume to continue",
-                                      exit_code=code)
-                raise Interrupted(f"{stage} interrupted in epoch {epoch + 1}, before its first checkpoint: nothing of "
-                                  "it was saved. Rerun the same command to start it again (`nettailor run`: with "
-                                  "--resume, to keep the stages already done)", exit_code=code)
+                    raise Interrupted(f"{where}; its checkpoint after epoch {epoch} is kept ({ckpt_path}). Rerun the "
+                                      "same command with --resume to continue", exit_code=code, where=where)
+                raise Interrupted(f"{where}, before its first checkpoint: nothing of it was saved. Rerun the same "
+                                  "command to start it again (`nettailor run`: with --resume, to keep the stages "
+                                  "already done)", exit_code=code, where=where)
             train_time = time.perf_counter() - t0
             broadcast_buffers(model)  # every rank evaluates (and rank 0 saves) the same BN statistics
             val = evaluate(model, val_loader, device, amp_ctx=amp_ctx, channels_last=cfg.channels_last)

@@ -100,7 +100,7 @@ def test_an_interrupted_search_says_how_to_search_again(tmp_path, tailored_run, 
 
     def stopped(*a, **kw):
         raise Interrupted("finetune interrupted in epoch 2; its checkpoint after epoch 1 is kept (x). Rerun the same "
-                          "command with --resume to continue", exit_code=143)
+                          "command with --resume to continue", exit_code=143, where="finetune interrupted in epoch 2")
 
     monkeypatch.setattr(search_module, "finetune", stopped)
     run = tmp_path / "run"

@@ -221,9 +221,8 @@ def prune(
                                                   threshold=threshold), overwrite=overwrite, callbacks=rep,
                                     on_stage=None if json_out else lambda r: emit(r, False, render_stage))
             except Interrupted as err:  # the training loop's advice (--resume) is a stage command's, not prune's
-                where = str(err).split(";")[0].split(". ")[0]
-                raise Interrupted(f"prune --auto: {where}; the search does not resume: rerun the same command with "
-                                  "--overwrite to search again", exit_code=err.exit_code) from err
+                raise Interrupted(f"prune --auto: {err.where}; the search does not resume: rerun the same command "
+                                  "with --overwrite to search again", exit_code=err.exit_code) from err
         emit(result, json_out)  # without --json, each part's lines were printed as it ended
         fail_on_tolerance(result)
 

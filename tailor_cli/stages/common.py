@@ -63,14 +63,12 @@ def check_run_data(run: Path, run_meta: dict | None, data: DataOptions) -> None:
                 "stage uses the run's split), choose another --output, or start the run over (teacher/run --overwrite)"
             )
     # The input size and the flips are the run's too: pruning counts MACs and the export serves at the run's size.
-    flag = lambda on: "--hflip" if on else "--no-hflip"
-    for was, now, option in ((saved.get("img_size"), data.img_size, "--img-size"),
-                             (saved.get("hflip"), data.hflip, "--hflip/--no-hflip")):
-        if now is not None and was is not None and now != was:
-            shown = (flag(was), flag(now)) if option.startswith("--hflip") else (f"{option} {was}", f"{option} {now}")
+    shown = {"img_size": lambda v: f"--img-size {v}", "hflip": lambda v: "--hflip" if v else "--no-hflip"}
+    for key, given in (("img_size", data.img_size), ("hflip", data.hflip)):
+        if given is not None and saved.get(key) is not None and given != saved[key]:
             raise UsageError(
-                f"run '{run}' was made with {shown[0]}, not {shown[1]}; leave {option.split('/')[0]} out (a later stage "
-                "uses the run's), choose another --output, or start the run over (teacher/run --overwrite)"
+                f"run '{run}' was made with {shown[key](saved[key])}, not {shown[key](given)}; leave it out (a later "
+                "stage uses the run's), choose another --output, or start the run over (teacher/run --overwrite)"
             )
 
 
