@@ -17,7 +17,7 @@ ORDER = [
     # the command line
     "cli", "cli.pipeline", "cli.commands", "cli.app", "cli.options", "cli.progress", "cli.render", "cli.output",
     # the pipeline
-    "stages", "stages.run", "stages.search", "stages.tailor", "stages.teacher", "stages.finetune", "stages.prune",
+    "stages", "stages.run", "stages.search", "stages.search_records", "stages.tailor", "stages.teacher", "stages.finetune", "stages.prune",
     "stages.common", "stages.options",
     # tasks on disk
     "report", "predict", "plot", "onnx_export", "adapter", "loading", "frozen",

@@ -81,6 +81,8 @@ def test_auto_prune_under_a_macs_budget(tmp_path, tailored_run):
     (["--max-macs", "0.3"], "--max-macs only applies to the search; add --auto"),
     (["-k", "1", "--tolerance", "1", "--epochs", "3"], "--tolerance, --epochs only apply to the search"),
     (["--auto", "--search-epochs", "0"], "--search-epochs must be positive"),
+    (["--resume"], "--resume only applies to the search"),
+    (["--auto", "--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
 ])
 def test_prune_refuses_options_it_would_not_use(tmp_path, tailored_run, args, needle):
     """Without --auto, a budget or a tolerance would be ignored and K=0 kept: refused, nothing written."""
@@ -93,23 +95,116 @@ def test_prune_refuses_options_it_would_not_use(tmp_path, tailored_run, args, ne
     assert not (run / "prune").exists() and not (run / "search").exists()
 
 
-def test_an_interrupted_search_says_how_to_search_again(tmp_path, tailored_run, monkeypatch):
-    """The training loop's advice (`--resume`) is a stage command's; `prune` has no --resume."""
-    import tailor_cli.stages.search as search_module
-    from tailor_cli.errors import Interrupted
+def stop_in(monkeypatch, stage_dirs: int, under: str = "search") -> None:
+    """Stop training (as SIGTERM would) after the first epoch of the ``stage_dirs``-th stage trained under ``under``."""
+    import signal
 
-    def stopped(*a, **kw):
-        raise Interrupted("finetune interrupted in epoch 2; its checkpoint after epoch 1 is kept (x). Rerun the same "
-                          "command with --resume to continue", exit_code=143, where="finetune interrupted in epoch 2")
+    import tailor_cli.train as train_module
 
-    monkeypatch.setattr(search_module, "finetune", stopped)
-    run = tmp_path / "run"
-    shutil.copytree(tailored_run, run)
-    res = invoke("prune", run, "--auto", "--tolerance", "100", *AUTO)
-    message = ("prune --auto: finetune interrupted in epoch 2; the search does not resume: rerun the same command "
-               "with --overwrite to search again")
+    state = {"stop": False}
+    seen: list[str] = []
+    real_append = train_module.append_jsonl
+
+    def appended(path, row):  # the training loop's last act of an epoch: the metrics line
+        real_append(path, row)
+        where = path.parent.name if under in (path.parent.name, path.parent.parent.name) else None
+        if where is not None and where not in seen:
+            seen.append(where)
+            state["stop"] = len(seen) == stage_dirs
+
+    class Flag(train_module.StopFlag):
+        signum = property(lambda self: signal.SIGTERM if state["stop"] else None, lambda self, value: None)
+
+    monkeypatch.setattr(train_module, "append_jsonl", appended)
+    monkeypatch.setattr(train_module, "StopFlag", Flag)
+
+
+SEARCH = [*AUTO[:2], "--search-epochs", "2", "--epochs", "2", *AUTO[6:]]  # candidates that can stop between epochs
+
+
+def test_a_stopped_search_resumes_where_it_was(tmp_path, tailored_run, monkeypatch):
+    """`prune --auto --resume` keeps the candidates fine-tuned before a stop, continues the one it was fine-tuning
+    from its checkpoint, and ends where the uninterrupted search ends: the same K, the same numbers."""
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    shutil.copytree(tailored_run, whole)
+    shutil.copytree(tailored_run, stopped)
+    res = invoke("prune", whole, "--auto", "--tolerance", "100", *SEARCH)
+    assert res.exit_code == 0, res.output
+    expected = json.loads(res.stdout)["search"]
+    tried = [r["k"] for r in expected["frontier"] if r["status"] == "tried"]
+    assert len(tried) >= 2  # the reference and at least one candidate: a stop in the second leaves one done
+
+    with monkeypatch.context() as patch:
+        stop_in(patch, stage_dirs=2)
+        res = invoke("prune", stopped, "--auto", "--tolerance", "100", *SEARCH)
+    message = (f"prune --auto: search/k{tried[1]} interrupted in epoch 2; rerun the same command with --resume to "
+               "continue (the candidates fine-tuned so far are kept)")
     assert res.exit_code == 143 and json.loads(res.stdout) == {"error": message, "exit_code": 143}, res.output
-    assert res.stderr.strip().splitlines()[-1] == "error: " + message, res.stderr
+    assert (stopped / "search" / f"k{tried[0]}" / "candidate.json").is_file()
+    assert (stopped / "search" / f"k{tried[1]}" / "checkpoint.safetensors").is_file()
+    assert not (stopped / "search" / f"k{tried[1]}" / "candidate.json").exists()
+
+    # other settings than the stopped search's are refused before anything is trained or removed
+    res = invoke("prune", stopped, "--auto", "--tolerance", "100", *SEARCH, "--lr", "0.5", "--resume")
+    assert res.exit_code == 2 and "was started with other settings (lr 0.01 -> 0.5)" in res.stderr, res.output
+    assert (stopped / "search" / f"k{tried[0]}" / "candidate.json").is_file()
+
+    first = (stopped / "search" / f"k{tried[0]}" / "metrics.jsonl").read_text()
+    res = invoke("prune", stopped, "--auto", "--tolerance", "100", *SEARCH, "--resume")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)["search"]
+    assert f"search: K={tried[0]} " in res.stderr and "(fine-tuned before the stop)" in res.stderr
+    assert f"search/k{tried[1]}: resuming after epoch 1/2" in res.stderr
+    assert (stopped / "search" / f"k{tried[0]}" / "metrics.jsonl").read_text() == first  # not trained again
+    rows = [json.loads(line) for line in (stopped / "search" / f"k{tried[1]}" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert got["chosen_k"] == expected["chosen_k"]
+    assert {r["k"]: r.get("val_acc") for r in got["frontier"]} == {r["k"]: r.get("val_acc") for r in expected["frontier"]}
+    assert got["final_val_acc"] == expected["final_val_acc"]
+    assert next(r for r in got["frontier"] if r["k"] == tried[0])["reused"] is True
+
+
+def test_a_search_stopped_in_its_final_fine_tune_resumes_it(tmp_path, tailored_run, monkeypatch):
+    """A stop after the search chose: `--resume` continues the final fine-tune and checks it against the teacher."""
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    shutil.copytree(tailored_run, whole)
+    shutil.copytree(tailored_run, stopped)
+    expected = json.loads(invoke("prune", whole, "--auto", "--tolerance", "100", *SEARCH).stdout)
+    with monkeypatch.context() as patch:
+        stop_in(patch, stage_dirs=1, under="finetune")
+        res = invoke("prune", stopped, "--auto", "--tolerance", "100", *SEARCH)
+    assert res.exit_code == 143 and "prune --auto: finetune interrupted in epoch 2; rerun the same command with " \
+        "--resume" in res.stderr, res.output
+    res = invoke("prune", stopped, "--auto", "--tolerance", "100", *SEARCH, "--resume")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert "finetune: resuming after epoch 1/2" in res.stderr
+    assert got["val_acc"] == expected["val_acc"] and got["search"]["chosen_k"] == expected["search"]["chosen_k"]
+    assert got["search"]["final_vs_teacher"] == expected["search"]["final_vs_teacher"]
+    assert [s["stage"] for s in got["stages"]] == ["search", "prune", "finetune"]
+
+    # a network pruned by hand has no search to resume
+    shutil.rmtree(stopped / "search")
+    res = invoke("prune", stopped, "--auto", *SEARCH, "--resume")
+    assert res.exit_code == 5 and "already pruned by hand (prune -k), not by a search" in res.stderr, res.output
+
+
+def test_run_resumed_after_a_stop_in_the_search_keeps_its_candidates(tmp_path, folder_data, monkeypatch):
+    """`run --resume` continues a stopped search too (it used to search again from its first candidate)."""
+    run = tmp_path / "run"
+    args = ["run", "--data", folder_data, *TINY, "--epochs", "1", "--search-epochs", "2", "--tolerance", "100",
+            "--threshold", "0.01", "--output", run, "--export-dir", tmp_path / "export"]
+    with monkeypatch.context() as patch:
+        stop_in(patch, stage_dirs=2)
+        res = invoke(*args)
+    assert res.exit_code == 143 and "with --resume to continue" in res.stderr, res.output
+    done = [d.name for d in (run / "search").iterdir() if (d / "candidate.json").is_file()]
+    assert len(done) == 1
+    res = invoke(*args, "--resume", "--json")
+    assert res.exit_code == 0, res.output
+    assert f"search: K={done[0][1:]} " in res.stderr and "(fine-tuned before the stop)" in res.stderr
+    assert ": resuming after epoch 1/2" in res.stderr
+    assert json.loads(res.stdout)["tasks"][0]["search"]["chosen_k"] is not None
 
 
 def test_missed_tolerance_exits_7(tmp_path, tailored_run, monkeypatch):

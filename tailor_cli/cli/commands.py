@@ -189,8 +189,10 @@ def prune(
     data: Data = None, cache: Cache = False, workers: Workers = None, batch_size: BatchSize = None, lr: Lr = None,
     schedule: Schedule = None, warmup_epochs: WarmupEpochs = None, label_smoothing: LabelSmoothing = None,
     seed: Seed = 0, device: Device = "auto", amp: Amp = None, clip_grad: ClipGrad = None,
-    keep_checkpoints: KeepCheckpoints = False, overwrite: Overwrite = False, json_out: Json = False,
-    debug: Debug = False,
+    keep_checkpoints: KeepCheckpoints = False,
+    resume: Annotated[bool, typer.Option("--resume", help="--auto: continue a stopped search (the candidates "
+                                         "fine-tuned so far are kept) or its final fine-tuning.")] = False,
+    overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False,
 ):
     """Stage 3: remove low-attention proxies and the K weakest blocks, then everything orphaned."""
 
@@ -200,6 +202,8 @@ def prune(
 
         if auto and drop_blocks:
             raise UsageError("--auto searches K itself; drop --drop-blocks (or drop --auto to prune exactly K blocks)")
+        if resume and overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
         if not auto and (given := command_line_options(ctx, AUTO_ONLY)):
             raise UsageError(f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to the search; "
                              "add --auto to search K, or drop them to prune exactly --drop-blocks K")
@@ -218,11 +222,12 @@ def prune(
                                     finetune(search_epochs), finetune(epochs),
                                     SearchOptions(tolerance=tolerance, max_macs=max_macs, search_epochs=search_epochs,
                                                   noise_allowance=noise_allowance, fallbacks=fallbacks,
-                                                  threshold=threshold), overwrite=overwrite, callbacks=rep,
+                                                  threshold=threshold), overwrite=overwrite, resume=resume,
+                                    callbacks=rep,
                                     on_stage=None if json_out else lambda r: emit(r, False, render_stage))
-            except Interrupted as err:  # the training loop's advice (--resume) is a stage command's, not prune's
-                raise Interrupted(f"prune --auto: {err.where}; the search does not resume: rerun the same command "
-                                  "with --overwrite to search again", exit_code=err.exit_code) from err
+            except Interrupted as err:  # the training loop's advice names a stage; prune resumes the whole search
+                raise Interrupted(f"prune --auto: {err.where}; rerun the same command with --resume to continue "
+                                  "(the candidates fine-tuned so far are kept)", exit_code=err.exit_code) from err
         emit(result, json_out)  # without --json, each part's lines were printed as it ended
         fail_on_tolerance(result)
 

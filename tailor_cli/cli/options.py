@@ -224,7 +224,7 @@ def stage_help(stage: str, text: str) -> str:
 # `prune`'s options that only the search (--auto) reads: without --auto they would be silently ignored.
 AUTO_ONLY = ("tolerance", "noise_allowance", "fallbacks", "max_macs", "search_epochs", "epochs", "data", "cache",
              "workers", "batch_size", "lr", "schedule", "warmup_epochs", "label_smoothing", "seed", "device", "amp",
-             "clip_grad", "keep_checkpoints")
+             "clip_grad", "keep_checkpoints", "resume")
 
 
 def command_line_options(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:

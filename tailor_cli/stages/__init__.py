@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from .options import BackboneOptions, DataOptions, SearchOptions, TailorOptions, TrainOptions, stage_settings
 from .run import run_pipeline
-from .search import auto_prune, check_run_resume
+from .search import auto_prune
+from .search_records import check_run_resume
 from .teacher import train_teacher
 
 __all__ = [

@@ -30,7 +30,8 @@ from .options import (
     with_run_data,
 )
 from .prune import prune
-from .search import auto_prune, check_run_resume, recheck_resumed
+from .search import auto_prune
+from .search_records import check_run_resume, recheck_resumed
 from .tailor import tailor
 
 
@@ -106,7 +107,7 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
         if searching:
             search_train = replace(finetune_train, epochs=search.search_epochs)
             searched = auto_prune(run, data, search_train, finetune_train, search, teacher_weight=opts.teacher_weight,
-                                  overwrite=True, callbacks=cb, on_stage=ended)
+                                  overwrite=True, resume=resume, callbacks=cb, on_stage=ended)
         else:
             searched_before: dict = {}
             if "prune" in earlier:  # --resume: the search (if any) and the pruning were done before

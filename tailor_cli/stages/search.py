@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,53 +19,39 @@ from ..errors import RunError, UsageError
 from ..loading import load_student, load_teacher
 from ..pruning import connecting_threshold
 from ..pruning import plan as plan_pruning
-from ..runs import MODEL, locate_teacher, prepare_stage, read_run, read_summary, require_stage, stage_done
+from ..runs import (
+    CHECKPOINT,
+    CONFIG,
+    MODEL,
+    locate_teacher,
+    prepare_stage,
+    read_run,
+    read_summary,
+    require_stage,
+    stage_done,
+)
 from ..train import Callbacks, autocast_context, resolve_device
 from .common import check_run_data, data_config, fit_student, load_data, one_writer, tailored_distillation
 from .finetune import finetune
-from .options import DataOptions, SearchOptions, TrainOptions
+from .options import DataOptions, SearchOptions, TrainOptions, stage_settings
 from .prune import prune
-
-
-def check_run_resume(run_dir: Path, threshold: float, drop_blocks: int | None, tolerance: float,
-                     max_macs: float | None, search_epochs: int) -> None:
-    """``run --resume`` keeps a finished prune (or K search) only if it was made with the same options."""
-    if not stage_done(run_dir, "prune"):
-        return
-    pruned = read_summary(run_dir, "prune")
-    frontier = run_dir / "search" / "frontier.json"
-    search = read_json(frontier, what="search frontier") if frontier.is_file() else None
-    diffs = []
-    if pruned.get("threshold") != threshold:
-        diffs.append(f"--threshold {pruned.get('threshold')} -> {threshold}")
-    if drop_blocks is not None:
-        if search is not None:
-            diffs.append(f"K was searched (K={search.get('chosen_k')}) -> --drop-blocks {drop_blocks}")
-        elif pruned.get("drop_blocks") != drop_blocks:
-            diffs.append(f"--drop-blocks {pruned.get('drop_blocks')} -> {drop_blocks}")
-    elif search is None:
-        diffs.append(f"--drop-blocks {pruned.get('drop_blocks')} -> K searched")
-    else:
-        was_budget = search.get("mode") == "budget" and isinstance(search.get("max_macs"), (int, float))
-        was = f"--max-macs {search['max_macs'] / 1e6:.2f}M MACs" if was_budget else f"--tolerance {search.get('tolerance')}"
-        if max_macs is not None:
-            full = search.get("full_macs") or 0
-            budget = max_macs * full if max_macs <= 1 else max_macs
-            if not was_budget or abs(search["max_macs"] - budget) > 1e-6 * max(budget, 1):
-                diffs.append(f"{was} -> --max-macs {budget / 1e6:.2f}M MACs")
-        elif was_budget or search.get("tolerance") != tolerance:
-            diffs.append(f"{was} -> --tolerance {tolerance}")
-        if search.get("search_epochs") != search_epochs:
-            diffs.append(f"--search-epochs {search.get('search_epochs')} -> {search_epochs}")
-    if diffs:
-        raise UsageError(f"'{run_dir}' was pruned with other options ({'; '.join(diffs)}); rerun with them to resume, "
-                         "or pass --overwrite to start again")
+from .search_records import (
+    CANDIDATE,
+    SETTINGS,
+    attempt_record,
+    finish_resumed,
+    kept_candidates,
+    missed_tolerance,
+    record_final,
+)
+from .teacher import file_sha256
 
 
 @one_writer(create=False)
 def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_train: TrainOptions,
                opts: SearchOptions, *, teacher_weight: float = defaults.TEACHER_WEIGHT, overwrite: bool = False,
-               callbacks: Callbacks | None = None, on_stage: Callable[[dict], None] | None = None) -> dict:
+               resume: bool = False, callbacks: Callbacks | None = None,
+               on_stage: Callable[[dict], None] | None = None) -> dict:
     """Choose K (blocks to drop) automatically, then prune and fine-tune the chosen network fully.
 
     Every K is pruned in memory first (no training): K values that give the same network (blocks
@@ -84,6 +71,13 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     validation data is read; ``run/search/frontier.json`` lists every K and ``final_attempts``.
     ``on_stage`` is called with each part's record as it ends (``search``, ``prune``, ``finetune``
     with the check against the teacher); the result lists them under ``stages``.
+
+    ``resume``: a search that was stopped keeps the candidates it had fine-tuned (``search/kK/
+    candidate.json``: the network and its per-image validation results) and continues the one it
+    was fine-tuning from its checkpoint, when the candidates' settings (``search/settings.json``)
+    are the ones given now; the bisection then replays to the same choices. Another tolerance
+    reuses them too (a candidate's fine-tune does not depend on it). A search that had ended
+    (``prune`` done) only finishes its final fine-tune and checks it (:func:`finish_resumed`).
     """
     from ..data import make_loader
     from ..selection import Z_ONE_SIDED_95, compare, resolution_warning
@@ -97,7 +91,12 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     run_meta = read_run(run)
     tailor_dir = require_stage(run, "tailor", "prune --auto")
     if stage_done(run, "prune") and not overwrite:
-        raise RunError(f"'{run}' is already pruned; pass --overwrite to search again (this also discards 'finetune')")
+        if resume and (run / "search" / "frontier.json").is_file():
+            check_run_data(run, run_meta, data)
+            return finish_resumed(run, data, final_train, opts, teacher_weight=teacher_weight, callbacks=cb,
+                                  on_stage=on_stage)
+        raise RunError(f"'{run}' is already pruned" + (" by hand (prune -k), not by a search" if resume else "")
+                       + "; pass --overwrite to search again (this also discards 'finetune')")
     check_run_data(run, run_meta, data)
     device = resolve_device(search_train.device)
     student, _ = load_student(tailor_dir, torch.device("cpu"))
@@ -142,6 +141,12 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
                              num_workers=0)
     cfg = search_train.config(device)
     amp = autocast_context(cfg, device)
+    distill = tailored_distillation(run, teacher_weight)
+    settings = json.loads(json.dumps({
+        "train": stage_settings(replace(search_train, epochs=opts.search_epochs), device, data, run_meta=run_meta),
+        "teacher_weight": teacher_weight, "distillation": asdict(distill), "val_images": len(task.val),
+        "tailored_sha256": file_sha256(tailor_dir / MODEL)}, default=str))
+    keep = resume and kept_candidates(run, settings)
     correct: dict[int, torch.Tensor] = {}
     coarse = resolution_warning(len(task.val), opts.tolerance) if budget is None else None
     if coarse is not None:
@@ -151,24 +156,36 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
         row = plans[k]
         if row["status"] == "tried":
             return row["val_acc"]
-        cand = copy.deepcopy(student)
-        cand.prune_(row["structure"])
-        stage = f"search/k{k}"
-        shutil.rmtree(run / stage, ignore_errors=True)
-        opts_k = TrainOptions(**{**asdict(search_train), "epochs": opts.search_epochs, "resume": False})
-        summary = fit_student(run, stage, cand, teacher, task, data, opts_k, device, cb, complexity=None, g1=0.0,
-                               g2=teacher_weight, distill=tailored_distillation(run, teacher_weight), extra={"search_k": k},
-                               keep="last", held_out=False)
-        trained, _ = load_student(run / stage, device)
-        correct[k] = correct_mask(trained, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last)
-        if not search_train.keep_checkpoints:  # compared: its record stays, its weights are not used again
+        stage, network = f"search/k{k}", json.loads(json.dumps(row["structure"].to_json()))
+        saved = read_json(run / stage / CANDIDATE, what="search candidate") if keep and (run / stage / CANDIDATE).is_file() else {}
+        if saved.get("structure") == network and len(saved.get("correct", "")) == len(task.val):
+            correct[k] = torch.tensor([c == "1" for c in saved["correct"]])
+            row.update(status="tried", val_acc=saved["val_acc"], reused=True)
+        else:
+            cand = copy.deepcopy(student)
+            cand.prune_(row["structure"])
+            continued = keep and (run / stage / CHECKPOINT).is_file() and (run / stage / CONFIG).is_file() and \
+                read_json(run / stage / CONFIG, what="search candidate config").get("structure") == network
+            if not continued and dist.is_main():
+                shutil.rmtree(run / stage, ignore_errors=True)
             dist.barrier()
-            if dist.is_main():
-                (run / stage / MODEL).unlink()
-        row.update(status="tried", val_acc=summary["val_acc"])
+            opts_k = TrainOptions(**{**asdict(search_train), "epochs": opts.search_epochs, "resume": continued})
+            summary = fit_student(run, stage, cand, teacher, task, data, opts_k, device, cb, complexity=None, g1=0.0,
+                                  g2=teacher_weight, distill=distill, extra={"search_k": k, "structure": network},
+                                  keep="last", held_out=False)
+            trained, _ = load_student(run / stage, device)
+            correct[k] = correct_mask(trained, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last)
+            dist.barrier()
+            if dist.is_main():  # what a resumed search reads back instead of fine-tuning it again
+                write_json(run / stage / CANDIDATE, {"k": k, "structure": network, "val_acc": summary["val_acc"],
+                                                     "correct": "".join("1" if c else "0" for c in correct[k].tolist())})
+                if not search_train.keep_checkpoints:  # compared: its record stays, its weights are not used again
+                    (run / stage / MODEL).unlink()
+            row.update(status="tried", val_acc=summary["val_acc"])
         cb.on_message(f"search: K={k} keeps {row['blocks_kept']}/{num_blocks} blocks, {format_count(row['macs'])} MACs "
                       f"({100 * row['macs'] / full_macs:.1f}% of the fine-tuned network's {format_count(full_macs)}), "
-                      f"val_acc {row['val_acc']:.2f} (teacher {teacher_acc:.2f})")
+                      f"val_acc {row['val_acc']:.2f}" + (" (fine-tuned before the stop)" if row.get("reused") else "")
+                      + f" (teacher {teacher_acc:.2f})")
         return row["val_acc"]
 
     reference = min(candidates)  # the least pruned network, at the same training as every candidate
@@ -177,9 +194,14 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
         raise UsageError(f"no network fits --max-macs {budget / 1e6:.1f}M (the leanest needs "
                          f"{min(plans[k]['macs'] for k in candidates) / 1e6:.1f}M)")
     # Searching again: the pruned network, its fine-tune and the last search's record go before any training.
+    # (A resumed search keeps its candidates: evaluate_k reads each back or continues it.)
     prepare_stage(run, "prune", resume=False, overwrite=True)
     if dist.is_main():
-        shutil.rmtree(run / "search", ignore_errors=True)
+        if keep:
+            (run / "search" / "frontier.json").unlink(missing_ok=True)
+        else:
+            shutil.rmtree(run / "search", ignore_errors=True)
+        write_json(run / "search" / SETTINGS, settings)
     dist.barrier()
     if budget is not None:
         chosen = min(fits)  # fewest blocks dropped under the budget: the most accurate
@@ -265,74 +287,3 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
                                            "(--max-macs, prune -k)" if less_pruned else
                                            "; raise --tolerance (no less pruned network is left to try)")
     return result
-
-
-def attempt_record(k: int, network: dict, full_macs: float, final: dict, check) -> dict:
-    """One final fine-tune in ``final_attempts``: the network (a frontier row) and its check against the teacher."""
-    return {"k": k, "blocks_kept": network["blocks_kept"], "macs": network["macs"],
-            "macs_fraction": network["macs"] / full_macs, "val_acc": final["val_acc"], "vs_teacher": check.to_json()}
-
-
-def record_final(search: dict, k: int, searched_k: int, attempts: list[dict], final: dict, check,
-                 opts: SearchOptions) -> None:
-    """Write the kept network (K = ``k``) and its check against the teacher into the frontier ``search``."""
-    for row in search["frontier"]:
-        row["chosen"] = row["k"] == k
-    search.update(chosen_k=k, searched_k=searched_k, fallbacks=opts.fallbacks, final_attempts=attempts,
-                  final_val_acc=final["val_acc"], final_test_acc=final.get("test_acc"),
-                  within_tolerance=check.within_tolerance, accepted=check.accepted,
-                  noise_allowance=opts.noise_allowance, final_vs_teacher=check.to_json())
-
-
-def missed_tolerance(search: dict, opts: SearchOptions, advice: str) -> str:
-    """Exit 7's message: the kept network against the teacher, every network fine-tuned, what to do."""
-    check, attempts = search["final_vs_teacher"], search.get("final_attempts", [])
-    tuned = ", ".join(f"K={a['k']} {a['vs_teacher']['diff']:+.2f}" for a in attempts)
-    return (f"the chosen network (K={search['chosen_k']}) reaches {check['candidate_acc']:.2f}% on validation, "
-            f"{-check['diff']:.2f} points below the teacher's {check['reference_acc']:.2f}%: more than --tolerance "
-            f"{opts.tolerance}" + (f" plus the noise of {check['n']} validation images ({check['margin']:.2f}, "
-                                   "--noise-allowance)" if opts.noise_allowance else "")
-            + (f" (fine-tuned: {tuned})" if len(attempts) > 1 else "") + advice)
-
-
-def recheck_resumed(run: Path, data: DataOptions, train: TrainOptions, opts: SearchOptions) -> dict:
-    """``run --resume`` of a run whose K search had ended: the final network against the teacher.
-
-    ``auto_prune`` ends with this check, but a run stopped during a final fine-tune left a frontier
-    without it; the resumed fine-tune is then checked here as ``auto_prune`` checks it (the same
-    validation images, the measured difference unless ``opts.noise_allowance``) and the check is
-    written to ``search/frontier.json``. A check made before is read back, not remeasured. Returns
-    the frontier, with ``error`` (exit 7) when the kept network misses the tolerance; no less pruned
-    network is tried here (``prune --auto --overwrite`` searches again). The networks a stopped
-    search had fine-tuned and discarded stay in ``final_attempts``. Budget mode has no check.
-    """
-    from ..data import make_loader
-    from ..selection import Z_ONE_SIDED_95, compare
-    from ..train import correct_mask
-
-    search = read_json(run / "search" / "frontier.json", what="search frontier")
-    if search.get("mode") == "budget":
-        return search
-    if "final_vs_teacher" not in search:
-        run_meta, device = read_run(run), resolve_device(train.device)
-        cfg = train.config(device)
-        amp = autocast_context(cfg, device)
-        task = load_data(run_meta, data, data_config(run_meta["backbone"]["architecture"]), run)
-        val_loader = make_loader(task.val, batch_size=max(train.batch_size, 64), train=False, device=device,
-                                 num_workers=0)
-        final_model, _ = load_student(run / "finetune", device)
-        teacher = load_teacher(locate_teacher(run, run_meta), device).eval()
-        check = compare(*(correct_mask(m, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last)
-                          for m in (final_model, teacher)),
-                        tolerance=opts.tolerance, z=Z_ONE_SIDED_95 if opts.noise_allowance else 0.0)
-        final, k = read_summary(run, "finetune"), read_summary(run, "prune")["drop_blocks"]
-        network = next(r for r in search["frontier"] if r["k"] == k)
-        discarded = [a for a in search.get("final_attempts", []) if a["k"] != k]  # fine-tuned before the stop
-        record_final(search, k, search.get("searched_k", search["chosen_k"]),
-                     discarded + [attempt_record(k, network, search["full_macs"], final, check)], final, check, opts)
-        write_json(run / "search" / "frontier.json", search)
-    accepted = search.get("accepted", search["final_vs_teacher"]["within_tolerance"])
-    if not accepted:
-        search["error"] = missed_tolerance(search, opts, "; the resumed run tries no other network: search again "
-                                           "(prune --auto --overwrite), or raise --tolerance")
-    return search
