@@ -153,7 +153,7 @@ def test_a_stopped_search_resumes_where_it_was(tmp_path, tailored_run, monkeypat
     res = invoke("prune", stopped, "--auto", "--tolerance", "100", *SEARCH, "--resume")
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)["search"]
-    assert f"search: K={tried[0]} " in res.stderr and "(fine-tuned before the stop)" in res.stderr
+    assert f"search: K={tried[0]} " in res.stderr and "; fine-tuned before the stop)" in res.stderr
     assert f"search/k{tried[1]}: resuming after epoch 1/2" in res.stderr
     assert (stopped / "search" / f"k{tried[0]}" / "metrics.jsonl").read_text() == first  # not trained again
     rows = [json.loads(line) for line in (stopped / "search" / f"k{tried[1]}" / "metrics.jsonl").read_text().splitlines()]
@@ -202,7 +202,7 @@ def test_run_resumed_after_a_stop_in_the_search_keeps_its_candidates(tmp_path, f
     assert len(done) == 1
     res = invoke(*args, "--resume", "--json")
     assert res.exit_code == 0, res.output
-    assert f"search: K={done[0][1:]} " in res.stderr and "(fine-tuned before the stop)" in res.stderr
+    assert f"search: K={done[0][1:]} " in res.stderr and "; fine-tuned before the stop)" in res.stderr
     assert ": resuming after epoch 1/2" in res.stderr
     assert json.loads(res.stdout)["tasks"][0]["search"]["chosen_k"] is not None
 

@@ -184,8 +184,8 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
             row.update(status="tried", val_acc=summary["val_acc"])
         cb.on_message(f"search: K={k} keeps {row['blocks_kept']}/{num_blocks} blocks, {format_count(row['macs'])} MACs "
                       f"({100 * row['macs'] / full_macs:.1f}% of the fine-tuned network's {format_count(full_macs)}), "
-                      f"val_acc {row['val_acc']:.2f}" + (" (fine-tuned before the stop)" if row.get("reused") else "")
-                      + f" (teacher {teacher_acc:.2f})")
+                      f"val_acc {row['val_acc']:.2f} (teacher {teacher_acc:.2f}"
+                      + ("; fine-tuned before the stop)" if row.get("reused") else ")"))
         return row["val_acc"]
 
     reference = min(candidates)  # the least pruned network, at the same training as every candidate
