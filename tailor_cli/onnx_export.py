@@ -38,6 +38,7 @@ from torch import nn
 
 from . import __version__
 from .adapter import TASK_NAME
+from .checkpoint import current_umask
 from .counting import model_macs, network_params, student_macs, student_params
 from .data import INPUT_NOTES
 from .distributed import is_main
@@ -248,6 +249,9 @@ def _write(model: nn.Module, reference: nn.Module, path: Path, img_size: int, me
             raise ExportError(f"ONNX Runtime's logits differ from the PyTorch network's by {diff:.2e} (more than "
                               f"{PARITY_TOLERANCE:g}); nothing was written. Report it with the run's backbone")
         if is_main():
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: a server running as another user could not read it
             os.replace(tmp, path)
         kept = True
     finally:

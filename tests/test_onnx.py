@@ -6,7 +6,9 @@ contents of the file, the teacher, and the errors.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +91,10 @@ def test_the_teacher_as_onnx_for_a_teacher_run_and_by_stage(tmp_path, pruned_run
     assert json.loads(res.stdout)["stage"] == "teacher"  # a run with no student: its teacher
     teacher = load_teacher(pruned_run / "teacher", torch.device("cpu"))
     assert onnx_check(tmp_path / "a" / "shapes" / "model.onnx", teacher, folder_data) <= 1e-4
+    # readable as every other file written (it kept mkstemp's 0600: a server running as another user could not load it)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a" / "shapes" / "model.onnx").stat().st_mode) == 0o666 & ~umask
     res = invoke("export", pruned_run, "--export-dir", tmp_path / "b", "--format", "onnx", "--stage", "teacher",
                  "--task-name", "shapes-teacher")
     assert res.exit_code == 0, res.output
