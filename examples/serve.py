@@ -22,6 +22,7 @@ import torch
 from tailor_cli.adapter import load_export
 from tailor_cli.data import eval_transform, open_image
 from tailor_cli.errors import TailorError
+from tailor_cli.train import resolve_device
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,9 +39,13 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    if args.top_k < 1:
+        print(f"error: --top-k must be at least 1, got {args.top_k}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
-        backbone, tasks = load_export(args.export_dir, args.tasks, device=args.device)
+        device = resolve_device(args.device)  # an unknown or absent device: one line, exit 2
+        backbone, tasks = load_export(args.export_dir, args.tasks, device=device)
     except TailorError as err:
         print(f"error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 1)
@@ -58,7 +63,7 @@ def main() -> int:
     results: dict[str, list[dict]] = {}
     for name, (model, config) in tasks.items():
         tf = eval_transform(config["input"])
-        batch = torch.stack([tf(im) for im in images]).to(args.device)
+        batch = torch.stack([tf(im) for im in images]).to(device)
         with torch.inference_mode():
             probs = model(batch).float().softmax(dim=1).cpu()
         k = min(args.top_k, probs.shape[1])

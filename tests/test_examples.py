@@ -102,6 +102,11 @@ def test_multi_task_script_shares_one_backbone_and_serve_matches_predict(tmp_pat
         assert [t["class"] for t in top] == [t["class"] for t in by_cli[key]], key
         for a, b in zip(top, by_cli[key]):
             assert abs(a["prob"] - b["prob"]) < 1e-3, key
+    for flags, needle in [(["--top-k", "0"], "--top-k must be at least 1"), (["--device", "nope"], "unknown --device")]:
+        bad = subprocess.run([sys.executable, str(ROOT / "examples" / "serve.py"), str(out), str(images[0]), *flags],
+                             env=env, capture_output=True, text=True, timeout=300)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
 
 
 def test_proxy_costs_prints_the_readme_table_and_json():
