@@ -15,6 +15,7 @@ loaded from one directory references the *same* backbone tensors in memory.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -38,6 +39,8 @@ BACKBONE_CONFIG = "backbone.json"
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's names
+CROP_MODES = ("center", "squash", "border")  # timm's eval crops
 
 # field -> type(s) the adapter config must have
 _CONFIG_FIELDS = {
@@ -89,9 +92,19 @@ def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool
         raise ExportError(f"the backbone tensors of '{run}' do not match its recorded sha256; the run is corrupt")
 
     linked = False
+    repaired = False
     if (out / BACKBONE_CONFIG).exists():
         if not (out / BACKBONE_FILE).is_file():
             raise ExportError(f"'{out}' has {BACKBONE_CONFIG} but no {BACKBONE_FILE}; remove the directory and export again")
+        try:  # the file every task there loads: it must still be the backbone its config names (the same as ours)
+            read_store(out / BACKBONE_FILE, sha)
+        except (RunError, ExportError):  # truncated or modified: put back the run's copy, tensor for tensor the same
+            repaired = True
+            if store is not None:
+                (out / BACKBONE_FILE).unlink()
+                link_or_copy(store, out / BACKBONE_FILE)
+            else:
+                write_safetensors(out / BACKBONE_FILE, shared, {"sha256": sha, "architecture": ident["architecture"]})
         reused = True
     else:
         if store is not None:  # the run's own copy is an export's shared backbone as it is: a hard link where it can
@@ -129,6 +142,7 @@ def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool
         "structure": student.structure.to_json(),
         "adapter_sha256": tensors_sha256(adapter),  # the pair of files belongs together: checked on loading
         "stage": stage,
+        "run_id": run_id(run),  # the run it came from (no path in the file): `run --resume` re-exports its own only
         "metrics": {
             "val_acc": summary.get("val_acc"), "teacher_val_acc": teacher.get("val_acc"),
             "test_acc": summary.get("test_acc"), "teacher_test_acc": teacher.get("test_acc"),
@@ -140,9 +154,15 @@ def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool
     write_safetensors(task_dir / ADAPTER_FILE, adapter, {"task": task, "format_version": FORMAT_VERSION})
     write_json(task_dir / ADAPTER_CONFIG, config)
     return {"export_dir": str(out), "task": task, "stage": stage, "backbone_reused": reused, "backbone_linked": linked,
+            "backbone_repaired": repaired,
             "adapter_bytes": (task_dir / ADAPTER_FILE).stat().st_size,
             "backbone_bytes": (out / BACKBONE_FILE).stat().st_size, "sha256": sha,
             "finetune_bytes": 4 * network_params(full_model)}  # one fp32 fine-tuned network, for comparison
+
+
+def run_id(run: Path) -> str:
+    """A run's identity in the adapters it exports: a digest of its absolute path (an export names no path)."""
+    return hashlib.sha256(str(Path(run).resolve()).encode()).hexdigest()[:16]
 
 
 def check_export_target(out: Path, backbone: dict, task: str | None = None) -> None:
@@ -158,11 +178,12 @@ def check_export_target(out: Path, backbone: dict, task: str | None = None) -> N
     check_writable(out, flag="--export-dir")
     if task is not None and not TASK_NAME.match(task):
         raise ExportError(f"task name '{task}' is not valid; use letters, digits, '_', '-', '.' (pass --task-name)")
+    if task is not None and (task in (BACKBONE_FILE, BACKBONE_CONFIG) or (out / task).is_file()):
+        raise ExportError(f"task name '{task}' is a file of the export directory '{out}'; pass another --task-name")
     config_path = out / BACKBONE_CONFIG
     if not config_path.exists():
         return
-    existing = _validate(read_json(config_path, what="backbone config"), {"sha256": str, "architecture": str},
-                         config_path)
+    existing = read_backbone_config(config_path)
     other_weights = "sha256" in backbone and existing["sha256"] != backbone["sha256"]
     if existing["architecture"] == backbone["architecture"] and not other_weights:
         return
@@ -182,6 +203,19 @@ def _teacher_summary(run: Path, run_meta: dict) -> dict:
         return read_json(teacher / "summary.json", what="teacher summary")
     except RunError:
         return {}
+
+
+def read_backbone_config(path: Path) -> dict:
+    """An export directory's ``backbone.json``: its backbone's identity (exit 8 when it is not one)."""
+    try:
+        config = read_json(path, what="backbone config")
+    except RunError as err:
+        raise ExportError(f"{err}; it is the export directory's backbone config: export its tasks again into a new "
+                          "directory") from err
+    if not isinstance(config, dict):
+        raise ExportError(f"'{path}' is not a backbone config (a JSON object); export its tasks again into a new "
+                          "directory")
+    return _validate(config, {"sha256": str, "architecture": str}, path)
 
 
 def _validate(obj: dict, fields: dict, where: Path | str) -> dict:
@@ -210,6 +244,21 @@ def read_adapter_config(task_dir: Path) -> dict:
         raise ExportError(f"'{path}': {len(config['classes'])} class names for num_classes={config['num_classes']}")
     if not isinstance(config.get("train_bn", False), bool):  # absent before --train-bn existed: False
         raise ExportError(f"'{path}': train_bn must be true or false; re-export")
+    spec, problems = config["input"], []
+    if spec["img_size"] <= 0:
+        problems.append(f"img_size {spec['img_size']}")
+    for key in ("mean", "std"):
+        values = spec[key]
+        if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) \
+                or (key == "std" and min(values) <= 0):
+            problems.append(f"{key} {values}")
+    if spec["interpolation"] not in INTERPOLATIONS:
+        problems.append(f"interpolation '{spec['interpolation']}'")
+    if spec.get("crop_mode", "center") not in CROP_MODES:
+        problems.append(f"crop_mode '{spec.get('crop_mode')}'")
+    if problems:
+        raise ExportError(f"'{path}': the input it describes is not one a network reads ({'; '.join(problems)}); "
+                          "re-export the task")
     return config
 
 
@@ -278,10 +327,14 @@ def load_task(export_dir: Path, task: str, *, backbone: SharedBackbone | None = 
         tensors, _ = read_safetensors(task_dir / ADAPTER_FILE, what="adapter")
     except RunError as err:
         raise ExportError(str(err)) from err
-    skeleton = timm.create_model(config["base_model"]["architecture"], pretrained=False, num_classes=0)
-    student = Student(skeleton, config["num_classes"], max_skip=config["max_skip"],
-                      train_bn=bool(config.get("train_bn", False)),
-                      structure=Structure.from_json(config["structure"]))
+    try:  # a config edited or damaged by hand may name no timm model, or paths the network does not have
+        skeleton = timm.create_model(config["base_model"]["architecture"], pretrained=False, num_classes=0)
+        student = Student(skeleton, config["num_classes"], max_skip=config["max_skip"],
+                          train_bn=bool(config.get("train_bn", False)),
+                          structure=Structure.from_json(config["structure"]))
+    except (RunError, RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
+        raise ExportError(f"'{task_dir / ADAPTER_CONFIG}' does not describe a network nettailor can build on "
+                          f"{config['base_model']['architecture']} ({type(err).__name__}: {err}); re-export the task") from err
     del skeleton
     # Task-specific tensors first (strict on the keys the adapter must provide) ...
     shared_keys = {k for k, _ in student.named_parameters() if student.timm_name(k) is not None}

@@ -557,3 +557,43 @@ def test_run_searches_k_by_default_and_its_export_is_served(tmp_path, folder_dat
     img = tmp_path / "x.png"
     Image.new("RGB", (40, 40), (0, 0, 255)).save(img)
     assert invoke("predict", export, img, "--device", "cpu").exit_code == 0
+
+
+def test_an_export_directory_damaged_or_misused(tmp_path, tailored_run):
+    """Exit 8 with one line for what cannot be served; a damaged shared backbone is put back from the run."""
+    exp = tmp_path / "exp"
+    assert invoke("export", tailored_run, "--export-dir", exp, "--task-name", "a").exit_code == 0
+    for name in ("backbone.json", "backbone.safetensors"):  # a task folder cannot be one of the directory's files
+        res = invoke("export", tailored_run, "--export-dir", exp, "--task-name", name)
+        assert res.exit_code == 8 and "is a file of the export directory" in res.stderr, res.output
+
+    # A truncated shared backbone used to be reused as it was (exit 0, every task then unloadable): the run's copy,
+    # tensor for tensor the one backbone.json names, is put back.
+    good = load_file(exp / "backbone.safetensors")
+    head = (exp / "backbone.safetensors").read_bytes()[:5000]
+    (exp / "backbone.safetensors").unlink()  # a hard link to the run's own copy: damage the export's file only
+    (exp / "backbone.safetensors").write_bytes(head)
+    res = invoke("export", tailored_run, "--export-dir", exp, "--task-name", "b", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["backbone_repaired"] is True, res.output
+    assert all(torch.equal(good[k], v) for k, v in load_file(exp / "backbone.safetensors").items())
+    load_task(exp, "a"), load_task(exp, "b")
+
+    # A hand-edited adapter config that no network can read is exit 8, naming the file, not an internal error.
+    config_path = exp / "a" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    img = tmp_path / "x.png"
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(img)
+    for edit, needle in [({"input": {**config["input"], "interpolation": "zzz"}}, "interpolation 'zzz'"),
+                         ({"input": {**config["input"], "mean": [0.5]}}, "mean [0.5]"),
+                         ({"input": {**config["input"], "img_size": 0}}, "img_size 0"),
+                         ({"base_model": {**config["base_model"], "architecture": "no_such_net"}}, "no_such_net")]:
+        config_path.write_text(json.dumps({**config, **edit}))
+        res = invoke("predict", exp, img, "--device", "cpu")
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.exit_code == 8 and len(lines) == 1 and needle in lines[0] and "re-export" in lines[0], res.output
+    config_path.write_text(json.dumps(config))
+
+    # A damaged backbone.json is the export directory's problem (exit 8), not a run directory's (exit 5).
+    (exp / "backbone.json").write_text("{bad")
+    res = invoke("export", tailored_run, "--export-dir", exp, "--task-name", "c")
+    assert res.exit_code == 8 and "backbone config" in res.stderr, res.output

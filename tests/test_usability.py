@@ -232,6 +232,12 @@ def test_run_takes_per_stage_settings_and_its_run_json_repeats_them(tmp_path, fo
     _one_error_line(invoke("run", "-c", first / "run.json", "--output", third, "--export-dir", export), 8,
                     "task 'shapes' already exists", "--task-name NAME")
     assert not (third / "teacher").exists() and (export / "shapes" / "adapter.safetensors").read_bytes() == adapter
+    # --resume re-exports a run's own task only: another run's task of that name is refused the same way
+    _one_error_line(invoke("run", "-c", first / "run.json", "--output", third, "--export-dir", export, "--resume"), 8,
+                    "another run's export", "--task-name NAME")
+    assert not (third / "teacher").exists() and (export / "shapes" / "adapter.safetensors").read_bytes() == adapter
+    res = invoke("run", "-c", first / "run.json", "--output", first, "--export-dir", export, "--resume")
+    assert res.exit_code == 0, res.output
     _one_error_line(invoke("run", "-c", first / "run.json", "--output", third, "--export-dir", export,
                            "--task-name", "a/b"), 8, "task name 'a/b' is not valid")
 

@@ -53,7 +53,7 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
     a task of that name already in ``export_dir`` is another run's, and is refused before any training
     unless the run is resumed (it may be this run's own export) or ``overwrite`` asks to replace it.
     """
-    from ..adapter import ADAPTER_CONFIG, check_export_target, export_task
+    from ..adapter import ADAPTER_CONFIG, check_export_target, export_task, read_adapter_config, run_id
     from ..report import report_run
 
     cb = callbacks or Callbacks()
@@ -69,9 +69,11 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
     def ready(meta: dict) -> None:  # backbone and data known, nothing trained yet
         task = task_name or meta.get("task_name")
         check_export_target(export_dir, meta["backbone"], task)
-        if task and not (resume or overwrite) and (export_dir / task / ADAPTER_CONFIG).exists():
-            raise ExportError(f"task '{task}' already exists in '{export_dir}' (another run's export); pass --task-name "
-                              "NAME, another --export-dir, or --overwrite to replace it")
+        if task and not overwrite and (export_dir / task / ADAPTER_CONFIG).exists():
+            source = read_adapter_config(export_dir / task).get("run_id")  # absent in exports made before it was
+            if not resume or (source is not None and source != run_id(run)):  # recorded: taken as the run's own
+                raise ExportError(f"task '{task}' already exists in '{export_dir}' (another run's export); pass "
+                                  "--task-name NAME, another --export-dir, or --overwrite to replace it")
 
     stages: list[dict] = []
     earlier = {name for name in ("teacher", "tailor", "prune", "finetune") if resume and stage_done(run, name)}
