@@ -264,6 +264,8 @@ def read_adapter_config(task_dir: Path) -> dict:
 
 def _not_an_export(path: Path) -> str:
     """Why ``path`` is no export directory, pointing at the export when it is a run directory."""
+    if not path.exists():
+        return f"export directory '{path}' does not exist; pass the --export-dir an export or `nettailor run` wrote"
     if (path / "run.json").is_file():
         if (path / "export" / BACKBONE_FILE).is_file():
             return f"'{path}' is a run directory; its export is {path / 'export'}: pass that"

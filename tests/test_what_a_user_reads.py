@@ -163,6 +163,10 @@ def test_predict_on_a_run_directory_points_at_its_export_and_says_what_input_it_
     assert res.exit_code == 8
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert lines == [f"error: '{run}' is a run directory; its export is {run / 'export'}: pass that"]
+    res = invoke("predict", tmp_path / "no-such-export", image)  # a typo in the path says so, not "no backbone"
+    assert res.exit_code == 8 and res.stderr.strip() == (f"error: export directory '{tmp_path / 'no-such-export'}' "
+                                                         "does not exist; pass the --export-dir an export or "
+                                                         "`nettailor run` wrote"), res.output
     res = invoke("predict", run / "export", image)
     assert res.exit_code == 0, res.output
     assert "task 'shapes' expects RGB images resized to 32 px" in res.stderr and "normalised with mean" in res.stderr
