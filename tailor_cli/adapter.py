@@ -100,17 +100,10 @@ def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool
             read_store(out / BACKBONE_FILE, sha)
         except (RunError, ExportError):  # truncated or modified: put back the run's copy, tensor for tensor the same
             repaired = True
-            if store is not None:
-                (out / BACKBONE_FILE).unlink()
-                link_or_copy(store, out / BACKBONE_FILE)
-            else:
-                write_safetensors(out / BACKBONE_FILE, shared, {"sha256": sha, "architecture": ident["architecture"]})
+            _write_backbone(out / BACKBONE_FILE, store, shared, sha, ident["architecture"])
         reused = True
     else:
-        if store is not None:  # the run's own copy is an export's shared backbone as it is: a hard link where it can
-            linked = link_or_copy(store, out / BACKBONE_FILE)
-        else:
-            write_safetensors(out / BACKBONE_FILE, shared, {"sha256": sha, "architecture": ident["architecture"]})
+        linked = _write_backbone(out / BACKBONE_FILE, store, shared, sha, ident["architecture"])
         write_json(out / BACKBONE_CONFIG, {"format_version": FORMAT_VERSION, "name": ident["name"],
                                            "architecture": ident["architecture"], "pretrained_tag": ident.get("pretrained_tag"),
                                            "weights_source": ident.get("weights_source"), "sha256": sha,
@@ -158,6 +151,19 @@ def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool
             "adapter_bytes": (task_dir / ADAPTER_FILE).stat().st_size,
             "backbone_bytes": (out / BACKBONE_FILE).stat().st_size, "sha256": sha,
             "finetune_bytes": 4 * network_params(full_model)}  # one fp32 fine-tuned network, for comparison
+
+
+def _write_backbone(path: Path, store: Path | None, shared: dict[str, torch.Tensor], sha: str,
+                    architecture: str) -> bool:
+    """Write an export's shared backbone (replacing it atomically); returns whether it is a hard link.
+
+    The run's own copy (``store``) is an export's shared backbone as it is: linked where the file
+    system allows; a run from before runs stored it writes its tensors.
+    """
+    if store is not None:
+        return link_or_copy(store, path)
+    write_safetensors(path, shared, {"sha256": sha, "architecture": architecture})
+    return False
 
 
 def run_id(run: Path) -> str:
