@@ -79,9 +79,11 @@ def _export_task(run: Path, out: Path, *, task_name: str | None, overwrite: bool
     run_meta = read_run(run)
     if stage in (None, "tailor", "prune", "finetune"):
         stage = stage and require_stage(run, stage, f"export --stage {stage}").name or latest_student_stage(run)
-    else:
-        raise UsageError(f"--stage {stage}: an adapter holds a tailored student's own tensors (--stage tailor, prune "
+    elif stage == "teacher":
+        raise UsageError("--stage teacher: an adapter holds a tailored student's own tensors (--stage tailor, prune "
                          "or finetune); the teacher is a whole network: export it with --format onnx")
+    else:
+        raise UsageError(f"--stage must be tailor, prune or finetune (or teacher with --format onnx), got '{stage}'")
     task = task_name or run_meta.get("task_name") or run.name
     ident = run_meta["backbone"]
     check_export_target(out, ident, task)

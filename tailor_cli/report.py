@@ -9,7 +9,7 @@ import torch
 from .adapter import ADAPTER_CONFIG, BACKBONE_FILE, load_export
 from .checkpoint import read_json
 from .counting import full_network, student_macs, student_params
-from .errors import RunError
+from .errors import RunError, UsageError
 from .runs import latest_student_stage, locate_teacher, read_run, read_summary
 from .student import Student
 
@@ -96,12 +96,13 @@ def report_run(run: Path) -> dict:
     return {"kind": "run", "tasks": [report], "matrix": _matrix([report])}
 
 
-def report_export(export_dir: Path) -> dict:
-    """Cross-task report of an export directory: per-task reports, block-usage matrix, totals."""
+def report_export(export_dir: Path, tasks: list[str] | None = None) -> dict:
+    """Cross-task report of an export directory (every task, or the named ones): per-task reports,
+    block-usage matrix, totals over the tasks reported."""
     export_dir = Path(export_dir)
-    backbone, tasks = load_export(export_dir)
+    backbone, loaded = load_export(export_dir, tasks)
     reports = []
-    for name, (student, config) in tasks.items():
+    for name, (student, config) in loaded.items():
         m = config["metrics"]
         reports.append(student_report(
             student, task=name, architecture=config["base_model"]["architecture"],
@@ -134,12 +135,18 @@ def _matrix(reports: list[dict]) -> dict:
     return {"blocks": blocks, "tasks": [r["task"] for r in reports], "cells": cells}
 
 
-def report_path(path: Path) -> dict:
+def report_path(path: Path, tasks: list[str] | None = None) -> dict:
+    """Report of a run directory, an export directory (every task, or `tasks`), or one task's
+    directory inside an export (that task alone)."""
     path = Path(path)
-    if (path / BACKBONE_FILE).is_file() or (path / ADAPTER_CONFIG).is_file():
-        if (path / ADAPTER_CONFIG).is_file():  # a single task directory inside an export
-            path = path.parent
-        return report_export(path)
+    if (path / ADAPTER_CONFIG).is_file():  # a single task directory inside an export
+        if tasks and tasks != [path.name]:
+            raise UsageError(f"'{path}' is the task '{path.name}'; pass its export directory to choose other tasks")
+        return report_export(path.parent, [path.name])
+    if (path / BACKBONE_FILE).is_file():
+        return report_export(path, tasks)
+    if tasks:
+        raise UsageError("--task applies to an export directory; a run directory holds one task")
     if (path / "run.json").is_file():
         return report_run(path)
     if not path.exists():

@@ -105,6 +105,7 @@ def test_the_teacher_as_onnx_for_a_teacher_run_and_by_stage(tmp_path, pruned_run
 @pytest.mark.parametrize("args, code, needle", [
     (["--format", "tflite"], 2, "--format must be adapter or onnx"),
     (["--stage", "teacher"], 2, "export it with --format onnx"),
+    (["--stage", "bogus"], 2, "--stage must be tailor, prune or finetune (or teacher with --format onnx), got 'bogus'"),
     (["--format", "onnx", "--stage", "nope"], 2, "--stage must be one of"),
     (["--format", "onnx", "--task-name", "a/b"], 8, "task name 'a/b' is not valid"),
 ])

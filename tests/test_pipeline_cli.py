@@ -156,6 +156,26 @@ def test_report_on_run_and_export_as_json_and_text(tmp_path, finished_run):
     assert rep["totals"]["disk_bytes"] > rep["totals"]["adapter_bytes"]
 
 
+def test_report_on_one_task_of_an_export_reports_that_task_alone(tmp_path, finished_run, tailored_run):
+    out = tmp_path / "export"
+    assert invoke("export", finished_run, "--export-dir", out, "--task-name", "a").exit_code == 0
+    assert invoke("export", tailored_run, "--export-dir", out, "--task-name", "b").exit_code == 0
+    both = json.loads(invoke("report", out, "--json").stdout)
+    assert [t["task"] for t in both["tasks"]] == ["a", "b"] and both["totals"]["tasks"] == 2
+    for args, name in (((out / "b",), "b"), ((out, "--task", "a"), "a")):
+        res = invoke("report", *args, "--json")
+        assert res.exit_code == 0, res.output
+        rep = json.loads(res.stdout)
+        assert [t["task"] for t in rep["tasks"]] == rep["matrix"]["tasks"] == [name]
+        one = next(t for t in both["tasks"] if t["task"] == name)
+        assert rep["totals"]["adapter_bytes"] == one["totals"]["adapter_bytes"] and rep["totals"]["tasks"] == 1
+    for args, code, words in (((out / "b", "--task", "a"), 2, "is the task 'b'"),
+                              ((finished_run, "--task", "a"), 2, "--task applies to an export directory"),
+                              ((out, "--task", "c"), 8, "no task 'c'")):
+        res = invoke("report", *args)
+        assert res.exit_code == code and words in res.stderr, res.output
+
+
 def test_report_words_are_explained(finished_run, capsys):
     from tailor_cli.cli.render import render_report
 

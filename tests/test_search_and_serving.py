@@ -436,6 +436,22 @@ def test_predict_bad_inputs(three_tasks, tmp_path):
     assert res.exit_code == 3 and "bad.png" in res.stderr
     res = invoke("predict", export, bad, "--task", "nope", "--device", "cpu")
     assert res.exit_code == 8 and "alpha" in res.stderr
+    # a folder with one unreadable image: stopped, with the way on; or with --skip-bad, the others served
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(bad, folder / "a_bad.png")
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(folder / "b_good.png")
+    res = invoke("predict", export, folder, "--device", "cpu")
+    assert res.exit_code == 3 and "a_bad.png" in res.stderr and "--skip-bad" in res.stderr
+    res = invoke("predict", export, folder, "--device", "cpu", "--skip-bad", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["images"] == 1 and [s["image"] for s in out["skipped"]] == [str(folder / "a_bad.png")]
+    alone = json.loads(invoke("predict", export, folder / "b_good.png", "--device", "cpu", "--json").stdout)
+    assert out["predictions"] == alone["predictions"] and len(alone["predictions"]) == 3
+    assert "skipped" in invoke("predict", export, folder, "--device", "cpu", "--skip-bad").stderr
+    res = invoke("predict", export, bad, "--device", "cpu", "--skip-bad")
+    assert res.exit_code == 3 and "none of the 1 images could be read" in res.stderr
 
 
 def _copy_export(export: Path, tmp_path: Path) -> Path:

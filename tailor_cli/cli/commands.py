@@ -309,6 +309,8 @@ def report(
     path: Annotated[Path, typer.Argument(metavar="RUN_OR_EXPORT_DIR", help="A run directory or an export directory.")],
     plot: Annotated[Optional[Path], typer.Option("--plot", metavar="FILE", help="Also draw the block-usage diagram to FILE.png or "
                                                  "FILE.svg (needs matplotlib: pip install matplotlib).")] = None,
+    task: Annotated[Optional[list[str]], typer.Option("--task", metavar="TASK", help="Task of an export directory to "
+                                                      "report (repeatable) [default: all; EXPORT/TASK: that one].")] = None,
     json_out: Json = False, debug: Debug = False,
 ):
     """Stage 6: per-task block usage (blocks, proxies, attention), params, MACs, accuracy."""
@@ -316,7 +318,7 @@ def report(
     def body():
         from ..report import report_path
 
-        result = report_path(path)
+        result = report_path(path, task)
         if plot is not None:
             from ..plot import plot_block_usage
 
@@ -334,6 +336,8 @@ def predict(
     task: Annotated[Optional[list[str]], typer.Option("--task", metavar="TASK", help="Task to run (repeatable) [default: all].")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Classes to show per image.")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip images that cannot be read instead of failing; "
+                                           "each is named on stderr and listed under \"skipped\" in --json.")] = False,
     device: Device = "auto", json_out: Json = False, debug: Debug = False,
 ):
     """Run exported tasks on images: one shared backbone, each task's own tailored network."""
@@ -345,7 +349,7 @@ def predict(
         if top_k <= 0 or batch_size <= 0:
             raise UsageError("--top-k and --batch-size must be positive")
         result = run_predict(export_dir, images, tasks=task, top_k=top_k, batch_size=batch_size,
-                             device=resolve_device(device))
+                             device=resolve_device(device), skip_bad=skip_bad)
         emit(result, json_out, render_predictions)
 
     execute(debug, body, json_out)

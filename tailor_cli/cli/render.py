@@ -300,6 +300,8 @@ def render_predictions(r: dict) -> None:
     input each task expects."""
     for task, spec in (r.get("inputs") or {}).items():
         err_console.print(input_line(task, spec), highlight=False, markup=False)
+    for bad in r.get("skipped") or []:
+        err_console.print(f"skipped {bad['image']}: {bad['reason']}", highlight=False, markup=False)
     print("task\timage\tpredictions")
     for p in r["predictions"]:
         best = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in p["top"])
