@@ -548,10 +548,17 @@ def test_run_resume_checks_the_final_network_against_the_teacher(tmp_path, folde
     _stopped_before_the_check(run)
     resumed = invoke(*args, "--resume", "--json")  # the fine-tune resumes, then the check is made and written
     assert resumed.exit_code == 7, resumed.output
-    assert "finetune: resuming after epoch 1" in resumed.stderr and "search again" in resumed.stderr
+    assert "finetune: resuming after epoch 1" in resumed.stderr and "raise --tolerance or --fallbacks" in resumed.stderr
     frontier = json.loads((run / "search" / "frontier.json").read_text())
     assert frontier["final_vs_teacher"]["diff"] == pytest.approx(-0.6) and frontier["accepted"] is False
     assert json.loads(resumed.stdout)["stages"][-2]["final_vs_teacher"]["diff"] == pytest.approx(-0.6)
+
+    settings = (run / "search" / "settings.json").read_bytes()
+    (run / "search" / "settings.json").unlink()  # a search made before candidates were recorded: checked, not replayed
+    _stopped_before_the_check(run)
+    old = invoke(*args, "--resume")
+    assert old.exit_code == 7 and "made before nettailor recorded its candidates" in old.stderr, old.output
+    (run / "search" / "settings.json").write_bytes(settings)
 
     students_lose["images"] = 4  # -0.4: within the tolerance
     _stopped_before_the_check(run)
@@ -604,6 +611,47 @@ def test_run_resumed_after_a_stop_in_a_fallback_keeps_the_networks_discarded_bef
     assert f"(fine-tuned: K={first_k} -0.60, K={fallback_k} -0.60)" in resumed.stderr
     report = invoke("report", run).stdout  # the discarded one is named as such, the kept one is not
     assert f"K={first_k} fine-tuned fully" in report and f"K={fallback_k} fine-tuned fully" not in report
+
+
+def test_run_resumed_in_its_first_final_fine_tune_still_falls_back_when_it_misses(tmp_path, folder_data, monkeypatch):
+    """A stop in the chosen network's final fine-tune, then --resume: when that network misses the
+    tolerance the next less pruned one is tried, as the uninterrupted run would (not exit 7 at once)."""
+    import tailor_cli.stages.search as search_module
+    import tailor_cli.train as train_module
+    from tailor_cli.errors import Interrupted
+    from tailor_cli.student import Student
+
+    lose = {"blocks": None}  # the network with this many blocks loses 6 images of 1,000, any other 4
+
+    def rigged(model, loader, device, **kw):
+        mask = torch.ones(1000, dtype=torch.bool)
+        if isinstance(model, Student):
+            blocks = sum(layer.block for layer in model.structure.layers)
+            mask[:6 if lose["blocks"] in (None, blocks) else 4] = False
+        return mask
+
+    real_finetune = search_module.finetune
+
+    def stopped(*a, **kw):
+        raise Interrupted("finetune interrupted in epoch 1, before its first checkpoint")
+
+    monkeypatch.setattr(train_module, "correct_mask", rigged)
+    monkeypatch.setattr(search_module, "finetune", stopped)
+    run = tmp_path / "run"
+    args = ["run", "--data", folder_data, "--output", run, "--epochs", "1", "--threshold", "0.01",
+            "--search-epochs", "1", "--tolerance", "0.5", "--fallbacks", "1", *RUN_FAST]
+    assert invoke(*args).exit_code == 130
+    first = json.loads((run / "prune" / "summary.json").read_text())
+    lose["blocks"] = first["after"]["structure"]["blocks"]
+    monkeypatch.setattr(search_module, "finetune", real_finetune)
+    resumed = invoke(*args, "--resume", "--json")
+    assert resumed.exit_code == 0, resumed.output
+    frontier = json.loads((run / "search" / "frontier.json").read_text())
+    attempts = [(a["k"], a["vs_teacher"]["diff"]) for a in frontier["final_attempts"]]
+    assert attempts[0] == (first["drop_blocks"], pytest.approx(-0.6)) and attempts[1][1] == pytest.approx(-0.4)
+    assert frontier["chosen_k"] == attempts[1][0] < first["drop_blocks"] and frontier["searched_k"] == first["drop_blocks"]
+    assert frontier["within_tolerance"] is True
+    assert f"fine-tuning the next less pruned network, K={attempts[1][0]}" in resumed.stderr
 
 
 def test_tailor_uses_a_teacher_trained_by_the_teacher_command_in_the_same_run(tmp_path, folder_data):

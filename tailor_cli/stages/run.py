@@ -14,7 +14,6 @@ import torch
 
 from .. import __version__
 from ..backbone import check_backbone_name, describe_chain
-from ..checkpoint import read_json
 from ..errors import ExportError, UsageError
 from ..runs import lock_dir, read_run, read_summary, reset_run, stage_done, write_run
 from ..train import Callbacks, resolve_device
@@ -31,7 +30,7 @@ from .options import (
 )
 from .prune import prune
 from .search import auto_prune
-from .search_records import check_run_resume, recheck_resumed
+from .search_records import check_run_resume
 from .tailor import tailor
 
 
@@ -93,7 +92,9 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
             check_run_resume(run, search.threshold, drop_blocks, search.tolerance, search.max_macs, search.search_epochs)
         if overwrite:
             reset_run(run)
-        searching = drop_blocks is None and not (resume and stage_done(run, "prune"))
+        pruned_before = resume and stage_done(run, "prune")
+        # a K search that had ended goes on from its records (auto_prune); a network pruned by hand is fine-tuned
+        searching = drop_blocks is None and not (pruned_before and not (run / "search" / "frontier.json").is_file())
         tries = 1 + math.ceil(math.log2(num_blocks + 1))  # the reference, then a bisection over at most L+1 networks
         cb.on_plan([("teacher", opts.teacher_train.epochs)] * (opts.teacher is None) + [("tailor", tailor_train.epochs)]
                    + [("search", tries * search.search_epochs)] * searching + [("finetune", finetune_train.epochs)])
@@ -109,25 +110,17 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
         if searching:
             search_train = replace(finetune_train, epochs=search.search_epochs)
             searched = auto_prune(run, data, search_train, finetune_train, search, teacher_weight=opts.teacher_weight,
-                                  overwrite=True, resume=resume, callbacks=cb, on_stage=ended)
+                                  overwrite=not pruned_before, resume=resume, callbacks=cb, on_stage=ended)
         else:
-            searched_before: dict = {}
-            if "prune" in earlier:  # --resume: the search (if any) and the pruning were done before
-                if (run / "search" / "frontier.json").is_file():
-                    searched_before = read_json(run / "search" / "frontier.json", what="search frontier")
-                    ended({"stage": "search", "run": str(run), **searched_before})
+            if "prune" in earlier:  # --resume: pruned by hand before
                 ended({"run": str(run), **read_summary(run, "prune")})
             elif drop_blocks is not None:
                 ended({"run": str(run), **prune(run, threshold=search.threshold, drop_blocks=drop_blocks,
                                                 overwrite=True, callbacks=cb)})
             teacher = read_summary(run, "teacher") if stage_done(run, "teacher") else {}
             final = finetune(run, data, finetune_train, teacher_weight=opts.teacher_weight, callbacks=cb)
-            if searched_before:  # the check the search ends with, measured now if the run stopped before it
-                searched = recheck_resumed(run, data, finetune_train, search)
             ended({"run": str(run), **final, "teacher_val_acc": teacher.get("val_acc"),
-                   "teacher_test_acc": teacher.get("test_acc"),
-                   **({"final_vs_teacher": searched["final_vs_teacher"]} if searched and "final_vs_teacher" in searched
-                      else {})})
+                   "teacher_test_acc": teacher.get("test_acc")})
         t_export = time.perf_counter()
         exported = export_task(run, export_dir, task_name=task_name, overwrite=True)
         ended({**exported, "stage": "export", "exported_stage": exported["stage"],

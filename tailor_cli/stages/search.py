@@ -39,6 +39,7 @@ from .search_records import (
     CANDIDATE,
     SETTINGS,
     attempt_record,
+    check_run_resume,
     finish_resumed,
     kept_candidates,
     missed_tolerance,
@@ -77,7 +78,11 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     was fine-tuning from its checkpoint, when the candidates' settings (``search/settings.json``)
     are the ones given now; the bisection then replays to the same choices. Another tolerance
     reuses them too (a candidate's fine-tune does not depend on it). A search that had ended
-    (``prune`` done) only finishes its final fine-tune and checks it (:func:`finish_resumed`).
+    (``prune`` done, the same options) is replayed from its records, and its final fine-tunes go on
+    where they stopped: the networks fine-tuned and discarded before the stop are not trained again,
+    the one in progress continues from its checkpoint, and if it misses the tolerance the next less
+    pruned networks are tried as in a search that was never stopped. (A search made before candidates
+    were recorded only finishes its final fine-tune and checks it: :func:`finish_resumed`.)
     """
     from ..data import make_loader
     from ..selection import Z_ONE_SIDED_95, compare, resolution_warning
@@ -90,13 +95,16 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     final_train.validate()
     run_meta = read_run(run)
     tailor_dir = require_stage(run, "tailor", "prune --auto")
-    if stage_done(run, "prune") and not overwrite:
-        if resume and (run / "search" / "frontier.json").is_file():
-            check_run_data(run, run_meta, data)
+    ended_before = stage_done(run, "prune") and not overwrite  # resumed after the search had chosen
+    if ended_before:
+        if not (resume and (run / "search" / "frontier.json").is_file()):
+            raise RunError(f"'{run}' is already pruned" + (" by hand (prune -k), not by a search" if resume else "")
+                           + "; pass --overwrite to search again (this also discards 'finetune')")
+        check_run_data(run, run_meta, data)
+        check_run_resume(run, opts.threshold, None, opts.tolerance, opts.max_macs, opts.search_epochs)
+        if not (run / "search" / SETTINGS).is_file():
             return finish_resumed(run, data, final_train, opts, teacher_weight=teacher_weight, callbacks=cb,
                                   on_stage=on_stage)
-        raise RunError(f"'{run}' is already pruned" + (" by hand (prune -k), not by a search" if resume else "")
-                       + "; pass --overwrite to search again (this also discards 'finetune')")
     check_run_data(run, run_meta, data)
     device = resolve_device(search_train.device)
     student, _ = load_student(tailor_dir, torch.device("cpu"))
@@ -125,11 +133,11 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
                         "k": k, "status": "same", "same_as": seen[key]}
             continue
         seen[key] = k
-        pruned = copy.deepcopy(student)  # the tailored student is read once; each K prunes a copy
-        pruned.prune_(res.structure)
+        smaller = copy.deepcopy(student)  # the tailored student is read once; each K prunes a copy
+        smaller.prune_(res.structure)
         plans[k] = {"k": k, "status": "untried", "structure": res.structure, "blocks_kept": res.structure.counts()["blocks"],
-                    "proxies_kept": res.structure.counts()["proxies"], "params": student_params(pruned)["total"],
-                    "macs": student_macs(pruned, img_size).total, "free_blocks": len(res.free_blocks)}
+                    "proxies_kept": res.structure.counts()["proxies"], "params": student_params(smaller)["total"],
+                    "macs": student_macs(smaller, img_size).total, "free_blocks": len(res.free_blocks)}
     candidates = [k for k in plans if plans[k]["status"] == "untried"]
     if not candidates:
         t = connecting_threshold(student.structure, alphas, threshold=opts.threshold, drop_blocks=0)
@@ -194,15 +202,18 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
         raise UsageError(f"no network fits --max-macs {budget / 1e6:.1f}M (the leanest needs "
                          f"{min(plans[k]['macs'] for k in candidates) / 1e6:.1f}M)")
     # Searching again: the pruned network, its fine-tune and the last search's record go before any training.
-    # (A resumed search keeps its candidates: evaluate_k reads each back or continues it.)
-    prepare_stage(run, "prune", resume=False, overwrite=True)
-    if dist.is_main():
-        if keep:
-            (run / "search" / "frontier.json").unlink(missing_ok=True)
-        else:
-            shutil.rmtree(run / "search", ignore_errors=True)
-        write_json(run / "search" / SETTINGS, settings)
-    dist.barrier()
+    # (A resumed search keeps its candidates: evaluate_k reads each back or continues it. One that had
+    # ended keeps its pruned network and final fine-tunes too: the loop below goes on with them.)
+    before = read_json(run / "search" / "frontier.json", what="search frontier") if ended_before else {}
+    if not ended_before:
+        prepare_stage(run, "prune", resume=False, overwrite=True)
+        if dist.is_main():
+            if keep:
+                (run / "search" / "frontier.json").unlink(missing_ok=True)
+            else:
+                shutil.rmtree(run / "search", ignore_errors=True)
+            write_json(run / "search" / SETTINGS, settings)
+        dist.barrier()
     if budget is not None:
         chosen = min(fits)  # fewest blocks dropped under the budget: the most accurate
         evaluate_k(chosen)
@@ -246,9 +257,9 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     stages: list[dict] = []
 
     def ended(record: dict) -> None:
-        stages.append(record)
+        stages.append(record | {"reused": True} if ended_before and record["stage"] in ("search", "prune") else record)
         if on_stage is not None:
-            on_stage(record)
+            on_stage(stages[-1])
 
     ended({"stage": "search", "run": str(run), **copy.deepcopy(search)})  # as the search chose; fallbacks come after
     teacher_model = teacher if teacher is not None else load_teacher(t_dir, device).eval()
@@ -259,16 +270,36 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
         return {"run": str(run), **final, "teacher_val_acc": teacher_acc,
                 "teacher_test_acc": teacher_summary.get("test_acc"), "final_vs_teacher": check.to_json()}
 
+    # A resumed search that had ended: the network pruned before the stop, and those fine-tuned and discarded.
+    in_progress = read_summary(run, "prune").get("drop_blocks") if ended_before else None
+    discarded = {a["k"]: a for a in before.get("final_attempts", []) if a["k"] != in_progress}
     searched_k, attempts = chosen, []
     while True:  # the chosen network, then (tolerance mode) less pruned ones while it misses, opts.fallbacks at most
-        pruned = prune(run, threshold=opts.threshold, drop_blocks=chosen, overwrite=True, callbacks=cb, searched=True)
-        ended({"run": str(run), **pruned})
-        final = finetune(run, data, final_train, teacher_weight=teacher_weight, callbacks=cb)
+        less_pruned = [k for k in candidates if k < chosen]
+        if chosen in discarded and budget is None:  # fine-tuned before the stop and missed: not trained again
+            attempts.append(discarded[chosen])
+            if not less_pruned or len(attempts) > opts.fallbacks:
+                raise UsageError(f"K={chosen} was fine-tuned and discarded before the stop, as --fallbacks allowed "
+                                 f"then; resume with --fallbacks {len(attempts)} or more, or pass --overwrite")
+            cb.on_message(f"prune --auto: K={chosen} ended {-discarded[chosen]['vs_teacher']['diff']:.2f} points below "
+                          f"the teacher before the stop; going on with the next less pruned network, K={less_pruned[-1]}")
+            search.update(searched_k=searched_k, final_attempts=list(attempts))
+            write_json(run / "search" / "frontier.json", search)
+            chosen = less_pruned[-1]
+            continue
+        if chosen == in_progress:  # pruned before the stop: its fine-tune goes on (or is read back, if it had ended)
+            pruned = {"run": str(run), **read_summary(run, "prune")}
+            ended(pruned)
+            final = finetune(run, data, replace(final_train, resume=True), teacher_weight=teacher_weight, callbacks=cb)
+        else:
+            pruned = prune(run, threshold=opts.threshold, drop_blocks=chosen, overwrite=True, callbacks=cb,
+                           searched=True)
+            ended({"run": str(run), **pruned})
+            final = finetune(run, data, final_train, teacher_weight=teacher_weight, callbacks=cb)
         final_model, _ = load_student(run / "finetune", device)
         check = compare(correct_mask(final_model, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last),
                         teacher_correct, tolerance=opts.tolerance, z=Z_ONE_SIDED_95 if opts.noise_allowance else 0.0)
         attempts.append(attempt_record(chosen, plans[chosen], full_macs, final, check))
-        less_pruned = [k for k in candidates if k < chosen]
         if budget is not None or check.accepted or not less_pruned or len(attempts) > opts.fallbacks:
             break
         cb.on_message(f"prune --auto: K={chosen} ends {-check.diff:.2f} points below the teacher, more than "

@@ -2,8 +2,9 @@
 
 ``prune --auto`` (:mod:`tailor_cli.stages.search`) records every candidate it fine-tunes
 (``search/kK/candidate.json``) and the settings they share (``search/settings.json``), so a
-stopped search continues where it was; ``run --resume`` and ``prune --auto --resume`` of a
-search that had ended finish its final fine-tune and check it against the teacher.
+stopped search continues where it was, also in its final fine-tunes. A search made before
+candidates were recorded (no ``search/settings.json``) can only finish its final fine-tune and
+check it against the teacher (:func:`finish_resumed`).
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def check_run_resume(run_dir: Path, threshold: float, drop_blocks: int | None, t
 
 
 def recheck_resumed(run: Path, data: DataOptions, train: TrainOptions, opts: SearchOptions) -> dict:
-    """``run --resume`` of a run whose K search had ended: the final network against the teacher.
+    """A resumed search made before candidates were recorded: the final network against the teacher.
 
     ``auto_prune`` ends with this check, but a run stopped during a final fine-tune left a frontier
     without it; the resumed fine-tune is then checked here as ``auto_prune`` checks it (the same
@@ -143,17 +144,18 @@ def recheck_resumed(run: Path, data: DataOptions, train: TrainOptions, opts: Sea
         write_json(run / "search" / "frontier.json", search)
     accepted = search.get("accepted", search["final_vs_teacher"]["within_tolerance"])
     if not accepted:
-        search["error"] = missed_tolerance(search, opts, "; the resumed run tries no other network: search again "
+        search["error"] = missed_tolerance(search, opts, "; this search, made before nettailor recorded its candidates, "
+                                           "cannot try another network on resume: search again "
                                            "(prune --auto --overwrite), or raise --tolerance")
     return search
 
 
 def finish_resumed(run: Path, data: DataOptions, final_train: TrainOptions, opts: SearchOptions, *,
                    teacher_weight: float, callbacks: Callbacks, on_stage: Callable[[dict], None] | None) -> dict:
-    """``prune --auto --resume`` of a search that had ended: continue (or keep) its final fine-tune and check it.
-
-    As ``run --resume`` does (:func:`recheck_resumed`): the search, its options and the pruned
-    network stay; no other network is tried.
+    """``prune --auto --resume`` or ``run --resume`` of a search that had ended before candidates were
+    recorded (no ``search/settings.json``): continue (or keep) its final fine-tune and check it
+    (:func:`recheck_resumed`). The search, its options and the pruned network stay; no other network
+    is tried, since the search cannot be replayed without its candidates' records.
     """
     check_run_resume(run, opts.threshold, None, opts.tolerance, opts.max_macs, opts.search_epochs)
     stages: list[dict] = []
