@@ -164,6 +164,37 @@ def test_a_stopped_search_resumes_where_it_was(tmp_path, tailored_run, monkeypat
     assert next(r for r in got["frontier"] if r["k"] == tried[0])["reused"] is True
 
 
+def test_a_candidate_stopped_after_its_fine_tune_is_compared_on_resume_not_trained_again(tmp_path, tailored_run,
+                                                                                         monkeypatch):
+    import tailor_cli.stages.search as search_module
+    from tailor_cli.errors import Interrupted
+
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    shutil.copytree(tailored_run, whole)
+    shutil.copytree(tailored_run, stopped)
+    expected = json.loads(invoke("prune", whole, "--auto", "--tolerance", "100", *SEARCH).stdout)["search"]
+    second = [r["k"] for r in expected["frontier"] if r["status"] == "tried"][1]
+    real_load = search_module.load_student
+
+    def stopped_before_the_comparison(path, *a, **kw):
+        if Path(path).name == f"k{second}":
+            raise Interrupted(f"search/k{second} stopped after its last epoch")
+        return real_load(path, *a, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(search_module, "load_student", stopped_before_the_comparison)
+        assert invoke("prune", stopped, "--auto", "--tolerance", "100", *SEARCH).exit_code == 130
+    done = stopped / "search" / f"k{second}"
+    assert (done / "summary.json").is_file() and not (done / "candidate.json").exists()
+    metrics = (done / "metrics.jsonl").read_text()
+    res = invoke("prune", stopped, "--auto", "--tolerance", "100", *SEARCH, "--resume")
+    assert res.exit_code == 0, res.output
+    assert f"search/k{second} epoch" not in res.stderr and (done / "metrics.jsonl").read_text() == metrics
+    got = json.loads(res.stdout)["search"]
+    assert {r["k"]: r.get("val_acc") for r in got["frontier"]} == {r["k"]: r.get("val_acc") for r in expected["frontier"]}
+    assert got["chosen_k"] == expected["chosen_k"] and (done / "candidate.json").is_file()
+
+
 def test_a_search_stopped_in_its_final_fine_tune_resumes_it(tmp_path, tailored_run, monkeypatch):
     """A stop after the search chose: `--resume` continues the final fine-tune and checks it against the teacher."""
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"

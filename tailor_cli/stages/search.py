@@ -23,6 +23,7 @@ from ..runs import (
     CHECKPOINT,
     CONFIG,
     MODEL,
+    SUMMARY,
     locate_teacher,
     prepare_stage,
     read_run,
@@ -170,17 +171,21 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
             correct[k] = torch.tensor([c == "1" for c in saved["correct"]])
             row.update(status="tried", val_acc=saved["val_acc"], reused=True)
         else:
-            cand = copy.deepcopy(student)
-            cand.prune_(row["structure"])
-            continued = keep and (run / stage / CHECKPOINT).is_file() and (run / stage / CONFIG).is_file() and \
+            same = keep and (run / stage / CONFIG).is_file() and \
                 read_json(run / stage / CONFIG, what="search candidate config").get("structure") == network
-            if not continued and dist.is_main():
-                shutil.rmtree(run / stage, ignore_errors=True)
-            dist.barrier()
-            opts_k = TrainOptions(**{**asdict(search_train), "epochs": opts.search_epochs, "resume": continued})
-            summary = fit_student(run, stage, cand, teacher, task, data, opts_k, device, cb, complexity=None, g1=0.0,
-                                  g2=teacher_weight, distill=distill, extra={"search_k": k, "structure": network},
-                                  keep="last", held_out=False)
+            if same and (run / stage / SUMMARY).is_file() and (run / stage / MODEL).is_file():
+                summary = read_json(run / stage / SUMMARY)  # fine-tuned, stopped before it was compared
+            else:
+                cand = copy.deepcopy(student)
+                cand.prune_(row["structure"])
+                continued = same and (run / stage / CHECKPOINT).is_file()
+                if not continued and dist.is_main():
+                    shutil.rmtree(run / stage, ignore_errors=True)
+                dist.barrier()
+                opts_k = TrainOptions(**{**asdict(search_train), "epochs": opts.search_epochs, "resume": continued})
+                summary = fit_student(run, stage, cand, teacher, task, data, opts_k, device, cb, complexity=None,
+                                      g1=0.0, g2=teacher_weight, distill=distill,
+                                      extra={"search_k": k, "structure": network}, keep="last", held_out=False)
             trained, _ = load_student(run / stage, device)
             correct[k] = correct_mask(trained, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last)
             dist.barrier()
