@@ -510,7 +510,9 @@ def test_run_resume_after_a_search_continues_the_finetune(tmp_path, folder_data)
     _unfinish(run / "finetune")
     res = invoke(*args, "--resume")
     assert res.exit_code == 0, res.output
-    assert "search:" not in res.stderr and "finetune: resuming after epoch 1" in res.stderr
+    assert "finetune: resuming after epoch 1" in res.stderr and "search/k" not in res.stderr  # no candidate trained
+    replayed = [line for line in res.stderr.splitlines() if line.startswith("search: K=")]
+    assert replayed and all(line.endswith("fine-tuned before the stop)") for line in replayed)
     more_epochs = [a if a != "1" or args[i - 1] != "--search-epochs" else "2" for i, a in enumerate(args)]
     _assert_clean_failure(invoke(*more_epochs, "--resume"), 2, "--search-epochs 1 -> 2")
 
