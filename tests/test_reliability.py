@@ -654,6 +654,9 @@ def test_run_resumed_in_its_first_final_fine_tune_still_falls_back_when_it_misse
     assert frontier["chosen_k"] == attempts[1][0] < first["drop_blocks"] and frontier["searched_k"] == first["drop_blocks"]
     assert frontier["within_tolerance"] is True
     assert f"fine-tuning the next less pruned network, K={attempts[1][0]}" in resumed.stderr
+    stages = [(st["stage"], st.get("drop_blocks"), bool(st.get("reused"))) for st in json.loads(resumed.stdout)["stages"]
+              if st["stage"] in ("search", "prune")]
+    assert stages == [("search", None, True), ("prune", first["drop_blocks"], True), ("prune", attempts[1][0], False)]
 
 
 def test_tailor_uses_a_teacher_trained_by_the_teacher_command_in_the_same_run(tmp_path, folder_data):

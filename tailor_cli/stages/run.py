@@ -108,6 +108,7 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
                                "environment": environment(trains["tailor"].device)})
         searched: dict | None = None
         if searching:
+            earlier.difference_update({"search", "prune", "finetune"})  # auto_prune says which it read back
             search_train = replace(finetune_train, epochs=search.search_epochs)
             searched = auto_prune(run, data, search_train, finetune_train, search, teacher_weight=opts.teacher_weight,
                                   overwrite=not pruned_before, resume=resume, callbacks=cb, on_stage=ended)

@@ -262,11 +262,12 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     stages: list[dict] = []
 
     def ended(record: dict) -> None:
-        stages.append(record | {"reused": True} if ended_before and record["stage"] in ("search", "prune") else record)
+        stages.append(record)
         if on_stage is not None:
-            on_stage(stages[-1])
+            on_stage(record)
 
-    ended({"stage": "search", "run": str(run), **copy.deepcopy(search)})  # as the search chose; fallbacks come after
+    # as the search chose (read back, if it had ended before a stop); fallbacks come after
+    ended({"stage": "search", "run": str(run), **copy.deepcopy(search), **({"reused": True} if ended_before else {})})
     teacher_model = teacher if teacher is not None else load_teacher(t_dir, device).eval()
     teacher_correct = correct_mask(teacher_model, val_loader, device, amp_ctx=amp, channels_last=cfg.channels_last)
     teacher_summary = read_summary(t_dir.parent, "teacher")
@@ -278,7 +279,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     # A resumed search that had ended: the network pruned before the stop, and those fine-tuned and discarded.
     in_progress = read_summary(run, "prune").get("drop_blocks") if ended_before else None
     discarded = {a["k"]: a for a in before.get("final_attempts", []) if a["k"] != in_progress}
-    searched_k, attempts = chosen, []
+    searched_k, attempts, read_back = chosen, [], False
     while True:  # the chosen network, then (tolerance mode) less pruned ones while it misses, opts.fallbacks at most
         less_pruned = [k for k in candidates if k < chosen]
         if chosen in discarded and budget is None:  # fine-tuned before the stop and missed: not trained again
@@ -294,11 +295,12 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
             continue
         if chosen == in_progress:  # pruned before the stop: its fine-tune goes on (or is read back, if it had ended)
             pruned = {"run": str(run), **read_summary(run, "prune")}
-            ended(pruned)
+            ended(pruned | {"reused": True})
+            read_back = stage_done(run, "finetune")
             final = finetune(run, data, replace(final_train, resume=True), teacher_weight=teacher_weight, callbacks=cb)
         else:
-            pruned = prune(run, threshold=opts.threshold, drop_blocks=chosen, overwrite=True, callbacks=cb,
-                           searched=True)
+            pruned, read_back = prune(run, threshold=opts.threshold, drop_blocks=chosen, overwrite=True, callbacks=cb,
+                                      searched=True), False
             ended({"run": str(run), **pruned})
             final = finetune(run, data, final_train, teacher_weight=teacher_weight, callbacks=cb)
         final_model, _ = load_student(run / "finetune", device)
@@ -309,14 +311,14 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
             break
         cb.on_message(f"prune --auto: K={chosen} ends {-check.diff:.2f} points below the teacher, more than "
                       f"--tolerance {opts.tolerance}; fine-tuning the next less pruned network, K={less_pruned[-1]}")
-        ended(checked(final, check) | {"discarded": True})
+        ended(checked(final, check) | {"discarded": True} | ({"reused": True} if read_back else {}))
         search.update(searched_k=searched_k, final_attempts=list(attempts))  # `run --resume` after a stop keeps them
         write_json(run / "search" / "frontier.json", search)
         chosen = less_pruned[-1]
     within = check.accepted  # the measured difference, unless --noise-allowance was asked for
     record_final(search, chosen, searched_k, attempts, final, check, opts)
     write_json(run / "search" / "frontier.json", search)
-    ended(checked(final, check))
+    ended(checked(final, check) | ({"reused": True} if read_back else {}))
     result = {"stage": "finetune", "run": str(run), "search": search, "prune": pruned, **final, "stages": stages}
     if budget is None and not within:
         result["error"] = missed_tolerance(search, opts, "; raise --tolerance or --fallbacks, or keep more blocks "
