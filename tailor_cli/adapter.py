@@ -387,7 +387,7 @@ def load_export(export_dir: Path, tasks: list[str] | None = None, *, device: tor
     >>> model, config = tasks["gtsrb"]; logits = model(images)
     """
     backbone = SharedBackbone(export_dir, device)
-    names = tasks or list_tasks(export_dir)
+    names = list(dict.fromkeys(tasks)) if tasks else list_tasks(export_dir)  # a task named twice is loaded once
     if not names:
         raise ExportError(f"'{export_dir}' holds no exported task")
     return backbone, {name: load_task(export_dir, name, backbone=backbone) for name in names}

@@ -4,10 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .adapter import load_export
 from .data import IMG_EXTENSIONS, eval_transform, open_image
+from .data.samples import UNREADABLE
 from .errors import DataError
 
 IMAGE_SUFFIXES = set(IMG_EXTENSIONS)  # the extensions training reads
@@ -31,7 +32,7 @@ def collect_images(paths: list[Path]) -> list[Path]:
 def _open_rgb(path: Path) -> Image.Image:
     try:
         return open_image(path)  # as training read it (16-bit PNGs scaled, not saturated)
-    except (UnidentifiedImageError, OSError) as err:
+    except UNREADABLE as err:
         raise DataError(f"cannot read image '{path}' ({type(err).__name__}); remove it, convert it, or pass "
                         "--skip-bad") from err
 

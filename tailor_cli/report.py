@@ -140,7 +140,8 @@ def report_path(path: Path, tasks: list[str] | None = None) -> dict:
     directory inside an export (that task alone)."""
     path = Path(path)
     if (path / ADAPTER_CONFIG).is_file():  # a single task directory inside an export
-        if tasks and tasks != [path.name]:
+        path = path.resolve()  # `report .` from inside it: its name is the task's
+        if tasks and set(tasks) != {path.name}:
             raise UsageError(f"'{path}' is the task '{path.name}'; pass its export directory to choose other tasks")
         return report_export(path.parent, [path.name])
     if (path / BACKBONE_FILE).is_file():

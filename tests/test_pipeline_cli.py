@@ -162,7 +162,7 @@ def test_report_on_one_task_of_an_export_reports_that_task_alone(tmp_path, finis
     assert invoke("export", tailored_run, "--export-dir", out, "--task-name", "b").exit_code == 0
     both = json.loads(invoke("report", out, "--json").stdout)
     assert [t["task"] for t in both["tasks"]] == ["a", "b"] and both["totals"]["tasks"] == 2
-    for args, name in (((out / "b",), "b"), ((out, "--task", "a"), "a")):
+    for args, name in (((out / "b",), "b"), ((out, "--task", "a"), "a"), ((out / "a", "--task", "a", "--task", "a"), "a")):
         res = invoke("report", *args, "--json")
         assert res.exit_code == 0, res.output
         rep = json.loads(res.stdout)

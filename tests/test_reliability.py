@@ -604,6 +604,14 @@ def test_run_resumed_after_a_stop_in_a_fallback_keeps_the_networks_discarded_bef
     assert f"K={first_k} fine-tuned fully" in invoke("report", run).stdout  # the report of the stopped run names it
 
     monkeypatch.setattr(search_module, "finetune", real_finetune)
+    frontier_then = (run / "search" / "frontier.json").read_bytes()
+    # other final checks than the stopped run's are refused before anything is written
+    for other, words in ((["--fallbacks", "0"], "resume with --fallbacks 1 or more"),
+                         (["--fallbacks", "1", "--noise-allowance"], "--noise-allowance off -> on")):
+        at = args.index("--fallbacks")
+        refused = invoke(*args[:at], *args[at + 2:], *other, "--resume")
+        assert refused.exit_code == 2 and words in refused.stderr, refused.output
+        assert (run / "search" / "frontier.json").read_bytes() == frontier_then
     resumed = invoke(*args, "--resume", "--json")
     assert resumed.exit_code == 7, resumed.output
     frontier = json.loads((run / "search" / "frontier.json").read_text())

@@ -457,7 +457,9 @@ def test_predict_matches_each_finetuned_student(three_tasks, tmp_path):
     assert [row.split("\t")[:2] for row in rows] == [[t, str(imgs / "red.jpg")] for t in ("alpha", "beta", "gamma")]
 
 
-def test_predict_bad_inputs(three_tasks, tmp_path):
+def test_predict_bad_inputs(three_tasks, tmp_path, monkeypatch):
+    import PIL.Image
+
     export, _ = three_tasks
     res = invoke("predict", export, tmp_path / "missing.png", "--device", "cpu")
     assert res.exit_code == 3 and "does not exist" in res.stderr
@@ -483,6 +485,10 @@ def test_predict_bad_inputs(three_tasks, tmp_path):
     assert "skipped" in invoke("predict", export, folder, "--device", "cpu", "--skip-bad").stderr
     res = invoke("predict", export, bad, "--device", "cpu", "--skip-bad")
     assert res.exit_code == 3 and "none of the 1 images could be read" in res.stderr
+    # an image PIL refuses as a decompression bomb (more than twice MAX_IMAGE_PIXELS) is unreadable too
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 500)  # b_good.png has 1,200 pixels
+    res = invoke("predict", export, folder / "b_good.png", "--device", "cpu")
+    assert res.exit_code == 3 and "DecompressionBombError" in res.stderr and "Traceback" not in res.output
 
 
 def _copy_export(export: Path, tmp_path: Path) -> Path:

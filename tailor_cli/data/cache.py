@@ -10,7 +10,7 @@ import torch
 
 from ..errors import DataError
 from .datasets import CachedImageDataset
-from .samples import Samples, bad_image_msg
+from .samples import UNREADABLE, Samples, bad_image_msg
 from .transforms import Preproc
 
 _CACHE_PROBE = 16  # items decoded serially to decide whether threads pay off
@@ -36,7 +36,7 @@ def build_cache(samples: Samples, prep: Callable, *, skip_bad: bool = False,
     def one(i: int) -> torch.Tensor | BaseException:
         try:
             return prep(samples.load(i))
-        except (OSError, SyntaxError, ValueError) as e:
+        except UNREADABLE as e:
             return e
 
     n = len(samples)

@@ -8,7 +8,7 @@ import torch
 import torch.utils.data
 
 from ..errors import DataError
-from .samples import Samples, bad_image_msg
+from .samples import UNREADABLE, Samples, bad_image_msg
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -34,7 +34,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         try:
             img = self.samples.load(i)
-        except (OSError, SyntaxError, ValueError) as e:
+        except UNREADABLE as e:
             raise DataError(bad_image_msg(self.samples.describe(i), e, self.skip_bad)) from None
         return self.post(self.prep(img)), self.samples.labels[i]
 

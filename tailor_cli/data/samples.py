@@ -37,10 +37,16 @@ class Samples:
         raise NotImplementedError
 
 
+# What reading an image file can raise: PIL's errors for a damaged or unknown file (UnidentifiedImageError
+# is an OSError; truncated files: OSError, SyntaxError or ValueError) and its refusal of a "decompression
+# bomb" (an image of more than twice Image.MAX_IMAGE_PIXELS), which is none of these.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def open_image(path: Path) -> Image.Image:
     """An image file as RGB, exactly as training and validation read it (16-bit, palette, CMYK...).
 
-    Raises PIL's errors (``UnidentifiedImageError``, ``OSError``) for unreadable files.
+    Raises one of ``UNREADABLE`` for a file that cannot be read.
     """
     with open(path, "rb") as f:
         img = Image.open(f)

@@ -89,7 +89,8 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
 
     with lock_dir(run):  # one writer across all the stages (each stage locks it again)
         if resume:
-            check_run_resume(run, search.threshold, drop_blocks, search.tolerance, search.max_macs, search.search_epochs)
+            check_run_resume(run, search.threshold, drop_blocks, search.tolerance, search.max_macs, search.search_epochs,
+                             search.noise_allowance)
         if overwrite:
             reset_run(run)
         pruned_before = resume and stage_done(run, "prune")
@@ -97,7 +98,8 @@ def run_pipeline(run: Path, export_dir: Path | None, bb: BackboneOptions, data: 
         searching = drop_blocks is None and not (pruned_before and not (run / "search" / "frontier.json").is_file())
         tries = 1 + math.ceil(math.log2(num_blocks + 1))  # the reference, then a bisection over at most L+1 networks
         cb.on_plan([("teacher", opts.teacher_train.epochs)] * (opts.teacher is None) + [("tailor", tailor_train.epochs)]
-                   + [("search", tries * search.search_epochs)] * searching + [("finetune", finetune_train.epochs)])
+                   + [("search", tries * search.search_epochs)] * (searching and not pruned_before)
+                   + [("finetune", finetune_train.epochs)])
         tailored = tailor(run, bb, data, tailor_train, opts, cast(Callbacks, _BeforeTailor(cb, teacher_ended)),
                           on_ready=ready)
         teacher_ended()

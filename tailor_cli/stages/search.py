@@ -102,7 +102,8 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
             raise RunError(f"'{run}' is already pruned" + (" by hand (prune -k), not by a search" if resume else "")
                            + "; pass --overwrite to search again (this also discards 'finetune')")
         check_run_data(run, run_meta, data)
-        check_run_resume(run, opts.threshold, None, opts.tolerance, opts.max_macs, opts.search_epochs)
+        check_run_resume(run, opts.threshold, None, opts.tolerance, opts.max_macs, opts.search_epochs,
+                         opts.noise_allowance)
         if not (run / "search" / SETTINGS).is_file():
             return finish_resumed(run, data, final_train, opts, teacher_weight=teacher_weight, callbacks=cb,
                                   on_stage=on_stage)
@@ -194,6 +195,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
                                                      "correct": "".join("1" if c else "0" for c in correct[k].tolist())})
                 if not search_train.keep_checkpoints:  # compared: its record stays, its weights are not used again
                     (run / stage / MODEL).unlink()
+                    (run / stage / CHECKPOINT).unlink(missing_ok=True)  # left by a stop just after its last epoch
             row.update(status="tried", val_acc=summary["val_acc"])
         cb.on_message(f"search: K={k} keeps {row['blocks_kept']}/{num_blocks} blocks, {format_count(row['macs'])} MACs "
                       f"({100 * row['macs'] / full_macs:.1f}% of the fine-tuned network's {format_count(full_macs)}), "
@@ -209,7 +211,17 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     # Searching again: the pruned network, its fine-tune and the last search's record go before any training.
     # (A resumed search keeps its candidates: evaluate_k reads each back or continues it. One that had
     # ended keeps its pruned network and final fine-tunes too: the loop below goes on with them.)
-    before = read_json(run / "search" / "frontier.json", what="search frontier") if ended_before else {}
+    # What a stop after the choice left: the network pruned then (its fine-tune goes on) and the final
+    # attempts fine-tuned and discarded before it, judged as now (same tolerance and noise allowance).
+    frontier_path = run / "search" / "frontier.json"
+    before = read_json(frontier_path, what="search frontier") if keep and frontier_path.is_file() else {}
+    in_progress = read_summary(run, "prune").get("drop_blocks") if ended_before else None
+    same_check = before.get("tolerance") == opts.tolerance and \
+        bool(before.get("noise_allowance", False)) == opts.noise_allowance and budget is None
+    discarded = {a["k"]: a for a in before.get("final_attempts", []) if a["k"] != in_progress} if same_check else {}
+    if len(discarded) > opts.fallbacks:  # refused before anything is written
+        raise UsageError(f"the run fine-tuned and discarded {len(discarded)} networks before the stop; resume with "
+                         f"--fallbacks {len(discarded)} or more (it was started with that many), or pass --overwrite")
     if not ended_before:
         prepare_stage(run, "prune", resume=False, overwrite=True)
         if dist.is_main():
@@ -254,9 +266,12 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
               "reference_k": reference if budget is None else None, "val_images": len(task.val),
               "coarse_validation": coarse,
               "candidates_tried": len(tried), "k_values": len(plans), "distinct_networks": len(candidates),
-              "search_epochs": opts.search_epochs, "wall_seconds": round(time.perf_counter() - t0, 1),
-              "frontier": frontier}
-    write_json(run / "search" / "frontier.json", search)
+              "search_epochs": opts.search_epochs, "noise_allowance": opts.noise_allowance,
+              "wall_seconds": before["wall_seconds"] if ended_before and "wall_seconds" in before
+              else round(time.perf_counter() - t0, 1), "frontier": frontier}
+    # (on disk, the attempts discarded before a stop stay listed until the loop below writes them again)
+    write_json(run / "search" / "frontier.json", search | ({"searched_k": before.get("searched_k", chosen),
+                                                             "final_attempts": list(discarded.values())} if discarded else {}))
     cb.on_message(f"search: tried {len(tried)} of {len(candidates)} distinct networks ({len(plans)} K values); "
                   f"chose K={chosen}")
     stages: list[dict] = []
@@ -276,17 +291,14 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
         return {"run": str(run), **final, "teacher_val_acc": teacher_acc,
                 "teacher_test_acc": teacher_summary.get("test_acc"), "final_vs_teacher": check.to_json()}
 
-    # A resumed search that had ended: the network pruned before the stop, and those fine-tuned and discarded.
-    in_progress = read_summary(run, "prune").get("drop_blocks") if ended_before else None
-    discarded = {a["k"]: a for a in before.get("final_attempts", []) if a["k"] != in_progress}
     searched_k, attempts, read_back = chosen, [], False
     while True:  # the chosen network, then (tolerance mode) less pruned ones while it misses, opts.fallbacks at most
         less_pruned = [k for k in candidates if k < chosen]
         if chosen in discarded and budget is None:  # fine-tuned before the stop and missed: not trained again
             attempts.append(discarded[chosen])
-            if not less_pruned or len(attempts) > opts.fallbacks:
-                raise UsageError(f"K={chosen} was fine-tuned and discarded before the stop, as --fallbacks allowed "
-                                 f"then; resume with --fallbacks {len(attempts)} or more, or pass --overwrite")
+            if not less_pruned:  # (fallbacks were checked above) a search that now ends elsewhere
+                raise RunError(f"K={chosen} was fine-tuned and discarded before the stop and no less pruned network "
+                               "is left; pass --overwrite to search again")
             cb.on_message(f"prune --auto: K={chosen} ended {-discarded[chosen]['vs_teacher']['diff']:.2f} points below "
                           f"the teacher before the stop; going on with the next less pruned network, K={less_pruned[-1]}")
             search.update(searched_k=searched_k, final_attempts=list(attempts))

@@ -72,7 +72,7 @@ def kept_candidates(run: Path, settings: dict) -> bool:
 
 
 def check_run_resume(run_dir: Path, threshold: float, drop_blocks: int | None, tolerance: float,
-                     max_macs: float | None, search_epochs: int) -> None:
+                     max_macs: float | None, search_epochs: int, noise_allowance: bool | None = None) -> None:
     """``run --resume`` keeps a finished prune (or K search) only if it was made with the same options."""
     if not stage_done(run_dir, "prune"):
         return
@@ -101,6 +101,9 @@ def check_run_resume(run_dir: Path, threshold: float, drop_blocks: int | None, t
             diffs.append(f"{was} -> --tolerance {tolerance}")
         if search.get("search_epochs") != search_epochs:
             diffs.append(f"--search-epochs {search.get('search_epochs')} -> {search_epochs}")
+        was_allowed = search.get("noise_allowance")  # absent in searches made before it was recorded
+        if noise_allowance is not None and was_allowed is not None and was_allowed != noise_allowance and not was_budget:
+            diffs.append("--noise-allowance " + ("on -> off" if was_allowed else "off -> on"))
     if diffs:
         raise UsageError(f"'{run_dir}' was pruned with other options ({'; '.join(diffs)}); rerun with them to resume, "
                          "or pass --overwrite to start again")
@@ -157,7 +160,7 @@ def finish_resumed(run: Path, data: DataOptions, final_train: TrainOptions, opts
     (:func:`recheck_resumed`). The search, its options and the pruned network stay; no other network
     is tried, since the search cannot be replayed without its candidates' records.
     """
-    check_run_resume(run, opts.threshold, None, opts.tolerance, opts.max_macs, opts.search_epochs)
+    check_run_resume(run, opts.threshold, None, opts.tolerance, opts.max_macs, opts.search_epochs, opts.noise_allowance)
     stages: list[dict] = []
 
     def ended(record: dict) -> None:
@@ -168,10 +171,12 @@ def finish_resumed(run: Path, data: DataOptions, final_train: TrainOptions, opts
     ended({"stage": "search", "run": str(run), **read_json(run / "search" / "frontier.json", what="search frontier")})
     pruned = {"run": str(run), **read_summary(run, "prune")}
     ended(pruned)
+    read_back = stage_done(run, "finetune")
     final = finetune(run, data, replace(final_train, resume=True), teacher_weight=teacher_weight, callbacks=callbacks)
     search = recheck_resumed(run, data, final_train, opts)
     teacher = read_summary(locate_teacher(run, read_run(run)).parent, "teacher")
-    ended({"run": str(run), **final, "teacher_val_acc": teacher.get("val_acc"), "teacher_test_acc": teacher.get("test_acc"),
+    ended({"run": str(run), **final, **({"reused": True} if read_back else {}), "teacher_val_acc": teacher.get("val_acc"),
+           "teacher_test_acc": teacher.get("test_acc"),
            **({"final_vs_teacher": search["final_vs_teacher"]} if "final_vs_teacher" in search else {})})
     result = {"stage": "finetune", "run": str(run), "search": search, "prune": pruned, **final, "stages": stages}
     if search.get("error"):
