@@ -208,11 +208,9 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     if budget is not None and not fits:
         raise UsageError(f"no network fits --max-macs {budget / 1e6:.1f}M (the leanest needs "
                          f"{min(plans[k]['macs'] for k in candidates) / 1e6:.1f}M)")
-    # Searching again: the pruned network, its fine-tune and the last search's record go before any training.
-    # (A resumed search keeps its candidates: evaluate_k reads each back or continues it. One that had
-    # ended keeps its pruned network and final fine-tunes too: the loop below goes on with them.)
-    # What a stop after the choice left: the network pruned then (its fine-tune goes on) and the final
-    # attempts fine-tuned and discarded before it, judged as now (same tolerance and noise allowance).
+    # A resumed search keeps its candidates (evaluate_k reads each back or continues it) and what a stop
+    # after the choice left: the network pruned then (its fine-tune goes on, below) and the final attempts
+    # fine-tuned and discarded before it, when judged as now (same tolerance and noise allowance).
     frontier_path = run / "search" / "frontier.json"
     before = read_json(frontier_path, what="search frontier") if keep and frontier_path.is_file() else {}
     in_progress = read_summary(run, "prune").get("drop_blocks") if ended_before else None
@@ -221,12 +219,12 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     discarded = {a["k"]: a for a in before.get("final_attempts", []) if a["k"] != in_progress} if same_check else {}
     if len(discarded) > opts.fallbacks:  # refused before anything is written
         raise UsageError(f"the run fine-tuned and discarded {len(discarded)} networks before the stop; resume with "
-                         f"--fallbacks {len(discarded)} or more (it was started with that many), or pass --overwrite")
-    if not ended_before:
+                         f"--fallbacks {len(discarded)} or more (the stopped run allowed that many), or pass --overwrite")
+    if not ended_before:  # searching again: the pruned network, its fine-tune and the last frontier go first
         prepare_stage(run, "prune", resume=False, overwrite=True)
         if dist.is_main():
             if keep:
-                (run / "search" / "frontier.json").unlink(missing_ok=True)
+                frontier_path.unlink(missing_ok=True)
             else:
                 shutil.rmtree(run / "search", ignore_errors=True)
             write_json(run / "search" / SETTINGS, settings)
@@ -270,7 +268,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
               "wall_seconds": before["wall_seconds"] if ended_before and "wall_seconds" in before
               else round(time.perf_counter() - t0, 1), "frontier": frontier}
     # (on disk, the attempts discarded before a stop stay listed until the loop below writes them again)
-    write_json(run / "search" / "frontier.json", search | ({"searched_k": before.get("searched_k", chosen),
+    write_json(frontier_path, search | ({"searched_k": before.get("searched_k", chosen),
                                                              "final_attempts": list(discarded.values())} if discarded else {}))
     cb.on_message(f"search: tried {len(tried)} of {len(candidates)} distinct networks ({len(plans)} K values); "
                   f"chose K={chosen}")
@@ -294,7 +292,7 @@ def auto_prune(run: Path, data: DataOptions, search_train: TrainOptions, final_t
     searched_k, attempts, read_back = chosen, [], False
     while True:  # the chosen network, then (tolerance mode) less pruned ones while it misses, opts.fallbacks at most
         less_pruned = [k for k in candidates if k < chosen]
-        if chosen in discarded and budget is None:  # fine-tuned before the stop and missed: not trained again
+        if chosen in discarded:  # fine-tuned before the stop and missed: not trained again
             attempts.append(discarded[chosen])
             if not less_pruned:  # (fallbacks were checked above) a search that now ends elsewhere
                 raise RunError(f"K={chosen} was fine-tuned and discarded before the stop and no less pruned network "
